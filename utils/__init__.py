@@ -1,0 +1,1 @@
+"""Library code shared by the scripts: data, training, checkpoints, regularizers, devices."""
