@@ -1,0 +1,345 @@
+"""Train, resume, evaluate and finetune quantized networks, with or without the defenses.
+
+Examples:
+  python main.py --dataset cifar10 --arch resnet20_quan --bits 8 --outdir runs/r20_vanilla
+  python main.py --dataset cifar10 --arch resnet20_quan --bits 8 --ocm --code_length 16 \
+      --output_act tanh --outdir runs/r20_ocm16
+  python main.py --resume runs/r20_ocm16/checkpoint.pth.tar
+  python main.py --eval runs/r20_ocm16/model_best.pth.tar
+  python main.py --dataset imagenet --arch resnet50_quan --finetune --ft_path vanilla.pth.tar \
+      --ocm --code_length 1024 --output_act tanh --outdir runs/r50_ocm1024
+Defaults follow the papers' recipe (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from utils.checkpoint import (checkpoint_config, load_checkpoint, make_checkpoint,
+                              model_from_checkpoint, save_checkpoint)
+from utils.cli import (add_data_args, add_model_args, add_runtime_args, explicit_dests,
+                       resolve_dataset, resolve_model_config, run, setup_logging)
+from utils.data import build_loaders
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.schedules import LRSchedule, parse_schedule
+from utils.training import MixupConfig, build_optimizer, evaluate, train_one_epoch
+
+log = logging.getLogger("main")
+
+# Flags whose value a resumed run takes from the checkpoint unless given again.
+TRAINING_FLAGS = ("epochs", "batch", "opt", "lr", "momentum", "nesterov", "schedule", "gammas",
+                  "warmup", "weight_decay", "clustering", "lambda_coeff", "mixup", "mixup_alpha",
+                  "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir", "outdir")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_model_args(p)
+    g = p.add_argument_group("mode")
+    g.add_argument("--eval", nargs="?", const="", default=None, metavar="CKPT",
+                   help="evaluate a checkpoint on the test set (default CKPT: "
+                        "<outdir>/model_best.pth.tar)")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue an interrupted run (default CKPT: <outdir>/checkpoint.pth.tar);"
+                        " training flags not given again are taken from it")
+    g.add_argument("--finetune", action="store_true",
+                   help="start from --ft_path, keep every weight but the final layer and "
+                        "re-initialise that one (e.g. with --ocm --code_length L)")
+    g.add_argument("--ft_path", default=None, help="checkpoint to finetune (ours or published)")
+    g.add_argument("--outdir", default=None,
+                   help="run folder for checkpoints and logs (default: runs/<dataset>_<arch>...)")
+    t = p.add_argument_group("training (defaults: SPEC section 4)")
+    t.add_argument("-e", "--epochs", type=int, default=None,
+                   help="epochs (default 160; 60 when finetuning)")
+    t.add_argument("-b", "--batch", type=int, default=None,
+                   help="batch size (default 128 for 32x32 data, 256 for ImageNet)")
+    t.add_argument("--test_batch", type=int, default=None, help="evaluation batch size")
+    t.add_argument("--opt", choices=("sgd", "adam", "adamw"), default=None,
+                   help="optimizer (default sgd; adam when finetuning)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 0.1 for sgd, 1e-3 for adam)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    t.add_argument("--schedule", nargs="+", default=None, metavar="S",
+                   help="step (the papers' rule: /10 at 50%% and 75%% of the epochs), cosine, "
+                        "constant, or milestone epochs as in the BFA scripts (80 120)")
+    t.add_argument("--gammas", type=float, nargs="+", default=None,
+                   help="factor per milestone of --schedule (default 0.1 each)")
+    t.add_argument("--warmup", type=float, default=0.0,
+                   help="epochs of linear learning-rate warm-up (default 0)")
+    t.add_argument("-wd", "--weight-decay", "--weight_decay", dest="weight_decay", type=float,
+                   default=None, help="weight decay (default 5e-4 CIFAR cross-entropy; 1e-4 "
+                                      "ImageNet and OCM; 0 when finetuning)")
+    t.add_argument("--clustering", action="store_true",
+                   help="piecewise weight clustering defense (He et al. 2020)")
+    t.add_argument("--lambda_coeff", type=float, default=1e-3,
+                   help="piecewise clustering strength (default 1e-3; 5e-4 for ResNet-50)")
+    t.add_argument("--mixup", action="store_true", help="input mixup")
+    t.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=1.0,
+                   help="mixup Beta(alpha, alpha) (default 1)")
+    t.add_argument("--manifold-mixup", "--manifold_mixup", dest="manifold_mixup",
+                   action="store_true", help="manifold mixup (hidden states)")
+    t.add_argument("--manifold-mixup-alpha", "--manifold_mixup_alpha",
+                   dest="manifold_mixup_alpha", type=float, default=2.0,
+                   help="manifold mixup Beta(alpha, alpha) (default 2)")
+    add_runtime_args(p)
+    return p
+
+
+def apply_recipe_defaults(args, dataset, finetune: bool, ocm: bool) -> None:
+    """Fill the training flags left unset with the papers' recipe (SPEC section 4)."""
+    imagenet = dataset.name == "imagenet"
+    if args.epochs is None:
+        args.epochs = 60 if finetune else 160
+    if args.batch is None:
+        args.batch = 256 if imagenet else 128
+    if args.opt is None:
+        args.opt = "adam" if finetune else "sgd"
+    if args.lr is None:
+        args.lr = 0.1 if args.opt == "sgd" else 1e-3
+    if args.weight_decay is None:
+        args.weight_decay = 0.0 if finetune else (1e-4 if (imagenet or ocm) else 5e-4)
+
+
+def validate_training_args(args) -> tuple[LRSchedule, MixupConfig | None]:
+    for name in ("epochs", "batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.mixup and args.manifold_mixup:
+        raise UserError("choose one of --mixup and --manifold-mixup")
+    try:
+        kind, milestones = parse_schedule(args.schedule)
+        gammas = args.gammas if args.gammas is not None else [0.1] * len(milestones)
+        schedule = LRSchedule(args.lr, args.epochs, kind, milestones, gammas, args.warmup)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    mixup = None
+    if args.mixup:
+        mixup = MixupConfig(args.mixup_alpha)
+    elif args.manifold_mixup:
+        mixup = MixupConfig(args.manifold_mixup_alpha, manifold=True)
+    return schedule, mixup
+
+
+def default_outdir(dataset, config) -> str:
+    name = f"{dataset.name}_{config.arch}_{config.bits}bit"
+    if config.ocm:
+        name += f"_ocm{config.code_length}"
+    return os.path.join("runs", name)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+    try:
+        return _main(args, explicit)
+    except UserError as e:
+        _note_error_in_outdir(args, e)
+        raise
+
+
+def _note_error_in_outdir(args, error) -> None:
+    """Leave one log line in an existing run folder (and write nothing else there)."""
+    outdir = args.outdir
+    if outdir and os.path.isdir(outdir):
+        with open(os.path.join(outdir, "train.log"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {' '.join(str(error).split())}\n")
+
+
+def _checkpoint_path(value: str, outdir: str | None, default_name: str, flag: str) -> str:
+    if value:
+        return value
+    if not outdir:
+        raise UserError(f"{flag} needs a checkpoint path (or --outdir holding {default_name})")
+    return os.path.join(outdir, default_name)
+
+
+def _main(args, explicit: set[str]) -> int:
+    modes = [m for m in ("eval", "resume") if getattr(args, m) is not None]
+    if args.finetune:
+        modes.append("finetune")
+    if len(modes) > 1:
+        raise UserError(f"choose one of --eval, --resume and --finetune (got {', '.join(modes)})")
+    if args.ft_path and not args.finetune:
+        raise UserError("--ft_path is only used with --finetune")
+    device = resolve_device(args.device)
+
+    # 1. The checkpoint we start from, if any, and the model it describes.
+    ckpt, ckpt_path = None, None
+    if args.eval is not None:
+        ckpt_path = _checkpoint_path(args.eval, args.outdir, "model_best.pth.tar", "--eval")
+    elif args.resume is not None:
+        ckpt_path = _checkpoint_path(args.resume, args.outdir, "checkpoint.pth.tar", "--resume")
+    elif args.finetune:
+        if not args.ft_path:
+            raise UserError("--finetune needs --ft_path (the checkpoint to start from)")
+        ckpt_path = args.ft_path
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    stored = checkpoint_config(ckpt) if ckpt else None
+
+    if args.resume is not None and stored is not None:  # continue with the run's own flags
+        for name, value in (ckpt.get("args") or {}).items():
+            if name in TRAINING_FLAGS and name not in explicit:
+                setattr(args, name, value)
+    dataset = resolve_dataset(args, ckpt.get("dataset") if ckpt else None)
+
+    if args.finetune:
+        # The new model takes its flags; what they leave out comes from the source model.
+        base = stored
+        if base is not None:
+            for dest in ("arch", "bits"):
+                value = getattr(args, dest)
+                if dest in explicit and value != getattr(base, dest):
+                    raise UserError(f"--{dest} {value} does not match {ckpt_path}, which has "
+                                    f"{dest}={getattr(base, dest)}")
+                setattr(args, dest, getattr(base, dest))
+        config = resolve_model_config(args, explicit, dataset.num_classes, None)
+        model, output = model_from_checkpoint(ckpt, config, ckpt_path, skip_final=True)
+        start_epoch, best_acc = 0, 0.0
+    else:
+        config = resolve_model_config(args, explicit, dataset.num_classes, stored,
+                                      source=ckpt_path or "the checkpoint")
+        if ckpt is not None:
+            model, output = model_from_checkpoint(ckpt, config, ckpt_path)
+        else:
+            from models.factory import build_model
+            model, output = build_model(config)
+        start_epoch = int(ckpt.get("epoch", 0)) if (ckpt and args.resume is not None) else 0
+        best_acc = float(ckpt.get("best_acc", 0.0)) if (ckpt and args.resume is not None) else 0.0
+    if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
+        raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
+                        f"which has {dataset.num_classes} classes")
+    model.to(device)
+    output.to(device)
+
+    if args.eval is not None:
+        return run_eval(args, model, output, dataset, device, ckpt, ckpt_path)
+
+    apply_recipe_defaults(args, dataset, args.finetune, config.ocm)
+    schedule, mixup = validate_training_args(args)
+    if args.resume is not None and start_epoch >= args.epochs:
+        raise UserError(f"{ckpt_path} already finished {start_epoch} of {args.epochs} epochs: "
+                        f"raise -e/--epochs to train longer")
+    train_loader, test_loader, _ = build_loaders(
+        dataset.name, args.data_dir, args.batch, device, workers=args.workers,
+        download=args.download, seed=args.seed, test_batch_size=args.test_batch)
+    optimizer = build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay,
+                                args.nesterov)
+    if args.resume is not None and ckpt.get("optimizer"):
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{ckpt_path}: its optimizer state does not fit --opt {args.opt} "
+                            f"({e}); resume with the run's own optimizer") from None
+
+    outdir = args.outdir or (os.path.dirname(ckpt_path) if args.resume is not None
+                             else default_outdir(dataset, config))
+    args.outdir = outdir
+    return train(args, model, output, config, dataset, optimizer, schedule, mixup,
+                 train_loader, test_loader, start_epoch, best_acc, outdir)
+
+
+def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
+    batch = args.test_batch or (256 if dataset.name != "imagenet" else 128)
+    _, test_loader, _ = build_loaders(dataset.name, args.data_dir, batch, device,
+                                      workers=args.workers, download=args.download,
+                                      seed=args.seed, test_batch_size=batch)
+    stats = evaluate(model, output, test_loader, progress=args.progress, description="test")
+    result = {"checkpoint": ckpt_path, "dataset": dataset.name, "epoch": ckpt.get("epoch"),
+              "top1": round(stats["top1"], 4), "top5": round(stats["top5"], 4),
+              "loss": round(stats["loss"], 6), "n": stats["n"]}
+    print(f"{ckpt_path}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  "
+          f"loss {stats['loss']:.4f}  ({stats['n']} test images)")
+    print(json.dumps(result))
+    return 0
+
+
+def train(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
+          test_loader, start_epoch, best_acc, outdir) -> int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    os.makedirs(outdir, exist_ok=True)
+    setup_logging(os.path.join(outdir, "train.log"))
+    with open(os.path.join(outdir, "args.json"), "w") as f:
+        json.dump({"argv": sys.argv, **vars(args), "model_config": config.to_dict()}, f, indent=1)
+    log.info("%s %s on %s: %d/%d train/test images, %s, start epoch %d",
+             "resuming" if start_epoch else "training", config.arch, dataset.name,
+             train_loader.dataset_size, test_loader.dataset_size, next(model.parameters()).device,
+             start_epoch)
+    writer = SummaryWriter(os.path.join(outdir, "tb"), purge_step=start_epoch)
+    csv_path = os.path.join(outdir, "log.csv")
+    fields = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
+              "best_acc", "seconds"]
+    new_csv = not os.path.exists(csv_path) or start_epoch == 0
+    ckpt_file = os.path.join(outdir, "checkpoint.pth.tar")
+    best_file = os.path.join(outdir, "model_best.pth.tar")
+    stored_args = {k: v for k, v in vars(args).items() if k in TRAINING_FLAGS or k == "dataset"}
+    lambda_coeff = args.lambda_coeff if args.clustering else 0.0
+    epoch = start_epoch
+    try:
+        with open(csv_path, "w" if new_csv else "a", newline="") as fcsv:
+            out_csv = csv.DictWriter(fcsv, fieldnames=fields)
+            if new_csv:
+                out_csv.writeheader()
+            for epoch in range(start_epoch, args.epochs):
+                t0 = time.time()
+                # Everything random in an epoch derives from (seed, epoch): exact resume.
+                torch.manual_seed(args.seed * 1_000_003 + epoch)
+                train_loader.set_epoch(epoch)
+                tr = train_one_epoch(model, output, train_loader, optimizer, schedule, epoch,
+                                     lambda_coeff=lambda_coeff, mixup=mixup, seed=args.seed,
+                                     progress=args.progress)
+                te = evaluate(model, output, test_loader)
+                is_best = te["top1"] > best_acc
+                best_acc = max(best_acc, te["top1"])
+                state = make_checkpoint(model, config, output, dataset.name, dataset.mean,
+                                        dataset.std, epoch=epoch + 1, best_acc=best_acc,
+                                        test_acc=te["top1"], optimizer=optimizer.state_dict(),
+                                        args=stored_args)
+                save_checkpoint(state, ckpt_file)
+                if is_best:
+                    save_checkpoint(state, best_file)
+                row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": round(tr["loss"], 6),
+                       "train_acc": round(tr["top1"], 4), "test_loss": round(te["loss"], 6),
+                       "test_acc": round(te["top1"], 4), "test_top5": round(te["top5"], 4),
+                       "best_acc": round(best_acc, 4), "seconds": round(time.time() - t0, 2)}
+                out_csv.writerow(row)
+                fcsv.flush()
+                for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+                    writer.add_scalar(key.replace("_", "/", 1) if "_" in key else key,
+                                      row[key], epoch + 1)
+                writer.flush()
+                log.info("epoch %3d/%d  lr %.2e  train loss %.4f acc %.2f%%  test loss %.4f "
+                         "acc %.2f%% (best %.2f%%)  %.1fs", epoch + 1, args.epochs, tr["lr"],
+                         tr["loss"], tr["top1"], te["loss"], te["top1"], best_acc, row["seconds"])
+    except KeyboardInterrupt:
+        done = epoch  # epochs completed and saved
+        log.info("interrupted during epoch %d; %s holds the %d finished epoch(s): continue "
+                 "with  python main.py --resume %s", epoch + 1, ckpt_file, done, ckpt_file)
+        return 130
+    except FloatingPointError as e:
+        raise UserError(str(e)) from None
+    finally:
+        writer.close()
+    log.info("done: best test accuracy %.2f%% (%s)", best_acc, best_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,74 @@
+"""A model's full description (``ModelConfig``) and the one function that builds it.
+
+Checkpoints store the config and the OCM codebook, so that a checkpoint alone rebuilds its
+model (nanoGPT's ``model_args`` habit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+
+from .bits import check_bits
+from .ocm import LEGACY_SEED, build_output, check_code_length
+from .registry import default_bits, get_model, get_model_entry
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    num_classes: int
+    bits: int = 8
+    output_act: str = "linear"
+    ocm: bool = False
+    code_length: int | None = None
+    codebook_seed: int = LEGACY_SEED
+
+    @property
+    def num_outputs(self) -> int:
+        return self.code_length if self.ocm else self.num_classes
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError (one line, with the fix) for an impossible combination."""
+        get_model_entry(self.arch)
+        check_bits(self.bits)
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"number of classes must be at least 2, got {self.num_classes}")
+        if self.ocm:
+            if self.code_length is None:
+                raise ValueError("--ocm needs --code_length (a power of two > classes, e.g. 16 "
+                                 "for 10 classes)")
+            check_code_length(self.code_length, self.num_classes)
+            if self.output_act != "tanh":
+                raise ValueError("OCM models need a tanh output: add --output_act tanh")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default_config(arch: str, num_classes: int, **overrides) -> ModelConfig:
+    return ModelConfig(arch=arch, num_classes=num_classes, bits=default_bits(arch), **overrides)
+
+
+def build_model(config: ModelConfig, codebook: torch.Tensor | None = None
+                ) -> tuple[nn.Module, nn.Module]:
+    """``(network, output)`` for ``config``; ``output`` is the loss/decoding interface.
+
+    ``codebook`` (OCM only) overrides the seeded codebook, e.g. the one a checkpoint stored.
+    """
+    config.validate()
+    model = get_model(config.arch, config.num_outputs, config.bits, config.output_act)
+    output = build_output(config.num_classes, config.ocm, config.code_length, codebook,
+                          config.codebook_seed)
+    if config.ocm and tuple(output.codebook.shape) != (config.num_classes, config.code_length):
+        raise ValueError(f"codebook of shape {tuple(output.codebook.shape)} does not fit "
+                         f"{config.num_classes} classes and code length {config.code_length}")
+    return model, output

@@ -1,0 +1,235 @@
+"""Quantized Conv2d and Linear layers (SPEC section 1).
+
+Every Conv2d and Linear of a model is one of these. A layer has two modes:
+
+- *training mode* (default): the weight is a float parameter; every forward recomputes the
+  symmetric per-layer step ``max|W| / half_lvls`` and uses ``round(clamp(W)/step) * step``;
+  the backward pass is the straight-through estimator (the gradient reaches ``W`` unchanged).
+  With ``n_bits == 1`` the layer is binarized: ``sign(W) * mean|W|`` (sign(0) = +1).
+- *integer mode* (:meth:`QuantLayer.to_integer`, used by the attacks): the weight parameter is
+  replaced once by its integer code ``q``, the step is frozen, and the forward uses ``q * step``.
+  Gradients with respect to the weight parameter are then ``dLoss/dq``. Bit flips act on ``q``
+  through :meth:`QuantLayer.flip_bit` (layout in :mod:`models.bits`).
+
+The state dict carries ``weight``, ``bias``, ``step_size`` (shape [1]) and ``b_w`` (shape [N, 1],
+the bit values as floats), as the published checkpoints do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import bits as bitlib
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """``round(clamp(w, -h*step, h*step) / step) * step`` forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, weight, step, half_lvls):
+        codes = torch.round(torch.clamp(weight / step, -half_lvls, half_lvls))
+        return codes * step
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None
+
+
+class _BinarizeSTE(torch.autograd.Function):
+    """``sign(w) * scale`` forward (sign(0) = +1), identity backward.
+
+    This is the public binarization code's ``sign`` with gradient ``1/mean|W|`` multiplied by the
+    detached ``mean|W|`` scale: the product passes the gradient to ``W`` unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale):
+        return torch.where(weight >= 0, scale, -scale)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+def _integer_codes(weight: torch.Tensor, step: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Float tensor of the integer codes of ``weight`` for a given step (no gradient)."""
+    if n_bits == 1:
+        return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+    half = bitlib.half_levels(n_bits)
+    return torch.round(torch.clamp(weight / step, -half, half))
+
+
+class QuantLayer:
+    """Mixin with the quantization state and the bit API shared by conv and linear layers."""
+
+    n_bits: int
+    integer_mode: bool
+    weight: nn.Parameter
+
+    def _init_quant(self, n_bits: int) -> None:
+        self.n_bits = bitlib.check_bits(n_bits)
+        self.integer_mode = False
+        self.register_buffer("step_size", torch.ones(1))
+        self.register_buffer("b_w", bitlib.bit_values(n_bits, dtype=torch.float32).view(-1, 1))
+
+    # -- step size -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_step(self) -> torch.Tensor:
+        """Step of the current float weights: ``max|W| / half_lvls`` (``mean|W|`` if binarized)."""
+        w = self.weight.detach()
+        if self.n_bits == 1:
+            scale = w.abs().mean()
+        else:
+            scale = w.abs().max() / bitlib.half_levels(self.n_bits)
+        # An all-zero layer would give step 0 and NaN codes; any positive step quantizes it to 0.
+        return torch.clamp(scale, min=torch.finfo(w.dtype).tiny).reshape(1)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (differentiable, see module docstring)."""
+        if self.integer_mode:
+            return self.weight * self.step_size
+        step = self.compute_step()
+        self.step_size.copy_(step)
+        if self.n_bits == 1:
+            return _BinarizeSTE.apply(self.weight, step)
+        return _QuantizeSTE.apply(self.weight, step, bitlib.half_levels(self.n_bits))
+
+    # -- integer mode --------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_integer(self) -> None:
+        """Replace the float weight by its integer code and freeze the step (idempotent)."""
+        if self.integer_mode:
+            return
+        step = self.compute_step()
+        self.step_size.copy_(step)
+        self.weight.copy_(_integer_codes(self.weight, step, self.n_bits))
+        self.integer_mode = True
+
+    @torch.no_grad()
+    def to_float(self) -> None:
+        """Leave integer mode: the weight becomes ``q * step`` again (a training-mode weight)."""
+        if not self.integer_mode:
+            return
+        self.weight.mul_(self.step_size)
+        self.integer_mode = False
+
+    @torch.no_grad()
+    def int_weight(self) -> torch.Tensor:
+        """The integer codes as an int64 tensor (computed on the fly outside integer mode)."""
+        if self.integer_mode:
+            return self.weight.detach().round().to(torch.int64)
+        return _integer_codes(self.weight, self.compute_step(), self.n_bits).to(torch.int64)
+
+    def _require_integer_mode(self) -> None:
+        if not self.integer_mode:
+            raise RuntimeError("bit access needs integer mode: call to_integer() on the layer "
+                               "or models.to_integer(model) first")
+
+    @torch.no_grad()
+    def set_int_weight(self, codes: torch.Tensor) -> None:
+        """Overwrite the integer codes (integer mode only); codes must fit the N-bit range."""
+        self._require_integer_mode()
+        lo, hi = bitlib.code_range(self.n_bits)
+        codes = torch.as_tensor(codes, device=self.weight.device)
+        if codes.shape != self.weight.shape:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a weight of shape "
+                             f"{tuple(self.weight.shape)}")
+        if int(codes.min()) < lo or int(codes.max()) > hi:
+            raise ValueError(f"codes outside the {self.n_bits}-bit range [{lo}, {hi}]")
+        self.weight.copy_(codes.to(self.weight.dtype))
+
+    def read_bit(self, index: int, bit: int) -> int:
+        """Bit ``bit`` (0 = MSB) of the weight at flat index ``index``."""
+        self._require_integer_mode()
+        code = self.weight.detach().reshape(-1)[index].round().to(torch.int64)
+        return int(bitlib.int_to_bits(code, self.n_bits)[bit])
+
+    @torch.no_grad()
+    def flip_bit(self, index, bit) -> None:
+        """Flip bit ``bit`` (0 = MSB) of the weight(s) at flat index ``index`` (ints or tensors)."""
+        self._require_integer_mode()
+        flat = self.weight.view(-1)
+        index = torch.as_tensor(index, device=flat.device, dtype=torch.int64)
+        codes = flat[index].round().to(torch.int64)
+        flat[index] = bitlib.flip_bits(codes, bit, self.n_bits).to(flat.dtype)
+
+    def extra_repr(self) -> str:
+        mode = ", integer" if self.integer_mode else ""
+        return super().extra_repr() + f", n_bits={self.n_bits}{mode}"
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    """``nn.Conv2d`` with N-bit weights (SPEC section 1); same arguments plus ``n_bits``."""
+
+    def __init__(self, *args, n_bits: int = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(n_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    """``nn.Linear`` with N-bit weights (SPEC section 1); same arguments plus ``n_bits``."""
+
+    def __init__(self, *args, n_bits: int = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(n_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """``(name, layer)`` of every quantized layer of ``model``, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def to_integer(model: nn.Module) -> nn.Module:
+    """Put every quantized layer of ``model`` in integer mode (SPEC section 1); returns it."""
+    for _, layer in quant_layers(model):
+        layer.to_integer()
+    return model
+
+
+def to_float(model: nn.Module) -> nn.Module:
+    """Undo :func:`to_integer` (weights become ``q * step`` floats); returns the model."""
+    for _, layer in quant_layers(model):
+        layer.to_float()
+    return model
+
+
+def int_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Integer codes of every quantized layer, by module name (a snapshot for Hamming distances)."""
+    return {name: layer.int_weight().clone() for name, layer in quant_layers(model)}
+
+
+def quantize_module(module: nn.Module, n_bits: int) -> nn.Module:
+    """Replace every ``nn.Conv2d`` / ``nn.Linear`` inside ``module`` by its quantized twin.
+
+    Used to build the ImageNet models from torchvision's definitions; float weights that are
+    already there are kept, so a pretrained float model becomes a quantized one.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, QuantLayer):
+            continue
+        if isinstance(child, nn.Conv2d):
+            new = QuantConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                              stride=child.stride, padding=child.padding, dilation=child.dilation,
+                              groups=child.groups, bias=child.bias is not None,
+                              padding_mode=child.padding_mode, n_bits=n_bits)
+        elif isinstance(child, nn.Linear):
+            new = QuantLinear(child.in_features, child.out_features,
+                              bias=child.bias is not None, n_bits=n_bits)
+        else:
+            quantize_module(child, n_bits)
+            continue
+        new = new.to(child.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(child.weight)
+            if child.bias is not None:
+                new.bias.copy_(child.bias)
+        setattr(module, name, new)
+    return module

@@ -1,0 +1,78 @@
+"""ResNet for CIFAR-sized inputs (He et al. 2016, section 4.2), quantized (SPEC section 2).
+
+Three stages of BasicBlocks with widths 16/32/64 and the option-A shortcut (stride-2
+subsampling, then zero-padding of the new channels: no parameters). Depth 6n+2: ResNet-20, 32,
+44, 56. Module names follow the published OCM checkpoints: ``conv1``, ``bn1``,
+``layer{1,2,3}.{i}.conv1/bn1/conv2/bn2``, ``linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import QuantNet, check_output_act, kaiming_init
+from .quantization import QuantConv2d, QuantLinear
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: keep every second pixel and zero-pad the channel dimension."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.extra_channels // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, self.extra_channels - pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, n_bits: int):
+        super().__init__()
+        self.conv1 = QuantConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False,
+                                 n_bits=n_bits)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = QuantConv2d(planes, planes, 3, stride=1, padding=1, bias=False, n_bits=n_bits)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = PadShortcut(planes - in_planes)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(QuantNet, nn.Module):
+    """``depth = 6n + 2`` ResNet with ``num_outputs`` outputs (classes, or L for OCM)."""
+
+    mixup_points = ("layer1", "layer2")
+
+    def __init__(self, depth: int, num_outputs: int, n_bits: int = 8, output_act: str = "linear",
+                 widths: tuple[int, int, int] = (16, 32, 64)):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks = (depth - 2) // 6
+        self.output_act = check_output_act(output_act)
+        self.conv1 = QuantConv2d(3, widths[0], 3, stride=1, padding=1, bias=False, n_bits=n_bits)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes = widths[0]
+        for stage, planes in enumerate(widths, start=1):
+            layers = []
+            for i in range(blocks):
+                stride = 2 if (stage > 1 and i == 0) else 1
+                layers.append(BasicBlock(in_planes, planes, stride, n_bits))
+                in_planes = planes
+            self.add_module(f"layer{stage}", nn.Sequential(*layers))
+        self.linear = QuantLinear(widths[-1], num_outputs, n_bits=n_bits)
+        kaiming_init(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)

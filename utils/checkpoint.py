@@ -1,0 +1,125 @@
+"""Self-contained, atomically written checkpoints (and reading the published ones).
+
+A checkpoint written here is a dict with ``format`` = :data:`FORMAT`, ``model_config`` (the
+:class:`models.factory.ModelConfig` as a dict), ``codebook`` (OCM) , ``dataset``,
+``normalization`` (mean, std), ``state_dict`` and, for training checkpoints, ``epoch``
+(epochs completed), ``optimizer``, ``best_acc`` and ``args``. Published checkpoints (a dict
+with ``state_dict`` saved from ``nn.DataParallel``) are read too; their model description
+then comes from the command-line flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+from models.factory import ModelConfig, build_model
+from models.loading import load_weights
+
+from .errors import CheckpointError
+
+FORMAT = "bitflip-ocm-checkpoint/1"
+log = logging.getLogger(__name__)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write ``state`` to ``path`` atomically: a crash or Ctrl-C leaves the old file intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a checkpoint file; a missing, truncated or foreign file raises CheckpointError."""
+    if not path:
+        raise CheckpointError("no checkpoint path given")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (give the path of a "
+                              f"checkpoint.pth.tar or model_best.pth.tar)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # Published checkpoints may pickle objects outside torch's safe list (e.g. argparse
+        # namespaces); they come from the papers' authors, so fall back to a full unpickle.
+        log.warning("%s holds objects beyond tensors and plain types; loading it fully", path)
+        obj = _load_full(path, map_location)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a "
+                              f"PyTorch checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, dict) and "state_dict" not in obj and _looks_like_state_dict(obj):
+        obj = {"state_dict": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a model checkpoint (expected a dict with a "
+                              f"'state_dict' entry)")
+    return obj
+
+
+def _load_full(path, map_location):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # any failure here means the file is unusable
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+
+
+def _looks_like_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) for k in obj) and all(
+        torch.is_tensor(v) for v in obj.values())
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def is_self_describing(ckpt: dict) -> bool:
+    return ckpt.get("format") == FORMAT and "model_config" in ckpt
+
+
+def checkpoint_config(ckpt: dict) -> ModelConfig | None:
+    """The stored model config, or None for a checkpoint without metadata (published ones)."""
+    return ModelConfig.from_dict(ckpt["model_config"]) if is_self_describing(ckpt) else None
+
+
+def model_from_checkpoint(ckpt: dict, config: ModelConfig, path: str = "checkpoint",
+                          skip_final: bool = False):
+    """Build ``config``'s model and load the checkpoint's weights: ``(model, output)``.
+
+    The checkpoint's stored codebook is used when present (unless ``skip_final``).
+    """
+    codebook = None if skip_final else ckpt.get("codebook")
+    try:
+        model, output = build_model(config, codebook=codebook)
+        load_weights(model, ckpt["state_dict"], skip_final=skip_final)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {str(e).strip(chr(39))}") from None
+    return model, output
+
+
+def make_checkpoint(model, config: ModelConfig, output, dataset: str, mean, std, **extra) -> dict:
+    """The dict :func:`save_checkpoint` writes: everything needed to rebuild and resume."""
+    state = {
+        "format": FORMAT,
+        "model_config": config.to_dict(),
+        "codebook": output.codebook.detach().cpu().clone() if config.ocm else None,
+        "dataset": dataset,
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": config.arch,
+    }
+    state.update(extra)
+    return state

@@ -1,0 +1,140 @@
+"""Command-line plumbing shared by ``main.py`` and the attack scripts.
+
+The model and data flags (compatible with the original repositories' scripts), the rule that
+turns flags plus an optional checkpoint into a :class:`ModelConfig`, and :func:`run`, which
+turns a :class:`UserError` into ``error: <one line>`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from models import list_models
+from models.factory import ModelConfig
+from models.ocm import LEGACY_SEED
+from models.registry import default_bits
+
+from .data import get_dataset_info, list_datasets
+from .errors import UserError
+
+log = logging.getLogger("bitflip")
+
+# Flags that describe the model: given explicitly, they must agree with a checkpoint.
+MODEL_FLAGS = {"arch": "arch", "bits": "bits", "ocm": "ocm", "code_length": "code_length",
+               "output_act": "output_act", "num_classes": "num_classes"}
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_dir", "--data-dir", default="data",
+                   help="folder holding cifar-10-batches-py/, cifar-100-python/ or ImageNet "
+                        "train/ and val/ (default: data)")
+    g.add_argument("--dataset", default=None,
+                   help=f"one of {', '.join(list_datasets())} (case-insensitive; default: "
+                        f"the checkpoint's, else cifar10)")
+    g.add_argument("--download", action="store_true",
+                   help="download CIFAR-10/100 with torchvision when missing (needs internet)")
+    g.add_argument("--workers", type=int, default=4,
+                   help="data-loading processes for ImageNet (default: 4)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (defaults: from the checkpoint when there is one)")
+    g.add_argument("--arch", default=None,
+                   help=f"architecture (default resnet20_quan): {', '.join(list_models())}")
+    g.add_argument("--bits", type=int, default=None,
+                   help="weight bits, 2-16, or 1 for binarized (default: 8)")
+    g.add_argument("-c", "--num_classes", type=int, default=None,
+                   help="number of classes (default: the data set's)")
+    g.add_argument("--ocm", action="store_true", default=None,
+                   help="output code matching head (needs --code_length and --output_act tanh)")
+    g.add_argument("--code_length", type=int, default=None,
+                   help="OCM code length L, a power of two >= classes + 1 (e.g. 16, 64, 1024)")
+    g.add_argument("--output_act", choices=("linear", "tanh"), default=None,
+                   help="activation after the last layer (tanh for OCM; default linear)")
+    g.add_argument("--codebook_seed", type=int, default=LEGACY_SEED,
+                   help="seed of the legacy OCM codebook shuffle, for checkpoints that do not "
+                        "store their codebook (default: 1, as the published ones)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i> (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no tqdm progress bars")
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the options that appear on the command line ``argv``."""
+    given = set()
+    for action in parser._actions:  # argparse keeps no public record of what was given
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def resolve_dataset(args, stored: str | None):
+    """The data set's info: ``--dataset``, else the checkpoint's, else cifar10."""
+    return get_dataset_info(args.dataset or stored or "cifar10")
+
+
+def resolve_model_config(args, explicit: set[str], num_classes_default: int,
+                         stored: ModelConfig | None, source: str = "the checkpoint"
+                         ) -> ModelConfig:
+    """Model config from the flags and, when given, a checkpoint's stored config.
+
+    With a stored config, flags given on the command line must agree with it (the error says
+    which differs); otherwise defaults fill what the flags leave out.
+    """
+    if stored is not None:
+        for dest, field in MODEL_FLAGS.items():
+            value = getattr(args, dest)
+            if dest in explicit and value is not None and value != getattr(stored, field):
+                flag = "-c/--num_classes" if dest == "num_classes" else f"--{dest}"
+                raise UserError(f"{flag} {value} does not match {source}, which has "
+                                f"{field}={getattr(stored, field)}: drop the flag or use the "
+                                f"right checkpoint")
+        return stored
+    arch = args.arch or "resnet20_quan"
+    if arch not in list_models():
+        raise UserError(f"unknown architecture {arch!r}; valid: {', '.join(list_models())}")
+    ocm = bool(args.ocm)
+    config = ModelConfig(
+        arch=arch,
+        num_classes=args.num_classes if args.num_classes is not None else num_classes_default,
+        bits=args.bits if args.bits is not None else default_bits(arch),
+        output_act=args.output_act or "linear",
+        ocm=ocm,
+        code_length=args.code_length if ocm else None,
+        codebook_seed=args.codebook_seed,
+    )
+    try:
+        return config.validate()
+    except (KeyError, ValueError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+
+
+def setup_logging(logfile: str | None = None, level=logging.INFO) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if logfile:
+        os.makedirs(os.path.dirname(os.path.abspath(logfile)), exist_ok=True)
+        handlers.append(logging.FileHandler(logfile))
+    logging.basicConfig(level=level, format="%(message)s", handlers=handlers, force=True)
+
+
+def run(main_fn, argv=None, error_log: "callable | None" = None) -> int:
+    """Call ``main_fn(argv)``; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return main_fn(argv) or 0
+    except UserError as e:
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

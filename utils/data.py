@@ -1,0 +1,440 @@
+"""Data sets and loaders.
+
+Small data sets (CIFAR-10/100, sklearn digits) are read straight from their on-disk format into
+one uint8 tensor and served by :class:`TensorLoader`, which keeps the data on the training device
+and does shuffling and augmentation as batched tensor ops (no worker processes, no PIL).
+ImageNet is served from image folders by torchvision's ``ImageFolder`` + ``DataLoader``, wrapped
+in :class:`FolderLoader` so the training loop sees the same interface.
+
+Every problem the user can fix (missing or corrupt files, unknown names) raises
+:class:`~utils.errors.DataError` with a one-line message naming the problem, the path and the fix.
+Nothing is cached on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+from utils.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DatasetInfo",
+    "DATASETS",
+    "list_datasets",
+    "get_dataset_info",
+    "load_in_memory",
+    "TensorLoader",
+    "FolderLoader",
+    "build_loaders",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a data set that models and loaders need."""
+
+    name: str  # canonical: 'cifar10' | 'cifar100' | 'imagenet' | 'digits'
+    num_classes: int
+    mean: tuple  # per-channel, in [0, 1] pixel units
+    std: tuple
+    image_size: int  # 32 or 224
+    hflip: bool  # horizontal-flip augmentation (digits are not flip-symmetric)
+    in_memory: bool  # True: one uint8 tensor; False: image folders
+
+
+# Digits statistics: mean/std over all pixels of the uint8 training split (1437 images, 32x32,
+# replicated to 3 channels) in [0, 1] units; tests/test_data.py recomputes and checks them.
+_DIGITS_MEAN = 0.3054
+_DIGITS_STD = 0.3237
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
+                           32, True, True),
+    "cifar100": DatasetInfo("cifar100", 100, (0.5071, 0.4867, 0.4408), (0.267, 0.256, 0.276),
+                            32, True, True),
+    "imagenet": DatasetInfo("imagenet", 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                            224, True, False),
+    "digits": DatasetInfo("digits", 10, (_DIGITS_MEAN,) * 3, (_DIGITS_STD,) * 3,
+                          32, False, True),
+}
+
+
+def list_datasets() -> list[str]:
+    """Canonical names of the supported data sets."""
+    return list(DATASETS)
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Look up a data set by name, case-insensitively.
+
+    Accepts the original repositories' spellings ('CIFAR10', 'ImageNet', ...) and the hyphenated
+    'cifar-10' / 'cifar-100'.
+    """
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
+    return DATASETS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory data sets
+# --------------------------------------------------------------------------------------------
+
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+# name -> (folder, train files, test files, label key, pretty name, torchvision class name)
+_CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                b"labels", "CIFAR-10", "CIFAR10"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "CIFAR-100",
+                 "CIFAR100"),
+}
+
+
+def _one_line(text: object) -> str:
+    """Collapse an arbitrary message (e.g. a wrapped exception) onto one line."""
+    return " ".join(str(text).split())
+
+
+def load_in_memory(name: str, data_dir: str | os.PathLike | None,
+                   download: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Load a small data set as ``(train_x, train_y, test_x, test_y)`` CPU tensors.
+
+    Images are uint8 ``[N, 3, 32, 32]``, labels int64 ``[N]``. CIFAR is read from the python
+    pickle files; ``download=True`` fetches them with torchvision when missing. Digits come
+    bundled with scikit-learn (``data_dir`` is ignored).
+    """
+    info = get_dataset_info(name)
+    if info.name in _CIFAR_LAYOUT:
+        if data_dir is None:
+            raise DataError(f"{info.name}: no data directory given; pass --data_dir pointing at "
+                            f"the folder that holds {_CIFAR_LAYOUT[info.name][0]}/")
+        out = _load_cifar(info, os.fspath(data_dir), download)
+    elif info.name == "digits":
+        out = _load_digits()
+    else:
+        raise DataError(f"{info.name} is not an in-memory data set (it is read from image "
+                        f"folders); use build_loaders() for it")
+    logger.info("loaded %s: %d train / %d test images", info.name, len(out[1]), len(out[3]))
+    return out
+
+
+def _find_cifar_dir(data_dir: str, folder: str, files: list[str]) -> tuple[str | None, str]:
+    """Return (directory holding all ``files`` or None, the path reported when missing).
+
+    Accepts ``data_dir`` being the parent of ``folder`` or ``folder`` itself.
+    """
+    for cand in (os.path.join(data_dir, folder), data_dir):
+        if all(os.path.isfile(os.path.join(cand, f)) for f in files):
+            return cand, cand
+    # Report the first missing file, preferring the directly-given folder if it looks right.
+    cand = data_dir if os.path.basename(os.path.normpath(data_dir)) == folder \
+        else os.path.join(data_dir, folder)
+    missing = next(f for f in files if not os.path.isfile(os.path.join(cand, f)))
+    return None, os.path.join(cand, missing)
+
+
+def _load_cifar(info: DatasetInfo, data_dir: str, download: bool):
+    folder, train_files, test_files, label_key, pretty, tv_name = _CIFAR_LAYOUT[info.name]
+    files = train_files + test_files
+    root, missing = _find_cifar_dir(data_dir, folder, files)
+    if root is None and download:
+        logger.info("%s not found under %s; downloading", pretty, data_dir)
+        try:
+            cls = getattr(torchvision.datasets, tv_name)
+            cls(root=data_dir, train=True, download=True)
+            cls(root=data_dir, train=False, download=True)
+        except Exception as e:  # offline, disk full, bad checksum, ...
+            raise DataError(
+                f"{pretty} download into {data_dir} failed ({type(e).__name__}: {_one_line(e)}); "
+                f"check the internet connection, or download the python-pickle version from "
+                f"{_CIFAR_URL} and extract it so that {missing} exists") from e
+        root, missing = _find_cifar_dir(data_dir, folder, files)
+    if root is None:
+        raise DataError(
+            f"{pretty} not found: expected {missing}; download it with --download (needs "
+            f"internet) or put the python-pickle version from {_CIFAR_URL} there")
+
+    def read(names):
+        parts = [_read_cifar_pickle(os.path.join(root, f), label_key, info.num_classes, pretty)
+                 for f in names]
+        x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([p[1] for p in parts])
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+    return (*read(train_files), *read(test_files))
+
+
+def _read_cifar_pickle(path: str, label_key: bytes, num_classes: int, pretty: str):
+    """Read and validate one CIFAR pickle: returns (uint8 [n, 3072], int64 [n]).
+
+    The files are pickles (trusted input, as in the official loaders); any failure to decode
+    them or unexpected content becomes a DataError naming the file.
+    """
+    fix = f"delete it and re-download (--download) or re-extract the archive from {_CIFAR_URL}"
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:  # EOFError, UnpicklingError, OSError, ...
+        raise DataError(f"{pretty} file {path} is unreadable or truncated "
+                        f"({type(e).__name__}: {_one_line(e)}); {fix}") from e
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        keys = sorted(d.keys()) if isinstance(d, dict) else type(d).__name__
+        raise DataError(f"{pretty} file {path} has unexpected content (expected a dict with "
+                        f"{b'data'!r} and {label_key!r}, got {keys}); {fix}")
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{pretty} file {path} has data of shape {data.shape} dtype {data.dtype}, "
+                        f"expected uint8 [N, 3072]; {fix}")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{pretty} file {path} has {labels.shape} labels for {len(data)} images; "
+                        f"{fix}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{pretty} file {path} has labels outside 0..{num_classes - 1}; {fix}")
+    return data, labels.astype(np.int64)
+
+
+def _load_digits():
+    """sklearn's 8x8 digits as uint8 [N,3,32,32] with a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # [N,1,8,8] in [0,1]
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return x[tr], y[tr], x[te], y[te]
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """CPU generator whose stream is a pure function of (seed, epoch)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+
+
+class TensorLoader:
+    """CIFAR-sized data held as one uint8 tensor on the training device; shuffling, random crop
+    (zero padding in pixel space, i.e. before normalization, like torchvision
+    ``RandomCrop(32, padding=4)``) and horizontal flip are batched tensor ops on that device
+    (airbench-style), then normalization.
+
+    Random draws come from a CPU generator seeded from ``(seed, epoch)`` (see :meth:`set_epoch`)
+    and are moved to the device, so batches are identical on CPU and CUDA and a resumed run sees
+    exactly the same batches. ``train=False``: fixed order, no augmentation, every sample
+    (``drop_last`` is ignored).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean, std, device,
+                 train: bool = False, crop_padding: int = 4, hflip: bool = True,
+                 drop_last: bool = False, seed: int = 0):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(f"images must be uint8 [N,C,H,W], got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"labels must be [N] with N={len(images)}, got {tuple(labels.shape)}")
+        if int(batch_size) < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}; pass a positive "
+                            f"-b/--batch")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, dtype=torch.int64)
+        self.batch_size = int(batch_size)
+        self.train = bool(train)
+        self.crop_padding = int(crop_padding)
+        self.hflip = bool(hflip)
+        self.drop_last = bool(drop_last) and self.train
+        self.seed = int(seed)
+        self.epoch = 0
+        c = images.shape[1]
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        n, b = self.dataset_size, self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle/augmentation the next iteration produces."""
+        self.epoch = int(epoch)
+
+    def normalize(self, batch: Tensor) -> Tensor:
+        """uint8 pixels [B,C,H,W] -> float32 ``(x/255 - mean) / std`` on this loader's device."""
+        if batch.dtype != torch.uint8:
+            raise TypeError(f"normalize expects uint8 pixels, got {batch.dtype}")
+        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+        return x.sub_(self.mean).div_(self.std)
+
+    def _random_crop(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """Zero-pad by ``crop_padding`` and take each sample's HxW window at ``offsets`` [B,2]
+        (row, col), vectorised with advanced indexing."""
+        p = self.crop_padding
+        b, c, h, w = x.shape
+        padded = F.pad(x, (p, p, p, p))
+        rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # [B,H]
+        cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # [B,W]
+        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+    def __iter__(self):
+        n, bs = self.dataset_size, self.batch_size
+        if not self.train:
+            for i in range(0, n, bs):
+                yield self.normalize(self.images[i:i + bs]), self.labels[i:i + bs]
+            return
+        g = _epoch_generator(self.seed, self.epoch)
+        perm = torch.randperm(n, generator=g).to(self.device)
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
+        offsets, flips = offsets.to(self.device), flips.to(self.device)
+        for k in range(len(self)):
+            sl = slice(k * bs, (k + 1) * bs)
+            idx = perm[sl]
+            x = self.images[idx]
+            if self.crop_padding > 0:
+                x = self._random_crop(x, offsets[sl])
+            if self.hflip:
+                x = torch.where(flips[sl].view(-1, 1, 1, 1), x.flip(3), x)
+            yield self.normalize(x), self.labels[idx]
+
+
+class FolderLoader:
+    """A torch ``DataLoader`` with TensorLoader's interface: batches come out already on
+    ``device``, and ``set_epoch`` makes the shuffle order (and, with workers, the augmentation
+    seeds) a function of ``(seed, epoch)``."""
+
+    def __init__(self, dataset, batch_size: int, device, train: bool = False, workers: int = 4,
+                 seed: int = 0, drop_last: bool = False):
+        if int(batch_size) < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}; pass a positive "
+                            f"-b/--batch")
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._order_gen = torch.Generator()
+        self._worker_gen = torch.Generator()
+        sampler = (torch.utils.data.RandomSampler(dataset, generator=self._order_gen)
+                   if self.train else torch.utils.data.SequentialSampler(dataset))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=int(batch_size), sampler=sampler, num_workers=int(workers),
+            pin_memory=self.device.type == "cuda", drop_last=bool(drop_last) and self.train,
+            generator=self._worker_gen)
+        self.set_epoch(0)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the order and worker generators for ``epoch``."""
+        self.epoch = int(epoch)
+        self._order_gen.manual_seed(self.seed * 1_000_003 + self.epoch)
+        self._worker_gen.manual_seed(self.seed * 1_000_003 + self.epoch + 1)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _find_imagenet_dirs(data_dir: str) -> tuple[str, str]:
+    """Locate (train, val) folders; accepts ``<d>/train`` + ``<d>/val`` or ``<d>/validation``,
+    and the original repository's ``<d>/imagenet/train`` + ``<d>/imagenet/validation``."""
+    looked = []
+    for root in (data_dir, os.path.join(data_dir, "imagenet")):
+        train = os.path.join(root, "train")
+        vals = [os.path.join(root, "val"), os.path.join(root, "validation")]
+        looked += [train, *vals]
+        val = next((v for v in vals if os.path.isdir(v)), None)
+        if os.path.isdir(train) and val is not None:
+            return train, val
+    raise DataError(
+        f"ImageNet not found: looked for {', '.join(looked)}; expected <data-dir>/train and "
+        f"<data-dir>/val (or validation), each with one sub-folder of images per class "
+        f"(e.g. train/n01440764/*.JPEG); point --data_dir at that folder")
+
+
+def _image_folder(path: str, transform):
+    try:
+        return torchvision.datasets.ImageFolder(path, transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"ImageNet folder {path} is unusable ({_one_line(e)}); it must hold one "
+                        f"sub-folder of images per class (e.g. {path}/n01440764/*.JPEG)") from e
+
+
+def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4,
+                  download: bool = False, seed: int = 0, test_batch_size: int | None = None):
+    """Build ``(train_loader, test_loader, info)`` for a data set.
+
+    In-memory data sets give two :class:`TensorLoader` (train: shuffled and augmented; test:
+    in order). ImageNet gives two :class:`FolderLoader` over ``ImageFolder``. ``test_batch_size``
+    defaults to ``max(batch_size, 256)``.
+    """
+    info = get_dataset_info(name)
+    if test_batch_size is None:
+        test_batch_size = max(int(batch_size), 256)
+    device = torch.device(device)
+    if info.in_memory:
+        xtr, ytr, xte, yte = load_in_memory(info.name, data_dir, download=download)
+        train = TensorLoader(xtr, ytr, batch_size, info.mean, info.std, device, train=True,
+                             hflip=info.hflip, seed=seed)
+        test = TensorLoader(xte, yte, test_batch_size, info.mean, info.std, device, train=False)
+        return train, test, info
+
+    from torchvision import transforms as T
+
+    if data_dir is None:
+        raise DataError("imagenet: no data directory given; pass --data_dir pointing at the "
+                        "folder that holds train/ and val/")
+    train_dir, val_dir = _find_imagenet_dirs(os.fspath(data_dir))
+    norm = T.Normalize(info.mean, info.std)
+    train_ds = _image_folder(train_dir, T.Compose([
+        T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+    val_ds = _image_folder(val_dir, T.Compose([
+        T.Resize(256), T.CenterCrop(info.image_size), T.ToTensor(), norm]))
+    if train_ds.classes != val_ds.classes:
+        raise DataError(f"ImageNet class folders differ between {train_dir} "
+                        f"({len(train_ds.classes)} classes) and {val_dir} "
+                        f"({len(val_ds.classes)} classes); both need the same class sub-folders")
+    if len(train_ds.classes) != info.num_classes:
+        logger.warning("ImageNet folders in %s have %d classes, expected %d",
+                       train_dir, len(train_ds.classes), info.num_classes)
+    logger.info("ImageNet: %d train images in %s, %d val images in %s",
+                len(train_ds), train_dir, len(val_ds), val_dir)
+    train = FolderLoader(train_ds, batch_size, device, train=True, workers=workers, seed=seed)
+    test = FolderLoader(val_ds, test_batch_size, device, train=False, workers=workers, seed=seed)
+    return train, test, info

@@ -1,0 +1,132 @@
+"""One training epoch and one evaluation pass, shared by ``main.py`` and the attack scripts.
+
+``output`` is the model's output interface (:class:`models.SoftmaxOutput` or
+:class:`models.OutputCodeMatching`): it supplies the loss and the decoding rule, so the same
+loop trains and evaluates vanilla and OCM models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .metrics import Meter, topk_correct
+from .regularizers import piecewise_clustering
+from .schedules import LRSchedule
+
+
+@dataclass
+class MixupConfig:
+    """Input mixup (Zhang et al. 2018) or manifold mixup (Verma et al. 2019), SPEC section 4."""
+
+    alpha: float
+    manifold: bool = False
+
+
+@contextlib.contextmanager
+def _mix_hidden(model: nn.Module, point: str, lam: float, perm: torch.Tensor):
+    """Mix the output of module ``point`` with its permutation for one forward pass."""
+    def hook(_module, _inputs, out):
+        return lam * out + (1.0 - lam) * out[perm]
+
+    handle = model.get_submodule(point).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _mixed_forward(model, images, mixup: MixupConfig, rng: np.random.Generator,
+                   generator: torch.Generator):
+    """Forward with mixup; returns ``(outputs, lam, perm)``."""
+    lam = float(rng.beta(mixup.alpha, mixup.alpha)) if mixup.alpha > 0 else 1.0
+    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    points = ("input",) + tuple(getattr(model, "mixup_points", ())) if mixup.manifold else ("input",)
+    point = points[int(rng.integers(len(points)))]
+    if point == "input":
+        return model(lam * images + (1.0 - lam) * images[perm]), lam, perm
+    with _mix_hidden(model, point, lam, perm):
+        return model(images), lam, perm
+
+
+def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    schedule: LRSchedule, epoch: int, *, lambda_coeff: float = 0.0,
+                    mixup: MixupConfig | None = None, seed: int = 0, progress: bool = True,
+                    description: str = "train") -> dict:
+    """Train ``model`` for one epoch; returns ``{'loss', 'top1', 'lr'}``.
+
+    The loss is ``output.loss`` plus, with ``lambda_coeff > 0``, the piecewise-clustering
+    penalty. All randomness of the epoch (mixup draws) is a function of ``(seed, epoch)``, so
+    a resumed run repeats it exactly.
+    """
+    model.train()
+    output.train()
+    meter = Meter()
+    rng = np.random.default_rng([seed, epoch])
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)
+    n_batches = len(loader)
+    lr = schedule.lr(epoch)
+    bar = tqdm(loader, total=n_batches, desc=f"{description} {epoch}", leave=False,
+               disable=not progress, dynamic_ncols=True)
+    for i, (images, targets) in enumerate(bar):
+        if schedule.per_iteration or i == 0:
+            lr = schedule.lr(epoch, i / n_batches)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        if mixup is not None:
+            outputs, lam, perm = _mixed_forward(model, images, mixup, rng, generator)
+            loss = lam * output.loss(outputs, targets) + (1 - lam) * output.loss(outputs, targets[perm])
+        else:
+            outputs = model(images)
+            loss = output.loss(outputs, targets)
+        if lambda_coeff > 0:
+            loss = loss + piecewise_clustering(model, lambda_coeff)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training diverged at epoch {epoch}, batch {i} "
+                                     f"(loss {loss.item()}): lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            c1, = topk_correct(output.scores(outputs), targets, ks=(1,))
+        meter.update(loss.item(), c1, 0, targets.shape[0])
+        bar.set_postfix(loss=f"{meter.loss:.4f}", acc=f"{meter.top1:.2f}", lr=f"{lr:.2e}")
+    return {"loss": meter.loss, "top1": meter.top1, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, output: nn.Module, loader, progress: bool = False,
+             description: str = "eval") -> dict:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    meter = Meter()
+    for images, targets in tqdm(loader, desc=description, leave=False, disable=not progress,
+                                dynamic_ncols=True):
+        outputs = model(images)
+        loss = output.loss(outputs, targets)
+        c1, c5 = topk_correct(output.scores(outputs), targets, ks=(1, 5))
+        meter.update(loss.item(), c1, c5, targets.shape[0])
+    model.train(was_training)
+    return {"loss": meter.loss, "top1": meter.top1, "top5": meter.top5, "n": meter.n}
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                    weight_decay: float, nesterov: bool = False) -> torch.optim.Optimizer:
+    """SGD (momentum), Adam or AdamW over every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
