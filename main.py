@@ -178,6 +178,7 @@ def _main(args, explicit: set[str]) -> int:
     if args.ft_path and not args.finetune:
         raise UserError("--ft_path is only used with --finetune")
     device = resolve_device(args.device)
+    torch.manual_seed(args.seed)  # model initialisation (and finetuning's new final layer)
 
     # 1. The checkpoint we start from, if any, and the model it describes.
     ckpt, ckpt_path = None, None

@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 
 import torch
 
@@ -53,14 +52,17 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                               f"checkpoint.pth.tar or model_best.pth.tar)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower().replace(" ", "_"):
+            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
+                                  f"({_first_line(e)})") from None
         # Published checkpoints may pickle objects outside torch's safe list (e.g. argparse
         # namespaces); they come from the papers' authors, so fall back to a full unpickle.
         log.warning("%s holds objects beyond tensors and plain types; loading it fully", path)
         obj = _load_full(path, map_location)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many types for a damaged file; all mean unusable
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a "
-                              f"PyTorch checkpoint ({_first_line(e)})") from None
+                              f"PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" not in obj and _looks_like_state_dict(obj):
         obj = {"state_dict": obj}
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):

@@ -410,8 +410,9 @@ def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4
     device = torch.device(device)
     if info.in_memory:
         xtr, ytr, xte, yte = load_in_memory(info.name, data_dir, download=download)
+        # A last batch of one sample would break BatchNorm in training mode: drop it.
         train = TensorLoader(xtr, ytr, batch_size, info.mean, info.std, device, train=True,
-                             hflip=info.hflip, seed=seed)
+                             hflip=info.hflip, seed=seed, drop_last=len(ytr) % batch_size == 1)
         test = TensorLoader(xte, yte, test_batch_size, info.mean, info.std, device, train=False)
         return train, test, info
 

@@ -1,0 +1,208 @@
+"""main.py end to end on tiny CIFAR-format data: train, interrupt, resume, evaluate, finetune,
+and every bad input of the foundation issue."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import main
+from fakedata import make_cifar10
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import run
+
+COMMON = ["--dataset", "cifar10", "--arch", "resnet20_quan", "-b", "32", "--no-progress",
+          "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar10(root)
+    return str(root)
+
+
+def train_args(data_dir, outdir, epochs=3, extra=()):
+    return COMMON + ["--data_dir", data_dir, "--outdir", str(outdir), "-e", str(epochs),
+                     "--clustering", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """An uninterrupted 3-epoch run (vanilla + piecewise clustering)."""
+    out = tmp_path_factory.mktemp("run_a")
+    assert run(main.main, train_args(data_dir, out)) == 0
+    return out
+
+
+def read_csv_rows(path):
+    with open(path) as f:
+        return f.read().strip().splitlines()[1:]
+
+
+def test_training_outputs(trained):
+    names = set(os.listdir(trained))
+    assert {"checkpoint.pth.tar", "model_best.pth.tar", "log.csv", "args.json", "train.log",
+            "tb"} <= names
+    assert len(read_csv_rows(trained / "log.csv")) == 3
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(trained / "tb"))
+    ckpt = load_checkpoint(str(trained / "checkpoint.pth.tar"))
+    assert ckpt["epoch"] == 3
+    assert ckpt["model_config"] == {"arch": "resnet20_quan", "num_classes": 10, "bits": 8,
+                                    "output_act": "linear", "ocm": False, "code_length": None,
+                                    "codebook_seed": 1}
+    assert ckpt["dataset"] == "cifar10" and ckpt["normalization"]["mean"][0] == 0.4914
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 5e-4  # SPEC 4 default
+
+
+def test_interrupt_and_resume_is_exact(trained, data_dir, tmp_path, monkeypatch):
+    real = main.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[5] == 2:  # the third epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", interrupted)
+    assert run(main.main, train_args(data_dir, tmp_path)) == 130
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))["epoch"] == 2
+    monkeypatch.setattr(main, "train_one_epoch", real)
+    # the run's own flags come back from the checkpoint
+    assert run(main.main, ["--resume", str(tmp_path / "checkpoint.pth.tar"), "--no-progress"]) == 0
+    a = load_checkpoint(str(trained / "checkpoint.pth.tar"))
+    b = load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))
+    assert b["epoch"] == 3 and b["best_acc"] == a["best_acc"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert read_csv_rows(tmp_path / "log.csv")[-1].split(",")[:7] == \
+        read_csv_rows(trained / "log.csv")[-1].split(",")[:7]
+
+
+def test_eval_best_checkpoint(trained, data_dir, capsys):
+    best = load_checkpoint(str(trained / "model_best.pth.tar"))
+    assert run(main.main, ["--eval", str(trained / "model_best.pth.tar"), "--data_dir", data_dir,
+                           "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(best["test_acc"], abs=1e-3)
+    assert result["n"] == 20
+
+
+def test_eval_published_layout_with_flags(trained, data_dir, tmp_path, capsys):
+    ours = load_checkpoint(str(trained / "model_best.pth.tar"))
+    published = {"state_dict": {"module." + k: v for k, v in ours["state_dict"].items()},
+                 "epoch": 160, "best_acc": 0.0}
+    path = str(tmp_path / "model_best.pth.tar")
+    torch.save(published, path)
+    assert run(main.main, ["--eval", path, *COMMON, "--data_dir", data_dir]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(ours["test_acc"], abs=1e-3)
+
+
+def test_finetune_to_ocm(trained, data_dir, tmp_path):
+    src = load_checkpoint(str(trained / "model_best.pth.tar"))
+    args = COMMON + ["--data_dir", data_dir, "--outdir", str(tmp_path), "-e", "1", "--finetune",
+                     "--ft_path", str(trained / "model_best.pth.tar"), "--ocm", "--code_length",
+                     "16", "--output_act", "tanh", "--lr", "1e-12"]
+    assert run(main.main, args) == 0
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))
+    cfg = ckpt["model_config"]
+    assert cfg["ocm"] and cfg["code_length"] == 16 and cfg["output_act"] == "tanh"
+    assert ckpt["codebook"].shape == (10, 16)
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.0  # finetune default
+    sd = ckpt["state_dict"]
+    assert sd["linear.weight"].shape == (16, 64)
+    assert torch.allclose(sd["layer2.1.conv1.weight"], src["state_dict"]["layer2.1.conv1.weight"],
+                          atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written to an existing outdir but a log line
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def outdir(tmp_path):
+    d = tmp_path / "existing_run"
+    d.mkdir()
+    (d / "keep.txt").write_text("precious")
+    return d
+
+
+def bad_input_cases(data_dir, trained, tmp):
+    ckpt = str(trained / "model_best.pth.tar")
+    trunc = tmp / "trunc.pth.tar"
+    data = open(ckpt, "rb").read()
+    trunc.write_bytes(data[: len(data) // 3])
+    notckpt = tmp / "notes.pth.tar"
+    notckpt.write_text("not a checkpoint")
+    incomplete = tmp / "incomplete"
+    make_cifar10(incomplete)
+    os.remove(incomplete / "cifar-10-batches-py" / "data_batch_3")
+    d = ["--data_dir", data_dir]
+    return {
+        "unknown_dataset": (["--dataset", "mnist"], "valid names"),
+        "unknown_arch": (["--arch", "resnet21", *d], "valid"),
+        "missing_data": (["--data_dir", str(tmp / "nowhere")], "nowhere"),
+        "incomplete_data": (["--data_dir", str(incomplete)], "data_batch_3"),
+        "code_length_not_pow2": (["--ocm", "--code_length", "12", "--output_act", "tanh", *d],
+                                 "power of two"),
+        "code_length_too_short": (["--ocm", "--code_length", "8", "--output_act", "tanh", *d],
+                                  "at least classes"),
+        "ocm_without_tanh": (["--ocm", "--code_length", "16", *d], "--output_act tanh"),
+        "ocm_without_length": (["--ocm", "--output_act", "tanh", *d], "--code_length"),
+        "eval_missing": (["--eval", str(tmp / "nope.pth.tar"), *d], "not found"),
+        "eval_truncated": (["--eval", str(trunc), *d], "truncated"),
+        "eval_not_checkpoint": (["--eval", str(notckpt), *d], "not"),
+        "resume_missing": (["--resume", str(tmp / "nope.pth.tar"), *d], "not found"),
+        "finetune_missing": (["--finetune", "--ft_path", str(tmp / "nope.pth.tar"), *d],
+                             "not found"),
+        "finetune_no_path": (["--finetune", *d], "--ft_path"),
+        "eval_bits_mismatch": (["--eval", ckpt, "--bits", "4", *d], "--bits 4"),
+        "eval_arch_mismatch": (["--eval", ckpt, "--arch", "resnet32_quan", *d], "--arch"),
+        "eval_classes_mismatch": (["--eval", ckpt, "-c", "100", *d], "num_classes"),
+        "eval_ocm_mismatch": (["--eval", ckpt, "--ocm", *d], "--ocm"),
+        "bits_too_high": (["--bits", "17", *d], "bit width"),
+        "bits_zero": (["--bits", "0", *d], "bit width"),
+        "no_such_device": (["--device", "cuda:7", *d], "cuda"),
+        "bad_schedule": (["--schedule", "fast", *d], "--schedule"),
+        "zero_epochs": (["-e", "0", *d], "--epochs"),
+    }
+
+
+CASES = ["unknown_dataset", "unknown_arch", "missing_data", "incomplete_data",
+         "code_length_not_pow2", "code_length_too_short", "ocm_without_tanh", "ocm_without_length",
+         "eval_missing", "eval_truncated", "eval_not_checkpoint", "resume_missing",
+         "finetune_missing", "finetune_no_path", "eval_bits_mismatch", "eval_arch_mismatch",
+         "eval_classes_mismatch", "eval_ocm_mismatch", "bits_too_high", "bits_zero",
+         "no_such_device", "bad_schedule", "zero_epochs"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case, data_dir, trained, tmp_path, outdir, capsys):
+    if case == "no_such_device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    argv, expected = bad_input_cases(data_dir, trained, tmp_path)[case]
+    base = ["--no-progress", "--outdir", str(outdir)]
+    if "--device" not in argv:
+        base += ["--device", "cpu"]
+    rc = run(main.main, argv + base)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expected.lower() in err.lower(), err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(outdir)) == ["keep.txt", "train.log"]
+    log_lines = (outdir / "train.log").read_text().strip().splitlines()
+    assert len(log_lines) == 1 and "error:" in log_lines[0]
+
+
+def test_checkpoint_for_other_architecture_without_metadata(trained, data_dir, tmp_path, capsys):
+    ours = load_checkpoint(str(trained / "model_best.pth.tar"))
+    path = str(tmp_path / "published.pth.tar")
+    save_checkpoint({"state_dict": ours["state_dict"]}, path)
+    rc = run(main.main, ["--eval", path, "--arch", "wrn28_4_quan", "--data_dir", data_dir,
+                         "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit architecture wrn28_4_quan" in err
+    rc = run(main.main, ["--eval", path, "--bits", "4", "--data_dir", data_dir, "--device", "cpu"])
+    assert rc == 2 and "--bits 8" in capsys.readouterr().err
