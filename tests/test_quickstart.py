@@ -1,0 +1,23 @@
+"""The README's quick-start demo, end to end (slow: about 2.5 minutes on 2 CPU cores)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_quickstart_trains_both_models_above_95_percent(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh")], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for model in ("vanilla", "ocm16"):
+        result = json.load(open(tmp_path / model / "eval.json"))
+        assert result["n"] == 360
+        assert result["top1"] >= 95.0, (model, result)
+    assert "ocm16" in proc.stdout and "top-1 %" in proc.stdout
