@@ -1,4 +1,4 @@
-"""Train, resume, evaluate and finetune quantized networks, with or without the defenses.
+r"""Train, resume, evaluate and finetune quantized networks, with or without the defenses.
 
 Examples:
   python main.py --dataset cifar10 --arch resnet20_quan --bits 8 --outdir runs/r20_vanilla
@@ -25,8 +25,8 @@ import torch
 
 from utils.checkpoint import (checkpoint_config, load_checkpoint, make_checkpoint,
                               model_from_checkpoint, save_checkpoint)
-from utils.cli import (add_data_args, add_model_args, add_runtime_args, explicit_dests,
-                       resolve_dataset, resolve_model_config, run, setup_logging)
+from utils.cli import (add_data_args, add_model_args, add_runtime_args, device_spec,
+                       explicit_dests, resolve_dataset, resolve_model_config, run, setup_logging)
 from utils.data import build_loaders
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -56,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="start from --ft_path, keep every weight but the final layer and "
                         "re-initialise that one (e.g. with --ocm --code_length L)")
-    g.add_argument("--ft_path", default=None, help="checkpoint to finetune (ours or published)")
+    g.add_argument("--ft_path", default=None,
+                   help="checkpoint to finetune (ours or published), or its run folder")
     g.add_argument("--outdir", default=None,
                    help="run folder for checkpoints and logs (default: runs/<dataset>_<arch>...)")
     t = p.add_argument_group("training (defaults: SPEC section 4)")
@@ -81,9 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("-wd", "--weight-decay", "--weight_decay", dest="weight_decay", type=float,
                    default=None, help="weight decay (default 5e-4 CIFAR cross-entropy; 1e-4 "
                                       "ImageNet and OCM; 0 when finetuning)")
-    t.add_argument("--clustering", action="store_true",
+    t.add_argument("--clustering", "-pc", action="store_true",
                    help="piecewise weight clustering defense (He et al. 2020)")
-    t.add_argument("--lambda_coeff", type=float, default=1e-3,
+    t.add_argument("--lambda_coeff", "-lam", type=float, default=1e-3,
                    help="piecewise clustering strength (default 1e-3; 5e-4 for ResNet-50)")
     t.add_argument("--mixup", action="store_true", help="input mixup")
     t.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=1.0,
@@ -177,7 +178,7 @@ def _main(args, explicit: set[str]) -> int:
         raise UserError(f"choose one of --eval, --resume and --finetune (got {', '.join(modes)})")
     if args.ft_path and not args.finetune:
         raise UserError("--ft_path is only used with --finetune")
-    device = resolve_device(args.device)
+    device = resolve_device(device_spec(args))
     torch.manual_seed(args.seed)  # model initialisation (and finetuning's new final layer)
 
     # 1. The checkpoint we start from, if any, and the model it describes.
@@ -190,6 +191,8 @@ def _main(args, explicit: set[str]) -> int:
         if not args.ft_path:
             raise UserError("--finetune needs --ft_path (the checkpoint to start from)")
         ckpt_path = args.ft_path
+        if os.path.isdir(ckpt_path):  # the original scripts pass the run folder
+            ckpt_path = os.path.join(ckpt_path, "model_best.pth.tar")
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     stored = checkpoint_config(ckpt) if ckpt else None
@@ -222,7 +225,7 @@ def _main(args, explicit: set[str]) -> int:
             from models.factory import build_model
             model, output = build_model(config)
         start_epoch = int(ckpt.get("epoch", 0)) if (ckpt and args.resume is not None) else 0
-        best_acc = float(ckpt.get("best_acc", 0.0)) if (ckpt and args.resume is not None) else 0.0
+        best_acc = float(ckpt.get("best_acc", ckpt.get("best_acc1", 0.0))) if (ckpt and args.resume is not None) else 0.0
     if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
         raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
                         f"which has {dataset.num_classes} classes")

@@ -433,3 +433,11 @@ def test_imagenet_empty_folder(tmp_path):
     with pytest.raises(DataError) as e:
         D.build_loaders("imagenet", tmp_path, 4, "cpu", workers=0)
     assert str(tmp_path / "train") in str(e.value)
+
+
+def test_cifar10_original_repository_layout(tmp_path):
+    """The OCM repository keeps CIFAR-10 under <data_dir>/CIFAR10/cifar-10-batches-py."""
+    xtr, ytr, _, _ = make_cifar10(tmp_path / "CIFAR10")
+    train_x, train_y, _, _ = D.load_in_memory("CIFAR10", tmp_path)
+    assert torch.equal(train_x.reshape(len(xtr), -1), torch.from_numpy(xtr))
+    assert train_y.tolist() == list(ytr)

@@ -149,7 +149,8 @@ def bad_input_cases(data_dir, trained, tmp):
         "code_length_too_short": (["--ocm", "--code_length", "8", "--output_act", "tanh", *d],
                                   "at least classes"),
         "ocm_without_tanh": (["--ocm", "--code_length", "16", *d], "--output_act tanh"),
-        "ocm_without_length": (["--ocm", "--output_act", "tanh", *d], "--code_length"),
+        "ocm_default_length_too_short": (["--ocm", "--output_act", "tanh", "--dataset",
+                                          "cifar100", "--data_dir", str(tmp)], "at least classes"),
         "eval_missing": (["--eval", str(tmp / "nope.pth.tar"), *d], "not found"),
         "eval_truncated": (["--eval", str(trunc), *d], "truncated"),
         "eval_not_checkpoint": (["--eval", str(notckpt), *d], "not"),
@@ -170,7 +171,8 @@ def bad_input_cases(data_dir, trained, tmp):
 
 
 CASES = ["unknown_dataset", "unknown_arch", "missing_data", "incomplete_data",
-         "code_length_not_pow2", "code_length_too_short", "ocm_without_tanh", "ocm_without_length",
+         "code_length_not_pow2", "code_length_too_short", "ocm_without_tanh",
+         "ocm_default_length_too_short",
          "eval_missing", "eval_truncated", "eval_not_checkpoint", "resume_missing",
          "finetune_missing", "finetune_no_path", "eval_bits_mismatch", "eval_arch_mismatch",
          "eval_classes_mismatch", "eval_ocm_mismatch", "bits_too_high", "bits_zero",

@@ -22,6 +22,8 @@ from .errors import UserError
 
 log = logging.getLogger("bitflip")
 
+DEFAULT_CODE_LENGTH = 16  # the original main.py's default for --code_length
+
 # Flags that describe the model: given explicitly, they must agree with a checkpoint.
 MODEL_FLAGS = {"arch": "arch", "bits": "bits", "ocm": "ocm", "code_length": "code_length",
                "output_act": "output_act", "num_classes": "num_classes"}
@@ -43,7 +45,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (defaults: from the checkpoint when there is one)")
-    g.add_argument("--arch", default=None,
+    g.add_argument("--arch", "-a", default=None,
                    help=f"architecture (default resnet20_quan): {', '.join(list_models())}")
     g.add_argument("--bits", type=int, default=None,
                    help="weight bits, 2-16, or 1 for binarized (default: 8)")
@@ -51,8 +53,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="number of classes (default: the data set's)")
     g.add_argument("--ocm", action="store_true", default=None,
                    help="output code matching head (needs --code_length and --output_act tanh)")
-    g.add_argument("--code_length", type=int, default=None,
-                   help="OCM code length L, a power of two >= classes + 1 (e.g. 16, 64, 1024)")
+    g.add_argument("--code_length", "-cl", type=int, default=None,
+                   help="OCM code length L, a power of two >= classes + 1 (default 16; 64, "
+                        "1024, ... as in the papers)")
     g.add_argument("--output_act", choices=("linear", "tanh"), default=None,
                    help="activation after the last layer (tanh for OCM; default linear)")
     g.add_argument("--codebook_seed", type=int, default=LEGACY_SEED,
@@ -63,9 +66,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i> (default: auto)")
+    g.add_argument("--gpu", default=None,
+                   help="the original scripts' GPU id: -1 means --device cpu, i means cuda:i")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no tqdm progress bars")
+
+
+def device_spec(args) -> str:
+    """``--device``, or the original scripts' ``--gpu`` id when that is given instead."""
+    if getattr(args, "gpu", None) is not None and args.device == "auto":
+        gpu = str(args.gpu).split(",")[0].strip()
+        return "cpu" if gpu == "-1" else f"cuda:{gpu}"
+    return args.device
 
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -110,7 +123,7 @@ def resolve_model_config(args, explicit: set[str], num_classes_default: int,
         bits=args.bits if args.bits is not None else default_bits(arch),
         output_act=args.output_act or "linear",
         ocm=ocm,
-        code_length=args.code_length if ocm else None,
+        code_length=(args.code_length or DEFAULT_CODE_LENGTH) if ocm else None,
         codebook_seed=args.codebook_seed,
     )
     try:

@@ -138,9 +138,12 @@ def load_in_memory(name: str, data_dir: str | os.PathLike | None,
 def _find_cifar_dir(data_dir: str, folder: str, files: list[str]) -> tuple[str | None, str]:
     """Return (directory holding all ``files`` or None, the path reported when missing).
 
-    Accepts ``data_dir`` being the parent of ``folder`` or ``folder`` itself.
+    Accepts ``data_dir`` being the parent of ``folder``, ``folder`` itself, or the OCM
+    repository's layout ``<data_dir>/CIFAR10/<folder>`` (``CIFAR100`` likewise).
     """
-    for cand in (os.path.join(data_dir, folder), data_dir):
+    original = "CIFAR10" if folder.startswith("cifar-10-") else "CIFAR100"
+    for cand in (os.path.join(data_dir, folder), data_dir,
+                 os.path.join(data_dir, original, folder)):
         if all(os.path.isfile(os.path.join(cand, f)) for f in files):
             return cand, cand
     # Report the first missing file, preferring the directly-given folder if it looks right.
