@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from models import list_models
 from models.factory import ModelConfig
@@ -151,3 +152,89 @@ def run(main_fn, argv=None, error_log: "callable | None" = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Attack scripts: the attacked model
+# ---------------------------------------------------------------------------------------------
+
+def add_attack_model_args(parser: argparse.ArgumentParser) -> None:
+    """Data and model flags of the attack scripts, plus where the model comes from."""
+    add_data_args(parser)
+    add_model_args(parser)
+    g = parser.add_argument_group("attacked model")
+    g.add_argument("--checkpoint", default=None,
+                   help="checkpoint to attack (default: <outdir>/model_best.pth.tar)")
+    g.add_argument("--outdir", default=None,
+                   help="the original scripts' model folder, holding model_best.pth.tar")
+    g.add_argument("--pretrained", action="store_true",
+                   help="attack torchvision's ImageNet weights (resnet18/34/50_quan, "
+                        "mobilenet_v2_quan) quantized after training to --bits")
+
+
+@dataclass
+class AttackTarget:
+    """The model an attack script works on, in integer mode on its device."""
+
+    model: "torch.nn.Module"
+    output: "torch.nn.Module"
+    config: ModelConfig
+    dataset: object            # utils.data.DatasetInfo
+    source: str                # checkpoint path, or "torchvision:<name>"
+    mean: tuple
+    std: tuple
+
+
+def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
+    """Build the attacked model from ``--checkpoint``/``--outdir`` or ``--pretrained``, load its
+    weights, move it to ``device`` and put it in integer mode (SPEC section 1)."""
+    import torch  # noqa: F401  (kept local: the CLI helpers above need no torch)
+
+    from models import to_integer
+    from models.factory import build_model
+    from models.loading import load_weights
+    from models.pretrained import torchvision_state_dict
+
+    from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+
+    if args.pretrained:
+        if args.checkpoint:
+            raise UserError("give either --pretrained or --checkpoint, not both")
+        dataset = resolve_dataset(args, "imagenet")
+        if dataset.name != "imagenet":
+            raise UserError(f"--pretrained uses torchvision's ImageNet weights; --dataset "
+                            f"{dataset.name} does not fit them (use --dataset imagenet)")
+        config = resolve_model_config(args, explicit, dataset.num_classes, None)
+        if config.ocm or config.num_classes != 1000:
+            raise UserError("--pretrained models are vanilla 1000-class ImageNet classifiers: "
+                            "drop --ocm and -c")
+        try:
+            state = torchvision_state_dict(config.arch)
+            model, output = build_model(config)
+            load_weights(model, state)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(str(e)) from None
+        source = f"torchvision:{config.arch}"
+        mean, std = dataset.mean, dataset.std
+    else:
+        path = args.checkpoint or (os.path.join(args.outdir, "model_best.pth.tar")
+                                   if args.outdir else None)
+        if not path:
+            raise UserError("no model to attack: give --checkpoint PATH (or --outdir holding "
+                            "model_best.pth.tar, or --pretrained)")
+        ckpt = load_checkpoint(path)
+        stored = checkpoint_config(ckpt)
+        dataset = resolve_dataset(args, ckpt.get("dataset"))
+        config = resolve_model_config(args, explicit, dataset.num_classes, stored, source=path)
+        model, output = model_from_checkpoint(ckpt, config, path)
+        norm = ckpt.get("normalization") or {}
+        mean = tuple(norm.get("mean", dataset.mean))
+        std = tuple(norm.get("std", dataset.std))
+        source = path
+    if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
+        raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
+                        f"which has {dataset.num_classes} classes")
+    model.to(device).eval()
+    output.to(device)
+    to_integer(model)
+    return AttackTarget(model, output, config, dataset, source, mean, std)

@@ -38,6 +38,8 @@ __all__ = [
     "TensorLoader",
     "FolderLoader",
     "build_loaders",
+    "normalize_images",
+    "load_split_tensors",
 ]
 
 
@@ -386,8 +388,8 @@ def _find_imagenet_dirs(data_dir: str) -> tuple[str, str]:
         if os.path.isdir(train) and val is not None:
             return train, val
     raise DataError(
-        f"ImageNet not found: looked for {', '.join(looked)}; expected <data-dir>/train and "
-        f"<data-dir>/val (or validation), each with one sub-folder of images per class "
+        f"ImageNet not found: looked for {', '.join(looked)}; expected <data_dir>/train and "
+        f"<data_dir>/val (or validation), each with one sub-folder of images per class "
         f"(e.g. train/n01440764/*.JPEG); point --data_dir at that folder")
 
 
@@ -442,3 +444,59 @@ def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4
     train = FolderLoader(train_ds, batch_size, device, train=True, workers=workers, seed=seed)
     test = FolderLoader(val_ds, test_batch_size, device, train=False, workers=workers, seed=seed)
     return train, test, info
+
+
+# --------------------------------------------------------------------------------------------
+# Whole splits as tensors (for the attacks)
+# --------------------------------------------------------------------------------------------
+
+def normalize_images(images: Tensor, mean, std) -> Tensor:
+    """uint8 ``[B,C,H,W]`` pixels to float32 ``(x/255 - mean) / std`` on the images' device."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def load_split_tensors(name: str, data_dir, split: str = "test", download: bool = False,
+                       workers: int = 4, max_images: int | None = None,
+                       seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A whole split as ``(uint8 images [N,3,H,W], int64 labels)`` CPU tensors, read once.
+
+    The attacks keep these on their device and normalize slices on the fly. ImageNet images get
+    the test transform (Resize(256), CenterCrop(224)) and are decoded once by ``workers``
+    processes. ``max_images`` takes a seeded random subset (e.g. BFA's attack batch drawn from
+    the training split) without decoding the rest.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    info = get_dataset_info(name)
+    if info.in_memory:
+        xtr, ytr, xte, yte = load_in_memory(info.name, data_dir, download=download)
+        x, y = (xtr, ytr) if split == "train" else (xte, yte)
+        if max_images is not None and max_images < len(y):
+            pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+            pick = pick[:max_images]
+            x, y = x[pick], y[pick]
+        return x, y
+    from torchvision import transforms as T
+
+    if data_dir is None:
+        raise DataError("imagenet: no data directory given; pass --data_dir pointing at the "
+                        "folder that holds train/ and val/")
+    train_dir, val_dir = _find_imagenet_dirs(os.fspath(data_dir))
+    dataset = _image_folder(train_dir if split == "train" else val_dir, T.Compose([
+        T.Resize(256), T.CenterCrop(info.image_size), T.PILToTensor()]))
+    indices = list(range(len(dataset)))
+    if max_images is not None and max_images < len(indices):
+        pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))
+        indices = pick[:max_images].tolist()
+    subset = torch.utils.data.Subset(dataset, indices)
+    loader = torch.utils.data.DataLoader(subset, batch_size=64, num_workers=int(workers))
+    images = torch.empty((len(indices), 3, info.image_size, info.image_size), dtype=torch.uint8)
+    labels = torch.empty(len(indices), dtype=torch.int64)
+    pos = 0
+    for x, y in loader:
+        images[pos:pos + len(y)] = x
+        labels[pos:pos + len(y)] = y
+        pos += len(y)
+    return images, labels
