@@ -20,3 +20,24 @@ def pytest_configure(config):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+DIGITS_RECIPE = ["--dataset", "digits", "--arch", "resnet20_quan", "-b", "64", "--opt", "adam",
+                 "--lr", "2e-3", "--schedule", "cosine", "-wd", "1e-4", "--device", "cpu",
+                 "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoints(tmp_path_factory):
+    """Short-trained vanilla and OCM16 ResNet-20 checkpoints on digits (about 25 s in all)."""
+    import main
+    from utils.cli import run
+
+    root = tmp_path_factory.mktemp("digits_models")
+    paths = {}
+    for name, extra in (("vanilla", []), ("ocm16", ["--ocm", "--code_length", "16",
+                                                    "--output_act", "tanh"])):
+        out = root / name
+        assert run(main.main, DIGITS_RECIPE + ["-e", "4", "--outdir", str(out)] + extra) == 0
+        paths[name] = str(out / "model_best.pth.tar")
+    return paths

@@ -140,10 +140,15 @@ class ProgressiveBitSearch:
     ``multi_bit_retry`` (BFA, SPEC section 6): when no layer's candidate improves on the current
     loss, retry with the top-2 bits per layer flipped together, then 3, ... up to
     ``max_bits_per_layer`` (then the best found is kept).
+
+    ``skip_inadmissible``: a layer with no bit pointing the attack's way proposes nothing (the
+    public BFA code flips no bit there); by default it proposes its arbitrary bit and competes
+    like the others (the public T-BFA code). When every layer is skipped, nothing is flipped.
     """
 
     def __init__(self, model: nn.Module, direction: int, k_top: int | None = None,
-                 multi_bit_retry: bool = False, max_bits_per_layer: int = 32):
+                 multi_bit_retry: bool = False, max_bits_per_layer: int = 32,
+                 skip_inadmissible: bool = False):
         if direction not in (MAXIMIZE, MINIMIZE):
             raise ValueError("direction must be MAXIMIZE (+1) or MINIMIZE (-1)")
         self.model = model
@@ -151,6 +156,7 @@ class ProgressiveBitSearch:
         self.k_top = k_top
         self.multi_bit_retry = multi_bit_retry
         self.max_bits_per_layer = max_bits_per_layer
+        self.skip_inadmissible = skip_inadmissible
         self.layers = quant_layers(model)
         if not self.layers:
             raise ValueError("the model has no quantized layers to attack")
@@ -187,6 +193,8 @@ class ProgressiveBitSearch:
             for name, layer in self.layers:
                 cand = layer_candidate(name, layer, self.direction, n_bits, self.k_top)
                 all_admissible &= cand.admissible
+                if self.skip_inadmissible and not cand.admissible:
+                    continue
                 flat = layer.weight.data.view(-1)
                 saved = flat[cand.indices].clone()
                 _apply(cand)
@@ -195,6 +203,8 @@ class ProgressiveBitSearch:
                 flat[cand.indices] = saved
                 if best_loss is None or self._better(trial, best_loss):
                     best_loss, best_cand = trial, cand
+            if best_cand is None:  # every layer skipped: no bit can move the loss
+                return SearchStep([], float(current), float(current), False, n_bits)
             improves = self._better(best_loss, current)
             if (not self.multi_bit_retry or improves or n_bits >= self.max_bits_per_layer):
                 break

@@ -133,8 +133,20 @@ def resolve_model_config(args, explicit: set[str], num_classes_default: int,
         raise UserError(str(e).strip("'\"")) from None
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced after setup)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(logfile: str | None = None, level=logging.INFO) -> None:
-    handlers = [logging.StreamHandler(sys.stdout)]
+    handlers = [_StdoutHandler()]
     if logfile:
         os.makedirs(os.path.dirname(os.path.abspath(logfile)), exist_ok=True)
         handlers.append(logging.FileHandler(logfile))

@@ -1,0 +1,252 @@
+r"""Untargeted bit-flip attack (BFA) on a quantized model, or the random-flip baseline (SPEC 6).
+
+The attack batch is --attack_sample_size training images labelled with the model's own
+predictions. Each iteration flips the bit(s) the progressive bit search finds (or one random
+bit with --random_bfa) and evaluates the whole test split; the attack stops when the test
+accuracy falls to --break_acc or after --n_iter iterations. Each flipped bit is appended to
+<results>/profile.csv as soon as its iteration ends; <results>/summary.json and TensorBoard
+scalars in <results>/tb complete the record (a new run in the same folder replaces them).
+
+Examples:
+  python attack_bfa.py --checkpoint runs/r20/model_best.pth.tar --data_dir data
+  python attack_bfa.py --checkpoint runs/r20/model_best.pth.tar --data_dir data --random_bfa
+  python attack_bfa.py --outdir resnet20_quan8_OCM16/ --data_dir data --dataset cifar10 \
+      --arch resnet20_quan --bits 8 --ocm --code_length 16 --output_act tanh   # published
+  python attack_bfa.py --pretrained --arch resnet18_quan --dataset imagenet \
+      --data_dir /data/imagenet --k_top 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from attacks.bfa import BFA, PROFILE_FIELDS, RandomFlips
+from attacks.common import EvalSet
+from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
+                       load_attack_target, run, setup_logging)
+from utils.data import load_split_tensors
+from utils.device import resolve_device
+from utils.errors import UserError
+
+log = logging.getLogger("attack_bfa")
+
+# --break_acc defaults of the BFA papers: just above chance on CIFAR-10, 0.2 % on ImageNet;
+# other data sets get chance level + 1 point.
+BREAK_ACC = {"cifar10": 11.0, "imagenet": 0.2}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_attack_model_args(p)
+    a = p.add_argument_group("attack (flags of the BFA repository)")
+    a.add_argument("--attack_sample_size", type=int, default=128,
+                   help="training images in the attack batch, a seeded random draw "
+                        "(default: 128)")
+    a.add_argument("--n_iter", type=int, default=None,
+                   help="most attack iterations (default: 100 on 32x32 data sets, 20 on "
+                        "ImageNet)")
+    a.add_argument("--k_top", type=int, default=None,
+                   help="only the k weights per layer with the largest gradient are "
+                        "candidates (default: all weights)")
+    a.add_argument("--random_bfa", action="store_true",
+                   help="random-flip baseline: a uniformly chosen layer, weight and bit per "
+                        "iteration")
+    a.add_argument("--break_acc", type=float, default=None,
+                   help="stop when the test accuracy (%%) falls to this (default: 11 on "
+                        "CIFAR-10, 0.2 on ImageNet, else 100/classes + 1)")
+    a.add_argument("--results", default=None, metavar="DIR",
+                   help="results folder (default: <checkpoint folder>/attack_bfa, or "
+                        "attack_bfa_random with --random_bfa; runs/attack_bfa[_random] with "
+                        "--pretrained)")
+    a.add_argument("--test_batch", type=int, default=None,
+                   help="evaluation batch size (default: 256; 128 on ImageNet)")
+    # The BFA repository's spellings of the same settings (BFA_*.sh pass these).
+    s = p.add_argument_group("BFA repository spellings")
+    s.add_argument("--resume", dest="checkpoint", default=argparse.SUPPRESS, metavar="CKPT",
+                   help="same as --checkpoint")
+    s.add_argument("--save_path", dest="results", default=argparse.SUPPRESS, metavar="DIR",
+                   help="same as --results")
+    s.add_argument("--test_batch_size", dest="test_batch", type=int,
+                   default=argparse.SUPPRESS, help="same as --test_batch")
+    s.add_argument("--data_path", dest="data_dir", default=argparse.SUPPRESS,
+                   help="same as --data_dir")
+    s.add_argument("--manualSeed", dest="seed", type=int, default=argparse.SUPPRESS,
+                   help="same as --seed")
+    s.add_argument("--enable_bfa", action="store_true", help="accepted and ignored: this "
+                                                             "script always attacks")
+    add_runtime_args(p)
+    return p
+
+
+def check_numbers(args) -> None:
+    """Reject impossible numeric flags before anything is loaded or written."""
+    for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+    if args.break_acc is not None and math.isnan(args.break_acc):
+        raise UserError("--break_acc must be a number (a test accuracy in %)")
+
+
+def apply_defaults(args, dataset) -> None:
+    """Fill the attack flags left unset with the BFA papers' settings for ``dataset``."""
+    imagenet = dataset.name == "imagenet"
+    if args.n_iter is None:
+        args.n_iter = 20 if imagenet else 100
+    if args.break_acc is None:
+        args.break_acc = BREAK_ACC.get(dataset.name, 100.0 / dataset.num_classes + 1.0)
+    if args.test_batch is None:
+        args.test_batch = 128 if imagenet else 256
+
+
+def default_results_dir(args, source: str) -> str:
+    name = "attack_bfa_random" if args.random_bfa else "attack_bfa"
+    if args.pretrained:
+        return os.path.join("runs", name)
+    return os.path.join(os.path.dirname(source), name)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+
+    # 1. Everything that can be wrong, checked before the results folder exists.
+    check_numbers(args)
+    device = resolve_device(device_spec(args))
+    torch.manual_seed(args.seed)
+    target = load_attack_target(args, explicit, device)
+    dataset = target.dataset
+    apply_defaults(args, dataset)
+    attack_x, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
+                                     download=args.download, workers=args.workers,
+                                     max_images=args.attack_sample_size, seed=args.seed)
+    test_x, test_y = load_split_tensors(dataset.name, args.data_dir, split="test",
+                                        download=args.download, workers=args.workers)
+    if len(attack_x) == 0 or len(test_y) == 0:
+        raise UserError(f"{dataset.name} in {args.data_dir} has no "
+                        f"{'training' if len(attack_x) == 0 else 'test'} images to attack with")
+    results = args.results or default_results_dir(args, target.source)
+    args.results = results
+    if os.path.exists(results) and not os.path.isdir(results):
+        raise UserError(f"--results {results} is a file, not a folder: give a folder path")
+    eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
+                       batch_size=args.test_batch)
+    try:
+        if args.random_bfa:
+            attack = RandomFlips(target.model, target.output, seed=args.seed)
+        else:
+            attack = BFA(target.model, target.output, k_top=args.k_top)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    # 2. The attack, recorded as it goes.
+    os.makedirs(results, exist_ok=True)
+    setup_logging(os.path.join(results, "attack.log"))
+    config = target.config
+    model_desc = f"{config.arch} {config.bits}-bit" + (f" OCM{config.code_length}"
+                                                       if config.ocm else "")
+    log.info("%s on %s (%s, %s): %d attack images from the training split, %d test images, "
+             "%s", "random bit-flips" if args.random_bfa else "BFA", target.source, model_desc,
+             dataset.name, len(attack_x), len(test_y), device)
+    return attack_and_record(args, argv, attack, attack_x, eval_set, target, results)
+
+
+def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -> int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    t0 = time.time()
+    writer = SummaryWriter(os.path.join(results, "tb"), purge_step=0)  # replaces an old run
+    with open(os.path.join(results, "profile.csv"), "w", newline="") as fcsv:
+        out = csv.DictWriter(fcsv, fieldnames=PROFILE_FIELDS)
+        out.writeheader()
+        fcsv.flush()
+
+        def on_start(result):
+            writer.add_scalar("attack/test_acc", result.clean_accuracy, 0)
+            writer.add_scalar("attack/loss", result.clean_loss, 0)
+            writer.add_scalar("attack/hamming", 0, 0)
+            writer.flush()
+            log.info("clean: test accuracy %.2f%%, attack loss %.4f", result.clean_accuracy,
+                     result.clean_loss)
+
+        def on_flip(row):
+            d = row.as_dict()
+            for key in ("accuracy", "accuracy_drop"):
+                d[key] = round(d[key], 4)
+            d["loss"] = round(d["loss"], 6)
+            out.writerow(d)
+            fcsv.flush()
+            writer.add_scalar("attack/test_acc", row.accuracy, row.flip)
+            writer.add_scalar("attack/loss", row.loss, row.flip)
+            writer.add_scalar("attack/hamming", row.hamming, row.flip)
+            writer.flush()
+            log.info("iter %d flip %d: %s[%d] bit %d: %d -> %d | loss %.4f | test acc %.2f%% "
+                     "(drop %.2f) | hamming %d", row.iteration, row.flip, row.layer, row.index,
+                     row.bit, row.before, row.after, row.loss, row.accuracy,
+                     row.accuracy_drop, row.hamming)
+
+        try:
+            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+                result = attack.run(attack_x, eval_set, args.n_iter, break_acc=args.break_acc,
+                                    on_flip=on_flip, on_start=on_start,
+                                    progress=args.progress)
+            status = 0
+        except KeyboardInterrupt:
+            result = attack.result
+            if result is not None:
+                result.stopped_by = "interrupted"
+            status = 130
+    writer.close()
+    summary = {
+        "attack": "random" if args.random_bfa else "bfa",
+        "source": target.source,
+        "dataset": target.dataset.name,
+        "model_config": target.config.to_dict(),
+        **(result.summary() if result is not None else {"stopped_by": "interrupted"}),
+        "n_iter": args.n_iter, "break_acc": args.break_acc, "k_top": args.k_top,
+        "seconds": round(time.time() - t0, 2),
+        "argv": list(argv), "flags": vars(args),
+    }
+    with open(os.path.join(results, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if result is not None:
+        print_summary(args, result, results)
+    if status:
+        log.info("interrupted: %s holds the flips made so far", results)
+    return status
+
+
+def print_summary(args, result, results) -> None:
+    reasons = {"break_acc": f"test accuracy <= --break_acc {args.break_acc:g}%",
+               "n_iter": f"--n_iter {args.n_iter} reached", "interrupted": "interrupted"}
+    lines = [
+        f"{'random bit-flips' if args.random_bfa else 'BFA'} summary",
+        f"  clean accuracy   {result.clean_accuracy:.2f}%  ({result.test_images} test images)",
+        f"  final accuracy   {result.final_accuracy:.2f}%  (drop {result.accuracy_drop:.2f} "
+        f"points)",
+        f"  iterations       {result.iterations}  (stopped: "
+        f"{reasons.get(result.stopped_by, result.stopped_by)})",
+        f"  bit-flips        {result.bit_flips}  (Hamming distance {result.hamming_distance})",
+        f"  attack loss      {result.clean_loss:.4f} -> {result.final_loss:.4f}  "
+        f"({result.attack_images} attack images)",
+        f"  results          {results}: profile.csv, summary.json, tb/",
+    ]
+    for line in lines:
+        log.info("%s", line)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

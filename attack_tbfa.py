@@ -1,0 +1,245 @@
+r"""Stealthy targeted bit-flip attack (T-BFA) campaigns on a trained checkpoint (SPEC section 7).
+
+By default the OCM paper's protocol: CIFAR-10 every class is a source twice (t = s-1, s+1),
+5 repetitions = 100 experiments, |D_src| = |D_aux| = 500; CIFAR-100 and ImageNet classes 0..49,
+500 experiments, 50 / 25 samples. Each finished experiment is appended to
+<results>/results.jsonl at once; running the same command again continues where it stopped.
+
+Examples:
+  python attack_tbfa.py --checkpoint runs/r20_ocm16/model_best.pth.tar --data_dir data
+  python attack_tbfa.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
+      --bits 8 --ocm --code_length 16 --output_act tanh        # a published checkpoint
+  python attack_tbfa.py --checkpoint ckpt.pth.tar --pairs 3:5,1:2 --avgs 2 --curve-every 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from attacks.common import EvalSet
+from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_size,
+                          plan_experiments, plan_pinned, protocol_pairs, run_campaign)
+from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
+                       load_attack_target, run, setup_logging)
+from utils.data import load_split_tensors
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.results import JsonlResults, format_table, summarize, write_csv
+
+log = logging.getLogger("attack_tbfa")
+
+# Settings that define a campaign: a results folder holds one campaign.
+CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_gradient",
+                 "oscillation_by_layer", "iters", "sets_file")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_attack_model_args(p)
+    a = p.add_argument_group("T-BFA protocol (defaults: the paper's)")
+    a.add_argument("--iters", type=int, default=5000, help="max bit flips per experiment (5000)")
+    a.add_argument("--source_start", type=int, default=0, help="first source class (0)")
+    a.add_argument("--source_end", type=int, default=None,
+                   help="one past the last source class (10 on CIFAR-10, 50 on CIFAR-100 and "
+                        "ImageNet, all classes elsewhere)")
+    a.add_argument("--avgs", type=int, default=5, help="repetitions per pair (5)")
+    a.add_argument("--pairs", default=None,
+                   help="explicit source:target pairs instead of the protocol's, e.g. 3:5,1:2")
+    a.add_argument("--n-src", "--n_src", dest="n_src", type=int, default=None,
+                   help="|D_src| = |D_rest| (500 CIFAR-10, 50 CIFAR-100, 25 ImageNet; half "
+                        "the smallest class elsewhere)")
+    a.add_argument("--n-aux", "--n_aux", dest="n_aux", type=int, default=None,
+                   help="|D_aux| (same defaults as --n-src)")
+    a.add_argument("--sets", default=None, metavar="JSON",
+                   help="pinned sets: {\"experiments\": [{\"source\", \"target\", \"rep\", "
+                        "\"src\", \"rest\", \"aux\"}, ...]} with test-set indices")
+    a.add_argument("--save-sets", default=None, metavar="JSON",
+                   help="write the drawn sets in the --sets format (to repeat them exactly)")
+    a.add_argument("--full-gradient", action="store_true",
+                   help="gradient of the whole objective (paper); default: D_src term only, "
+                        "as both public implementations")
+    a.add_argument("--oscillation-by-layer", action="store_true",
+                   help="oscillation stop also compares the layer (default: only the index "
+                        "within the layer, as the public code)")
+    a.add_argument("--flip-log", action="store_true",
+                   help="store every flip (layer, index, bit, values, loss) in the results")
+    a.add_argument("--curve-every", type=int, default=0, metavar="K",
+                   help="store ASR and PA-ACC every K flips (supplement Figures 1 and 2)")
+    a.add_argument("--results", default=None,
+                   help="results folder (default: <checkpoint folder>/attack_tbfa)")
+    a.add_argument("--test_batch", "-b", "--batch", dest="test_batch", type=int, default=500,
+                   help="evaluation batch size (500)")
+    add_runtime_args(p)
+    p.set_defaults(seed=1)  # the public attack script's default
+    return p
+
+
+def parse_pairs(text: str, num_classes: int) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        try:
+            s, t = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise UserError(f"--pairs takes source:target pairs like 3:5,1:2; got {item!r}") from None
+        pairs.append((s, t))
+    return pairs
+
+
+def check_pairs(pairs, num_classes: int) -> None:
+    for s, t in pairs:
+        for c in (s, t):
+            if not 0 <= c < num_classes:
+                raise UserError(f"class index {c} is out of range: the model has {num_classes} "
+                                f"classes (0..{num_classes - 1})")
+        if s == t:
+            raise UserError(f"source and target are both {s}: a targeted attack needs two "
+                            f"different classes")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+    for name, minimum in (("iters", 1), ("avgs", 1), ("test_batch", 1), ("curve_every", 0)):
+        if getattr(args, name) < minimum:
+            raise UserError(f"--{name.replace('_every', '-every')} must be at least {minimum}, "
+                            f"got {getattr(args, name)}")
+    for name in ("n_src", "n_aux"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    device = resolve_device(device_spec(args))
+    torch.manual_seed(args.seed)
+    target = load_attack_target(args, explicit, device)
+    cfg, info = target.config, target.dataset
+    images, labels = load_split_tensors(info.name, args.data_dir, "test", download=args.download,
+                                        workers=args.workers)
+    if int(labels.max()) >= cfg.num_classes:
+        raise UserError(f"the test set has labels up to {int(labels.max())} but the model has "
+                        f"{cfg.num_classes} classes")
+
+    # The campaign: pinned sets, or pairs x repetitions with seeded sets.
+    if args.sets:
+        try:
+            with open(args.sets) as f:
+                entries = json.load(f)["experiments"]
+            experiments = plan_pinned(labels, entries)
+        except FileNotFoundError:
+            raise UserError(f"pinned-sets file not found: {args.sets}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{args.sets} is not a pinned-sets file ({type(e).__name__}: {e}); "
+                            f"expected {{\"experiments\": [{{\"source\", \"target\", \"src\", "
+                            f"\"rest\", \"aux\"}}]}}") from None
+        except ValueError as e:
+            raise UserError(f"{args.sets}: {e}") from None
+        check_pairs([(e.source, e.target) for e in experiments], cfg.num_classes)
+        n_src = n_aux = None
+    else:
+        protocol = PROTOCOLS.get(info.name, {"classes": cfg.num_classes})
+        if args.pairs:
+            pairs = parse_pairs(args.pairs, cfg.num_classes)
+        else:
+            pairs = protocol_pairs(protocol["classes"], args.source_start, args.source_end)
+            if not pairs:
+                raise UserError(f"no source classes in [{args.source_start}, {args.source_end})")
+        check_pairs(pairs, cfg.num_classes)
+        default_n = default_set_size(info.name, labels, cfg.num_classes)
+        n_src = args.n_src or default_n
+        n_aux = args.n_aux or default_n
+        try:
+            experiments = plan_experiments(labels, pairs, args.avgs, n_src, n_aux, args.seed)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    results_dir = args.results or os.path.join(
+        os.path.dirname(os.path.abspath(target.source)) if not args.pretrained else "runs",
+        "attack_tbfa")
+    campaign = {"source": target.source, "dataset": info.name, "config": cfg.to_dict(),
+                "n_src": n_src, "n_aux": n_aux, "seed": args.seed,
+                "full_gradient": args.full_gradient,
+                "oscillation_by_layer": args.oscillation_by_layer, "iters": args.iters,
+                "sets_file": os.path.abspath(args.sets) if args.sets else None}
+    campaign_file = os.path.join(results_dir, "campaign.json")
+    if os.path.exists(campaign_file):
+        with open(campaign_file) as f:
+            before = json.load(f)
+        diff = [k for k in CAMPAIGN_KEYS if before.get(k) != campaign.get(k)]
+        if diff:
+            raise UserError(f"{results_dir} holds a campaign with other settings ({', '.join(diff)}"
+                            f" differ): use another --results folder")
+
+    # Everything is valid: from here on, files are written.
+    os.makedirs(results_dir, exist_ok=True)
+    setup_logging(os.path.join(results_dir, "attack.log"))
+    with open(campaign_file, "w") as f:
+        json.dump(campaign, f, indent=1)
+    if args.save_sets:
+        with open(args.save_sets, "w") as f:
+            json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,
+                                        **e.sets.to_dict()} for e in experiments]}, f)
+    data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
+    del images
+    results = JsonlResults(os.path.join(results_dir, "results.jsonl"))
+    todo = [e for e in experiments if e.key not in results.done()]
+    clean_acc = data.accuracy(target.model, target.output)
+    log.info("T-BFA on %s (%s, %d-bit%s): clean test accuracy %.2f%%; %d experiments, %d done, "
+             "results in %s", target.source, cfg.arch, cfg.bits,
+             f", OCM{cfg.code_length}" if cfg.ocm else "", clean_acc, len(experiments),
+             len(experiments) - len(todo), results_dir)
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(results_dir, "tb"))
+    bar = tqdm(total=len(todo), desc="T-BFA experiments", disable=not args.progress,
+               dynamic_ncols=True)
+
+    def on_flip(it, record):
+        bar.set_postfix(flips=it, loss=f"{record['loss']:.4f}")
+
+    def on_result(record):
+        n = len(results.records)
+        for k in ("asr", "pa_acc", "n_flips", "test_acc"):
+            writer.add_scalar(f"tbfa/{k}", record[k], n)
+        writer.flush()
+        bar.update(1)
+        log.info("%s: %s after %d flips, ASR %.2f%%, PA-ACC %.2f%%, test %.2f%% (%.2fs/flip)",
+                 record["key"], record["stop_reason"], record["n_flips"], record["asr"],
+                 record["pa_acc"], record["test_acc"], record["seconds_per_flip"])
+
+    config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
+                        oscillation_by_layer=args.oscillation_by_layer,
+                        curve_every=args.curve_every, flip_log=args.flip_log)
+    try:
+        run_campaign(target.model, target.output, data, todo, config, results, clean_acc,
+                     on_result=on_result, on_flip=on_flip)
+    except KeyboardInterrupt:
+        bar.close()
+        log.info("interrupted: %d of %d experiments are in %s; run the same command again to "
+                 "continue", len(results.records), len(experiments), results.path)
+        return 130
+    finally:
+        bar.close()
+        writer.close()
+
+    keys = {e.key for e in experiments}
+    records = [r for r in results.records if r["key"] in keys]
+    rows = summarize(records, SUMMARY_METRICS)
+    write_csv(os.path.join(results_dir, "summary.csv"), rows)
+    print(format_table(rows, ["metric", "mean", "std", "n"]))
+    stops = {}
+    for r in records:
+        stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
+    print(f"{len(records)} experiments ({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})"
+          f"; results: {results.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,302 @@
+"""Untargeted bit-flip attack (BFA) and the random-flip baseline (SPEC sections 5 and 6).
+
+- Rakin, He, Fan, "Bit-Flip Attack: Crushing Neural Network with Progressive Bit Search",
+  ICCV 2019 (the progressive bit search);
+- He, Rakin, Li, Chakrabarti, Fan, "Defending and Harnessing the Bit-Flip based Adversarial
+  Weight Attack", CVPR 2020 (the attack as the public BFA repository runs it, and the
+  random-flip baseline).
+
+Both attacks work on a model in integer mode (:func:`models.to_integer`), flip bits of its
+quantized weights in place and report every flip as a :class:`ProfileRow`. The bit search
+itself is :class:`utils.bitsearch.ProgressiveBitSearch`, shared with the other attacks.
+
+Example::
+
+    from models import to_integer
+    from attacks.bfa import BFA
+    from attacks.common import EvalSet
+
+    to_integer(model.eval())
+    eval_set = EvalSet(test_images, test_labels, mean, std, device)
+    result = BFA(model, output).run(attack_images, eval_set, n_iter=100, break_acc=11.0)
+    print(result.clean_accuracy, result.final_accuracy, result.iterations)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models import quant_layers
+from utils.bitsearch import (MAXIMIZE, ProgressiveBitSearch, SearchStep, hamming_distance,
+                             random_flip, snapshot)
+from utils.data import normalize_images
+
+from .common import EvalSet
+
+log = logging.getLogger(__name__)
+
+# The public code retries with ever more bits per layer and no bound; 32 (four bytes per layer
+# flipped at once) only stops a model whose loss cannot rise from looping for ever.
+MAX_BITS_PER_LAYER = 32
+
+# Columns of the attack profile, in the order the CSV files use.
+PROFILE_FIELDS = ("iteration", "flip", "layer", "index", "bit", "before", "after", "accuracy",
+                  "accuracy_drop", "loss", "hamming")
+
+
+@dataclass
+class ProfileRow:
+    """One flipped bit of the attack profile (SPEC section 6).
+
+    ``accuracy``, ``loss`` and ``hamming`` are measured after the whole iteration, so the rows
+    of one multi-bit iteration share them (as in the public code).
+    """
+
+    iteration: int        # attack iteration, from 1 (the papers' "# bit-flips" when 1 bit each)
+    flip: int             # running count of flipped bits (the public code's "bit-flip idx")
+    layer: str            # module name of the quantized layer
+    index: int            # flat index of the weight in that layer
+    bit: int              # flipped bit, 0 = MSB (SPEC section 1)
+    before: int           # integer code before the flip
+    after: int            # integer code after the flip
+    accuracy: float       # test accuracy (%) after the iteration
+    accuracy_drop: float  # clean accuracy minus ``accuracy`` (percentage points)
+    loss: float           # attack loss on the attack batch after the iteration
+    hamming: int          # Hamming distance between the clean and the attacked codes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttackResult:
+    """Outcome of :meth:`BFA.run` / :meth:`RandomFlips.run`.
+
+    ``stopped_by`` is ``"break_acc"`` (accuracy fell to the threshold) or ``"n_iter"``;
+    a run in progress (see ``attack.result``) says ``"running"``.
+    """
+
+    attack: str
+    clean_accuracy: float
+    clean_loss: float
+    final_accuracy: float
+    final_loss: float
+    iterations: int = 0
+    hamming_distance: int = 0
+    stopped_by: str = "running"
+    attack_images: int = 0
+    test_images: int = 0
+    profile: list[ProfileRow] = field(default_factory=list)
+
+    @property
+    def bit_flips(self) -> int:
+        """Flipped bits in all (more than ``iterations`` when multi-bit retries happened)."""
+        return len(self.profile)
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.clean_accuracy - self.final_accuracy
+
+    def summary(self) -> dict:
+        """Everything but the per-flip profile, as plain JSON-ready values."""
+        d = {k: v for k, v in asdict(self).items() if k != "profile"}
+        d["bit_flips"] = self.bit_flips
+        d["accuracy_drop"] = self.accuracy_drop
+        return d
+
+
+class _FlipAttack:
+    """What BFA and the random baseline share: labelling, the loss, the attack loop."""
+
+    name = "attack"
+
+    def __init__(self, model: nn.Module, output: nn.Module):
+        layers = quant_layers(model)
+        if not layers:
+            raise ValueError("the model has no quantized layers to attack")
+        for lname, layer in layers:
+            if not layer.integer_mode:
+                raise ValueError(f"layer {lname} is not in integer mode: call "
+                                 f"models.to_integer(model) before attacking")
+        self.model = model
+        self.output = output
+        self.result: AttackResult | None = None  # the run in progress, updated per iteration
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attack loss: cross-entropy, or for OCM the L1 distance to the class code."""
+        return self.output.loss(self.model(x), y)
+
+    @torch.no_grad()  # not inference_mode: the labels enter the autograd graph of the search
+    def label(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own predictions: the attack batch's labels (no label leak, SPEC 6)."""
+        self.model.eval()
+        return self.output.predict(self.model(x))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
+        """One attack iteration on the batch ``(x, y)``; flips bits of the model in place."""
+        raise NotImplementedError
+
+    def prepare(self, attack_x: torch.Tensor, eval_set: EvalSet) -> torch.Tensor:
+        """Attack inputs on the model's device: uint8 images are normalized like ``eval_set``."""
+        x = attack_x.to(self.device)
+        if x.dtype == torch.uint8:
+            return normalize_images(x, eval_set.mean, eval_set.std)
+        return x.float()
+
+    def run(self, attack_x: torch.Tensor, eval_set: EvalSet, n_iter: int,
+            break_acc: float | None = None,
+            on_flip: Callable[[ProfileRow], None] | None = None,
+            on_start: Callable[[AttackResult], None] | None = None,
+            progress: bool = False) -> AttackResult:
+        """Attack until the test accuracy falls to ``break_acc`` (%) or ``n_iter`` iterations.
+
+        Args:
+            attack_x: the attack batch: uint8 images (normalized with ``eval_set``'s mean and
+                std) or already normalized float inputs. Labelled with the model's own
+                predictions before the first flip.
+            eval_set: the test split; its accuracy is measured after every iteration.
+            n_iter: most iterations (>= 1).
+            break_acc: stop once the test accuracy is at or below this % (None: never).
+            on_flip: called with each :class:`ProfileRow` as soon as its iteration is done.
+            on_start: called once with the result holding the clean accuracy and loss.
+            progress: tqdm bar over the iterations.
+
+        The Hamming distance is measured against the codes at the start of this call. The
+        model stays attacked; keep a :func:`utils.bitsearch.snapshot` to undo the flips.
+        ``self.result`` holds the result so far while the attack runs (e.g. after Ctrl-C).
+        """
+        if n_iter < 1:
+            raise ValueError(f"n_iter must be at least 1, got {n_iter}")
+        self.model.eval()
+        x = self.prepare(attack_x, eval_set)
+        y = self.label(x)
+        clean_codes = snapshot(self.model)
+        clean_acc = eval_set.accuracy(self.model, self.output)
+        with torch.inference_mode():
+            clean_loss = float(self.loss(x, y))
+        result = AttackResult(self.name, clean_acc, clean_loss, clean_acc, clean_loss,
+                              attack_images=len(x), test_images=len(eval_set))
+        self.result = result
+        log.debug("%s: clean accuracy %.2f%%, attack loss %.4f", self.name, clean_acc,
+                  clean_loss)
+        if on_start is not None:
+            on_start(result)
+        bar = tqdm(range(1, n_iter + 1), desc=self.name, disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        for iteration in bar:
+            step = self.step(x, y)
+            accuracy = eval_set.accuracy(self.model, self.output)
+            hamming = hamming_distance(self.model, clean_codes)
+            for flip in step.flips:
+                row = ProfileRow(iteration, result.bit_flips + 1, flip.layer, flip.index,
+                                 flip.bit, flip.before, flip.after, accuracy,
+                                 clean_acc - accuracy, step.loss_after, hamming)
+                result.profile.append(row)
+                if on_flip is not None:
+                    on_flip(row)
+            result.iterations = iteration
+            result.final_accuracy, result.final_loss = accuracy, step.loss_after
+            result.hamming_distance = hamming
+            bar.set_postfix(acc=f"{accuracy:.2f}", loss=f"{step.loss_after:.3f}")
+            if break_acc is not None and accuracy <= break_acc:
+                result.stopped_by = "break_acc"
+                break
+        else:
+            result.stopped_by = "n_iter"
+        bar.close()
+        return result
+
+
+class BFA(_FlipAttack):
+    """Untargeted bit-flip attack with progressive bit search (SPEC sections 5 and 6).
+
+    Rakin et al., ICCV 2019; He et al., CVPR 2020. Each iteration backpropagates the attack
+    loss on the attack batch, lets every quantized layer propose the bit with the largest
+    loss-raising bit gradient, tries each proposal and keeps the one that raises the loss
+    most. When no proposal raises the loss, the top-2, then top-3, ... bits per layer are
+    tried together (``multi_bit_retry``).
+
+    Args:
+        model: the network in integer mode, on its device (parameters other than the
+            quantized weights are set to ``requires_grad=False``).
+        output: its output interface (:class:`models.SoftmaxOutput` or
+            :class:`models.OutputCodeMatching`); its ``loss`` is the attack loss.
+        k_top: only the ``k_top`` weights per layer with the largest ``|dL/dq|`` are
+            candidates (default None: all weights).
+        max_bits_per_layer: bound of the multi-bit retry (default 32; the public code has
+            none).
+
+    Example::
+
+        attack = BFA(model, output, k_top=None)
+        y = attack.label(x)              # the model's own predictions
+        step = attack.step(x, y)         # one iteration: step.flips, step.loss_after
+        result = attack.run(images_uint8, eval_set, n_iter=100, break_acc=11.0)
+    """
+
+    name = "bfa"
+
+    def __init__(self, model: nn.Module, output: nn.Module, k_top: int | None = None,
+                 max_bits_per_layer: int = MAX_BITS_PER_LAYER):
+        super().__init__(model, output)
+        if k_top is not None and k_top < 1:
+            raise ValueError(f"k_top must be at least 1 (or None for all weights), got {k_top}")
+        if max_bits_per_layer < 1:
+            raise ValueError(f"max_bits_per_layer must be at least 1, got {max_bits_per_layer}")
+        self.k_top = k_top
+        self.search = ProgressiveBitSearch(model, MAXIMIZE, k_top=k_top, multi_bit_retry=True,
+                                           max_bits_per_layer=max_bits_per_layer,
+                                           skip_inadmissible=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
+        """One progressive-search iteration on ``(x, y)``; ``y`` are the model's predictions."""
+
+        def gradient_loss():
+            loss = self.loss(x, y)
+            return loss, float(loss.detach())
+
+        def attack_loss():
+            return float(self.loss(x, y))
+
+        return self.search.step(gradient_loss, attack_loss)
+
+
+class RandomFlips(_FlipAttack):
+    """Random-flip baseline (He et al., CVPR 2020; SPEC section 6): each iteration flips one
+    bit chosen uniformly (a quantized layer, a weight in it, a bit), reported like :class:`BFA`.
+
+    Args:
+        model: the network in integer mode.
+        output: its output interface (used only to report the attack loss).
+        seed: seed of the flips' own ``torch.Generator`` (default 0), ignored when
+            ``generator`` is given.
+        generator: a CPU ``torch.Generator`` to draw from instead.
+    """
+
+    name = "random"
+
+    def __init__(self, model: nn.Module, output: nn.Module, seed: int = 0,
+                 generator: torch.Generator | None = None):
+        super().__init__(model, output)
+        self.generator = generator if generator is not None else \
+            torch.Generator().manual_seed(seed)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
+        """Flip one random bit; the losses on ``(x, y)`` before and after are reported."""
+        self.model.eval()
+        with torch.inference_mode():
+            before = float(self.loss(x, y))
+        flip = random_flip(self.model, self.generator)
+        with torch.inference_mode():
+            after = float(self.loss(x, y))
+        return SearchStep([flip], before, after, True, 1)

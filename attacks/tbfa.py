@@ -1,0 +1,352 @@
+"""Stealthy targeted bit-flip attack (T-BFA "type 3", Rakin et al., TPAMI 2021), as evaluated
+in the OCM paper's supplement (SPEC section 7).
+
+Source class ``s`` is pushed to target ``t`` with the progressive bit search
+(:class:`utils.bitsearch.ProgressiveBitSearch`, minimising) on
+
+    mean L(f(x), t) over D_src  +  mean L(f(x), y) over D_aux
+
+where ``L`` is the training loss (cross-entropy, or L1 to the OCM codes). Example::
+
+    from attacks.common import EvalSet
+    from attacks.tbfa import TBFA, TBFAConfig, draw_sets
+    test = EvalSet(images, labels, mean, std, device)
+    sets = draw_sets(test.labels, source=3, n_src=500, n_aux=500, seed=7)
+    result = TBFA(model, output, TBFAConfig()).run(test, sets, source=3, target=4)
+    result.asr, result.pa_acc, result.n_flips
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.bitsearch import MINIMIZE, ProgressiveBitSearch, hamming_distance, snapshot
+
+from .common import EvalSet
+
+# Paper protocol per data set (SPEC section 7): classes used as sources, |D_src| = |D_aux|.
+PROTOCOLS = {
+    "cifar10": {"classes": 10, "n": 500},
+    "cifar100": {"classes": 50, "n": 50},
+    "imagenet": {"classes": 50, "n": 25},
+}
+
+
+def protocol_pairs(num_classes: int, source_start: int = 0,
+                   source_end: int | None = None) -> list[tuple[int, int]]:
+    """Each source ``s`` in ``[source_start, source_end)`` twice: ``t = s-1`` and ``t = s+1``
+    (mod ``num_classes``), in the public scripts' order."""
+    end = num_classes if source_end is None else min(source_end, num_classes)
+    return [(s, (s + d) % num_classes) for s in range(source_start, end) for d in (-1, 1)]
+
+
+def default_set_size(dataset: str, labels: torch.Tensor, classes: int) -> int:
+    """|D_src| = |D_aux| of the protocol; elsewhere half the smallest source class's samples."""
+    if dataset in PROTOCOLS:
+        return PROTOCOLS[dataset]["n"]
+    counts = torch.bincount(labels.cpu(), minlength=classes)[:classes]
+    return max(1, int(counts.min()) // 2)
+
+
+def experiment_seed(seed: int, source: int, target: int, rep: int) -> int:
+    """Seed of one experiment's sets: a pure function of the campaign seed and the experiment,
+    so the sets do not depend on which experiments ran before (resume, sharding)."""
+    return int(np.random.SeedSequence([seed, source, target, rep]).generate_state(1)[0])
+
+
+@dataclass
+class TBFASets:
+    """Test-set indices of one experiment: D_src, D_rest (both class s), D_aux, D_pa."""
+
+    src: torch.Tensor
+    rest: torch.Tensor
+    aux: torch.Tensor
+    pa: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k).tolist() for k in ("src", "rest", "aux")}
+
+    def to(self, device) -> "TBFASets":
+        return TBFASets(*(getattr(self, k).to(device) for k in ("src", "rest", "aux", "pa")))
+
+
+def draw_sets(labels: torch.Tensor, source: int, n_src: int, n_aux: int,
+              seed: int) -> TBFASets:
+    """SPEC section 7: from a random permutation of the test set, D_src = the first ``n_src``
+    samples of class ``source``, D_rest = its last ``n_src`` (disjoint when the class has at
+    least ``2 n_src``), D_aux = the first ``n_aux`` samples of the other classes, D_pa = the
+    remaining samples of the other classes. Raises ValueError when a class is too small."""
+    labels = labels.cpu()
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    in_class = perm[labels[perm] == source]
+    others = perm[labels[perm] != source]
+    if len(in_class) < n_src:
+        raise ValueError(f"class {source} has only {len(in_class)} test samples, fewer than "
+                         f"--n-src {n_src}: lower --n-src")
+    if len(others) < n_aux:
+        raise ValueError(f"only {len(others)} test samples outside class {source}, fewer than "
+                         f"--n-aux {n_aux}: lower --n-aux")
+    return TBFASets(in_class[:n_src], in_class[len(in_class) - n_src:], others[:n_aux],
+                    others[n_aux:])
+
+
+def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
+    """Sets given as index lists (``src``, ``rest``, ``aux``); D_pa is derived. Checks that the
+    indices exist, that D_src and D_rest are of class ``source`` and D_aux is not, and that
+    the sets do not overlap (ValueError with the reason otherwise)."""
+    labels = labels.cpu()
+    n = len(labels)
+    out = {}
+    for name in ("src", "rest", "aux"):
+        if name not in entry:
+            raise ValueError(f"pinned sets lack {name!r}")
+        idx = torch.as_tensor(entry[name], dtype=torch.int64).view(-1)
+        if len(idx) == 0:
+            raise ValueError(f"pinned set {name!r} is empty")
+        bad = idx[(idx < 0) | (idx >= n)]
+        if len(bad):
+            raise ValueError(f"pinned set {name!r} has index {int(bad[0])} outside the test set "
+                             f"(0..{n - 1})")
+        if len(torch.unique(idx)) != len(idx):
+            raise ValueError(f"pinned set {name!r} repeats an index")
+        out[name] = idx
+    for name in ("src", "rest"):
+        wrong = out[name][labels[out[name]] != source]
+        if len(wrong):
+            raise ValueError(f"pinned set {name!r} has index {int(wrong[0])} of class "
+                             f"{int(labels[wrong[0]])}, not the source class {source}")
+    wrong = out["aux"][labels[out["aux"]] == source]
+    if len(wrong):
+        raise ValueError(f"pinned set 'aux' has index {int(wrong[0])} of the source class "
+                         f"{source}")
+    for a, b in (("src", "rest"), ("src", "aux"), ("rest", "aux")):
+        common = set(out[a].tolist()) & set(out[b].tolist())
+        if common:
+            raise ValueError(f"pinned sets {a!r} and {b!r} overlap (index {min(common)})")
+    mask = labels != source
+    mask[out["aux"]] = False
+    return TBFASets(out["src"], out["rest"], out["aux"], mask.nonzero().view(-1))
+
+
+@dataclass
+class TBFAConfig:
+    """Stop rules and options (SPEC section 7); defaults reproduce the public code.
+
+    - ``max_iters``: iteration cap (5000);
+    - ``success_threshold``: stop when ASR on D_src or on D_rest exceeds it (% , 99.9);
+    - ``full_gradient``: False = *quirk* of both public implementations, the gradient comes from
+      the D_src term only (the D_aux term is added as a number); True = the paper's objective;
+    - ``oscillation_by_layer``: False = *quirk*, the oscillation rule compares only the flipped
+      weight's index within its layer over three consecutive iterations; True also compares
+      the layer;
+    - ``curve_every``: record ASR and PA-ACC every K flips (0 = never);
+    - ``flip_log``: record every flip (layer, index, bit, values, attack loss).
+    """
+
+    max_iters: int = 5000
+    success_threshold: float = 99.9
+    full_gradient: bool = False
+    oscillation_by_layer: bool = False
+    curve_every: int = 0
+    flip_log: bool = False
+
+
+@dataclass
+class TBFAResult:
+    source: int
+    target: int
+    asr: float            # % of D_rest classified as t (the paper's ASR)
+    asr_src: float        # % of D_src classified as t
+    pa_acc: float         # % accuracy on D_pa, every sample counted
+    test_acc: float       # % accuracy on the whole test set after the attack
+    n_flips: int          # iterations (the papers' "# bit-flips")
+    hamming: int          # bits that differ from the clean model
+    stop_reason: str      # success | no_bit | oscillation | max_iters
+    pa_acc_clean: float
+    asr_clean: float
+    flips: list = field(default_factory=list)
+    curve: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TBFA:
+    """Stealthy T-BFA on a model in integer mode (see module docstring)."""
+
+    def __init__(self, model: nn.Module, output: nn.Module, config: TBFAConfig | None = None):
+        self.model = model
+        self.output = output
+        self.config = config or TBFAConfig()
+        if self.config.max_iters < 1:
+            raise ValueError("max_iters must be at least 1")
+
+    def run(self, data: EvalSet, sets: TBFASets, source: int, target: int,
+            on_flip: Callable[[int, dict], None] | None = None) -> TBFAResult:
+        """Attack until a stop rule fires; the model keeps the flips (restore it yourself, e.g.
+        with :func:`utils.bitsearch.snapshot` / :func:`~utils.bitsearch.restore`)."""
+        cfg, model, output = self.config, self.model, self.output
+        if source == target:
+            raise ValueError("source and target class must differ")
+        sets = sets.to(data.device)
+        clean = snapshot(model)
+        search = ProgressiveBitSearch(model, MINIMIZE)
+        x_src, x_aux = data.inputs(sets.src), data.inputs(sets.aux)
+        x_both = torch.cat([x_src, x_aux])
+        ns = len(x_src)
+        t_src = torch.full((ns,), target, dtype=torch.int64, device=data.device)
+        y_aux = data.labels[sets.aux]
+        src_rest = torch.cat([sets.src, sets.rest])
+        t_src_rest = torch.full((len(src_rest),), target, dtype=torch.int64, device=data.device)
+
+        def attack_loss():
+            out = model(x_both)
+            return output.loss(out[:ns], t_src) + output.loss(out[ns:], y_aux)
+
+        def gradient_loss():
+            if cfg.full_gradient:
+                loss = attack_loss()
+                return loss, float(loss.detach())
+            loss_src = output.loss(model(x_src), t_src)
+            with torch.no_grad():  # *quirk*: D_aux enters as a number only
+                loss_aux = output.loss(model(x_aux), y_aux)
+            return loss_src, float(loss_src.detach()) + float(loss_aux)
+
+        def asr_pair():
+            hits = (data.predict(model, output, src_rest) == t_src_rest).float()
+            return 100.0 * float(hits[:ns].mean()), 100.0 * float(hits[ns:].mean())
+
+        pa_clean = data.accuracy(model, output, sets.pa)
+        asr_clean = data.accuracy(model, output, sets.rest, t_src_rest[ns:])
+        flips, curve, recent = [], [], []
+        if cfg.curve_every:
+            curve.append({"flips": 0, "asr": asr_clean, "pa_acc": pa_clean})
+        stop, it = "max_iters", 0
+        for it in range(1, cfg.max_iters + 1):
+            step = search.step(gradient_loss, attack_loss)
+            flip = step.flips[0]
+            record = {**flip.as_dict(), "loss": step.loss_after}
+            if cfg.flip_log:
+                flips.append(record)
+            if on_flip is not None:
+                on_flip(it, record)
+            asr_src, asr_rest = asr_pair()
+            if cfg.curve_every and it % cfg.curve_every == 0:
+                curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src,
+                              "pa_acc": data.accuracy(model, output, sets.pa)})
+            recent = (recent + [(flip.layer, flip.index)])[-3:]
+            if asr_src > cfg.success_threshold or asr_rest > cfg.success_threshold:
+                stop = "success"
+                break
+            if not step.all_admissible:
+                stop = "no_bit"
+                break
+            if len(recent) == 3 and len({r[1] for r in recent}) == 1 and (
+                    not cfg.oscillation_by_layer or len({r[0] for r in recent}) == 1):
+                stop = "oscillation"
+                break
+        asr_src, asr_rest = asr_pair()
+        pa_acc = data.accuracy(model, output, sets.pa)
+        if cfg.curve_every and (not curve or curve[-1]["flips"] != it):
+            curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src, "pa_acc": pa_acc})
+        return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
+                          pa_acc=pa_acc, test_acc=data.accuracy(model, output), n_flips=it,
+                          hamming=hamming_distance(model, clean), stop_reason=stop,
+                          pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve)
+
+
+# ---------------------------------------------------------------------------------------------
+# Campaigns: many experiments, one JSON line each, resumable
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_METRICS = ["clean_acc", "asr", "asr_src", "pa_acc", "test_acc", "n_flips", "hamming"]
+
+
+@dataclass
+class Experiment:
+    source: int
+    target: int
+    rep: int
+    sets: TBFASets
+    seed: int | None = None  # None: pinned sets
+
+    @property
+    def key(self) -> str:
+        return f"s{self.source}-t{self.target}-r{self.rep}"
+
+
+def plan_experiments(labels: torch.Tensor, pairs: list[tuple[int, int]], reps: int,
+                     n_src: int, n_aux: int, seed: int) -> list[Experiment]:
+    """The campaign: every pair ``reps`` times, each with its own seeded sets (SPEC 7)."""
+    out = []
+    for source, target in pairs:
+        for rep in range(reps):
+            s = experiment_seed(seed, source, target, rep)
+            out.append(Experiment(source, target, rep, draw_sets(labels, source, n_src, n_aux, s),
+                                  s))
+    return out
+
+
+def plan_pinned(labels: torch.Tensor, entries: list[dict]) -> list[Experiment]:
+    """Experiments from a pinned-sets file (see :func:`pinned_sets`)."""
+    out = []
+    for i, e in enumerate(entries):
+        try:
+            source, target = int(e["source"]), int(e["target"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"pinned experiment {i} needs integer 'source' and 'target'") from None
+        try:
+            sets = pinned_sets(e, labels, source)
+        except ValueError as err:
+            raise ValueError(f"pinned experiment {i} (source {source}, target {target}): "
+                             f"{err}") from None
+        out.append(Experiment(source, target, int(e.get("rep", i)), sets))
+    return out
+
+
+def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
+                 experiments: list[Experiment], config: TBFAConfig, results,
+                 clean_acc: float, on_result: Callable[[dict], None] | None = None,
+                 on_flip: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run every experiment not yet in ``results`` (a :class:`utils.results.JsonlResults`),
+    appending one line per finished experiment; the model is restored to its clean codes
+    before each experiment and at the end. Returns the new records."""
+    import time
+
+    from utils.bitsearch import restore
+
+    clean = snapshot(model)
+    done = results.done()
+    attack = TBFA(model, output, config)
+    new = []
+    try:
+        for exp in experiments:
+            if exp.key in done:
+                continue
+            restore(model, clean)
+            t0 = time.time()
+            result = attack.run(data, exp.sets, exp.source, exp.target, on_flip=on_flip)
+            seconds = time.time() - t0
+            record = {"key": exp.key, "source": exp.source, "target": exp.target,
+                      "rep": exp.rep, "sets_seed": exp.seed, "clean_acc": clean_acc,
+                      **{k: v for k, v in result.as_dict().items()
+                         if k not in ("source", "target", "flips", "curve")},
+                      "n_src": len(exp.sets.src), "n_aux": len(exp.sets.aux),
+                      "seconds": round(seconds, 3),
+                      "seconds_per_flip": round(seconds / max(result.n_flips, 1), 4)}
+            if config.flip_log:
+                record["flips"] = result.flips
+            if config.curve_every:
+                record["curve"] = result.curve
+            results.append(record)
+            new.append(record)
+            if on_result is not None:
+                on_result(record)
+    finally:
+        restore(model, clean)
+    return new
