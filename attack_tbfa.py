@@ -37,7 +37,7 @@ log = logging.getLogger("attack_tbfa")
 
 # Settings that define a campaign: a results folder holds one campaign.
 CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_gradient",
-                 "oscillation_by_layer", "iters", "sets_file")
+                 "oscillation_by_layer", "stop_on_src_only", "iters", "sets_file")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--full-gradient", action="store_true",
                    help="gradient of the whole objective (paper); default: D_src term only, "
                         "as both public implementations")
+    a.add_argument("--stop-on-src-only", action="store_true",
+                   help="success only when every D_src sample is classified as the target "
+                        "(paper); default: D_src or D_rest, as the public code")
     a.add_argument("--oscillation-by-layer", action="store_true",
                    help="oscillation stop also compares the layer (default: only the index "
                         "within the layer, as the public code)")
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
     campaign = {"source": target.source, "dataset": info.name, "config": cfg.to_dict(),
                 "n_src": n_src, "n_aux": n_aux, "seed": args.seed,
                 "full_gradient": args.full_gradient,
-                "oscillation_by_layer": args.oscillation_by_layer, "iters": args.iters,
+                "oscillation_by_layer": args.oscillation_by_layer,
+                "stop_on_src_only": args.stop_on_src_only, "iters": args.iters,
                 "sets_file": os.path.abspath(args.sets) if args.sets else None}
     campaign_file = os.path.join(results_dir, "campaign.json")
     if os.path.exists(campaign_file):
@@ -215,7 +219,7 @@ def main(argv=None) -> int:
 
     config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
                         oscillation_by_layer=args.oscillation_by_layer,
-                        curve_every=args.curve_every, flip_log=args.flip_log)
+                        stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every, flip_log=args.flip_log)
     try:
         run_campaign(target.model, target.output, data, todo, config, results, clean_acc,
                      on_result=on_result, on_flip=on_flip)

@@ -139,6 +139,9 @@ class TBFAConfig:
 
     - ``max_iters``: iteration cap (5000);
     - ``success_threshold``: stop when ASR on D_src or on D_rest exceeds it (% , 99.9);
+    - ``stop_on_rest``: True = *quirk* of the public code, D_rest reaching the threshold also
+      stops the attack (with small sets it often fires before D_src is complete); False = the
+      paper's rule, only D_src counts;
     - ``full_gradient``: False = *quirk* of both public implementations, the gradient comes from
       the D_src term only (the D_aux term is added as a number); True = the paper's objective;
     - ``oscillation_by_layer``: False = *quirk*, the oscillation rule compares only the flipped
@@ -150,6 +153,7 @@ class TBFAConfig:
 
     max_iters: int = 5000
     success_threshold: float = 99.9
+    stop_on_rest: bool = True
     full_gradient: bool = False
     oscillation_by_layer: bool = False
     curve_every: int = 0
@@ -240,7 +244,8 @@ class TBFA:
                 curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src,
                               "pa_acc": data.accuracy(model, output, sets.pa)})
             recent = (recent + [(flip.layer, flip.index)])[-3:]
-            if asr_src > cfg.success_threshold or asr_rest > cfg.success_threshold:
+            if asr_src > cfg.success_threshold or (cfg.stop_on_rest
+                                                   and asr_rest > cfg.success_threshold):
                 stop = "success"
                 break
             if not step.all_admissible:

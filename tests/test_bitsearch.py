@@ -93,7 +93,7 @@ def test_step_flips_exactly_one_bit_and_loss_moves():
         return loss, float(loss.detach())
 
     def attack_loss():
-        return float(loss_fn(model(x), y))
+        return float(loss_fn(model(x), y).detach())
 
     for direction in (MAXIMIZE, MINIMIZE):
         restore(model, clean)

@@ -1,4 +1,4 @@
-"""The README's quick-start demo, end to end (slow: about 2.5 minutes on 2 CPU cores)."""
+"""The README's quick-start demo, end to end (slow: about 5 minutes on 2 CPU cores)."""
 
 import json
 import os
@@ -21,3 +21,10 @@ def test_quickstart_trains_both_models_above_95_percent(tmp_path):
         assert result["n"] == 360
         assert result["top1"] >= 95.0, (model, result)
     assert "ocm16" in proc.stdout and "top-1 %" in proc.stdout
+    # the attack half: stealthy T-BFA needs clearly more flips on the OCM model
+    from utils.results import JsonlResults, mean_std
+    flips = {m: mean_std([r["n_flips"] for r in JsonlResults(
+        str(tmp_path / m / "attack_tbfa" / "results.jsonl")).records])[0]
+        for m in ("vanilla", "ocm16")}
+    assert flips["ocm16"] > 2 * flips["vanilla"], flips
+    assert "PA-ACC %" in proc.stdout
