@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quickstart_trains_both_models_above_95_percent(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh")], env=env,
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for model in ("vanilla", "ocm16"):
         result = json.load(open(tmp_path / model / "eval.json"))
