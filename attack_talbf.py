@@ -1,0 +1,267 @@
+r"""Stealthy TA-LBF campaigns on a trained checkpoint (Bai et al., ICLR 2021; SPEC section 8).
+
+Each attack flips bits of the final layer so that one test sample is classified as a target
+class, searching the bit budget k (5, 10, ... 6 values) and the trade-off gamma (100, 50, ...
+8 values) per sample; the OCM paper's protocol is 1000 attacks on CIFAR-10, each class the
+target of 100 source images of other classes. The penultimate features of the whole test set
+are computed once. Each finished attack is appended to <results>/results.jsonl at once;
+running the same command again continues where it stopped. At the end: ASR, PA-ACC and the
+number of flipped bits (mean and std over the successful attacks) as a table and as
+<results>/summary.csv.
+
+Examples:
+  python attack_talbf.py --checkpoint runs/r20_ocm16/model_best.pth.tar --data_dir data
+  python attack_talbf.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
+      --bits 8 --ocm --code_length 16 --output_act tanh --attack_info cifar_attack_info.txt
+  python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar --n-attacks 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from attacks.common import EvalSet
+from attacks.talbf import (TALBF, TALBFConfig, attack_list_digest, check_attack_info,
+                           format_attack_info, generate_attack_list, read_attack_info,
+                           run_campaign, summary_rows)
+from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
+                       load_attack_target, run, setup_logging)
+from utils.data import load_split_tensors
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.results import JsonlResults, format_table, write_csv
+
+log = logging.getLogger("attack_talbf")
+
+# Settings that define a campaign: a results folder holds one campaign.
+CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed")
+# TA-LBF options that change the speed only (not part of the campaign).
+SPEED_ONLY = ("gamma_batch", "k_batch")
+
+
+def _flag(group, names: list[str], dest: str, kind, default, text: str) -> None:
+    group.add_argument(*names, dest=dest, type=kind, default=default,
+                       help=f"{text} ({default:g})" if kind is not str else text)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_attack_model_args(p)
+    d = TALBFConfig()
+    a = p.add_argument_group("TA-LBF search and lp-box ADMM (defaults: SPEC section 8)")
+    _flag(a, ["--init-k", "--init_k"], "init_k", float, d.init_k, "first bit budget k")
+    _flag(a, ["--init-lam", "--init_lam", "--init-gamma", "--init_gamma"], "init_gamma", float,
+          d.init_gamma, "first trade-off gamma (lambda in the public code)")
+    _flag(a, ["--max-search-k", "--max_search_k"], "max_search_k", int, d.max_search_k,
+          "k values tried, doubling")
+    _flag(a, ["--max-search-lam", "--max_search_lam"], "max_search_gamma", int,
+          d.max_search_gamma, "gamma values tried per k, halving")
+    _flag(a, ["--n_aux", "--n-aux"], "n_aux", int, d.n_aux,
+          "|D_aux|: test samples drawn at random for each attack")
+    for i in (1, 2, 3):
+        _flag(a, [f"--initial-rho{i}", f"--initial_rho{i}"], f"rho{i}", float,
+              getattr(d, f"rho{i}"), f"initial ADMM penalty rho{i}")
+    for i in (1, 2, 3):
+        _flag(a, [f"--max-rho{i}", f"--max_rho{i}"], f"max_rho{i}", float,
+              getattr(d, f"max_rho{i}"), f"largest rho{i}")
+    _flag(a, ["--rho-fact", "--rho_fact"], "rho_fact", float, d.rho_fact,
+          "penalty growth per outer iteration")
+    _flag(a, ["--inn-lr", "--inn_lr"], "inn_lr", float, d.inn_lr, "step size of the inner loop")
+    _flag(a, ["--ext-max-iters", "--ext_max_iters"], "ext_max_iters", int, d.ext_max_iters,
+          "outer ADMM iterations at most")
+    _flag(a, ["--inn-max-iters", "--inn_max_iters"], "inn_max_iters", int, d.inn_max_iters,
+          "gradient steps per outer iteration")
+    _flag(a, ["--stop-threshold", "--stop_threshold"], "stop_threshold", float,
+          d.stop_threshold, "ADMM stops when max(|b-y1|,|b-y2|)/|b| falls to this")
+    _flag(a, ["--gamma-batch", "--gamma_batch"], "gamma_batch", int, d.gamma_batch,
+          "gamma runs per batch (0 = all of one k; speed only)")
+    _flag(a, ["--k-batch", "--k_batch"], "k_batch", int, d.k_batch,
+          "k values per batch (0 = all; speed only, >1 pays off on a GPU)")
+    lst = p.add_argument_group("attack list")
+    lst.add_argument("--attack_info", "--attack-info", default=None, metavar="FILE",
+                     help="the public list format: one 'target_class test_index' per line "
+                          "(default: generated from --seed)")
+    lst.add_argument("--n-attacks", "--n_attacks", dest="n_attacks", type=int, default=None,
+                     help="attacks to run (default 1000 generated; with --attack_info the "
+                          "first N lines, default all). Attack i targets class i mod C")
+    lst.add_argument("--correct-only", action="store_true",
+                     help="generate the list from correctly classified source samples only")
+    lst.add_argument("--save-attack-info", default=None, metavar="FILE",
+                     help="write the list used, in the public format")
+    lst.add_argument("--results", default=None,
+                     help="results folder (default: <checkpoint folder>/attack_talbf)")
+    lst.add_argument("--test_batch", "-b", "--batch", dest="test_batch", type=int, default=500,
+                     help="batch size of the feature computation (500)")
+    add_runtime_args(p)
+    p.set_defaults(seed=1)  # the public attack script's default
+    return p
+
+
+def talbf_config(args) -> TALBFConfig:
+    """The TA-LBF config of the flags; every bad value is a UserError naming its flag."""
+    names = {"init_k": "--init-k", "init_gamma": "--init-lam", "max_search_gamma":
+             "--max-search-lam", "n_aux": "--n_aux", "rho1": "--initial-rho1",
+             "rho2": "--initial-rho2", "rho3": "--initial-rho3"}
+    values = {}
+    for f in TALBFConfig.__dataclass_fields__:
+        if not hasattr(args, f):
+            continue
+        v = getattr(args, f)
+        flag = names.get(f, "--" + f.replace("_", "-"))
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{flag} must be a finite number, got {v}")
+        values[f] = v
+    minimum = {"max_search_k": 1, "max_search_gamma": 1, "n_aux": 1, "ext_max_iters": 1,
+               "inn_max_iters": 1, "gamma_batch": 0, "k_batch": 0}
+    for f, v in values.items():
+        flag = names.get(f, "--" + f.replace("_", "-"))
+        if f in minimum:
+            if v < minimum[f]:
+                raise UserError(f"{flag} must be at least {minimum[f]}, got {v}")
+        elif f == "stop_threshold":
+            if v < 0:
+                raise UserError(f"{flag} must not be negative, got {v:g}")
+        elif v <= 0:
+            what = {"init_k": "a bit budget k", "init_gamma": "a trade-off gamma"}.get(f, flag)
+            raise UserError(f"{flag} must be positive ({what} of {v:g} makes no sense)")
+    return TALBFConfig(**values).validate()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+    cfg = talbf_config(args)
+    if args.n_attacks is not None and args.n_attacks < 1:
+        raise UserError(f"--n-attacks must be at least 1, got {args.n_attacks}")
+    if args.test_batch < 1:
+        raise UserError(f"--test_batch must be at least 1, got {args.test_batch}")
+    info_text = None
+    if args.attack_info:
+        try:
+            with open(args.attack_info) as f:
+                info_text = f.read()
+        except FileNotFoundError:
+            raise UserError(f"attack list not found: {args.attack_info}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the attack list {args.attack_info} "
+                            f"({type(e).__name__}: {e})") from None
+        try:
+            entries = read_attack_info(info_text, name=args.attack_info)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if args.correct_only:
+            raise UserError("--correct-only selects sources of a generated list; it does not "
+                            "apply to --attack_info")
+    device = resolve_device(device_spec(args))
+    torch.manual_seed(args.seed)
+    target = load_attack_target(args, explicit, device)
+    mcfg, info = target.config, target.dataset
+    images, labels = load_split_tensors(info.name, args.data_dir, "test", download=args.download,
+                                        workers=args.workers)
+    if int(labels.max()) >= mcfg.num_classes:
+        raise UserError(f"the test set has labels up to {int(labels.max())} but the model has "
+                        f"{mcfg.num_classes} classes")
+    if cfg.n_aux > len(labels) - 1:
+        raise UserError(f"--n_aux {cfg.n_aux} is larger than the test set allows: it has "
+                        f"{len(labels)} samples, {len(labels) - 1} besides the attacked one")
+
+    data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
+    del images
+    if info_text is not None:
+        try:
+            items = check_attack_info(entries, labels, mcfg.num_classes,
+                                      name=args.attack_info)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        items = items[:args.n_attacks] if args.n_attacks is not None else items
+        attack_list = {"file": os.path.abspath(args.attack_info)}
+    attack = TALBF.from_model(target.model, target.output, data, cfg)  # features, once
+    if info_text is None:
+        eligible = attack.clean_correct if args.correct_only else None
+        try:
+            items = generate_attack_list(labels, mcfg.num_classes, args.n_attacks or 1000,
+                                         args.seed, eligible)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        attack_list = {"generated_seed": args.seed, "correct_only": args.correct_only}
+    attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
+
+    results_dir = args.results or os.path.join(
+        os.path.dirname(os.path.abspath(target.source)) if not args.pretrained else "runs",
+        "attack_talbf")
+    # An attack is defined by its key (position, target, index) and the settings below, so
+    # one folder can hold attacks of several lists (a longer list, another file).
+    campaign = {"source": target.source, "dataset": info.name, "config": mcfg.to_dict(),
+                "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
+                "seed": args.seed, "attack_list": attack_list}
+    campaign_file = os.path.join(results_dir, "campaign.json")
+    if os.path.exists(campaign_file):
+        with open(campaign_file) as f:
+            before = json.load(f)
+        diff = [k for k in CAMPAIGN_KEYS if before.get(k) != campaign.get(k)]
+        if diff:
+            raise UserError(f"{results_dir} holds a campaign with other settings ({', '.join(diff)}"
+                            f" differ): use another --results folder")
+
+    # Everything is valid: from here on, files are written.
+    os.makedirs(results_dir, exist_ok=True)
+    setup_logging(os.path.join(results_dir, "attack.log"))
+    with open(campaign_file, "w") as f:
+        json.dump(campaign, f, indent=1)
+    if args.save_attack_info:
+        with open(args.save_attack_info, "w") as f:
+            f.write(format_attack_info(items))
+    results = JsonlResults(os.path.join(results_dir, "results.jsonl"))
+    todo = [it for it in items if it.key not in results.done()]
+    log.info("TA-LBF on %s (%s, %d-bit%s): clean test accuracy %.2f%% (final layer on the cached "
+             "features); %d attacks, %d done, results in %s", target.source, mcfg.arch,
+             mcfg.bits, f", OCM{mcfg.code_length}" if mcfg.ocm else "", attack.clean_accuracy(),
+             len(items), len(items) - len(todo), results_dir)
+
+    bar = tqdm(total=len(todo), desc="TA-LBF attacks", disable=not args.progress,
+               dynamic_ncols=True)
+
+    def on_result(record):
+        bar.update(1)
+        if record["success"]:
+            log.info("%s: success with k=%g gamma=%g, %d bits flipped, PA-ACC %.2f%%%s (%.1fs)",
+                     record["key"], record["k"], record["gamma"], record["n_flips"],
+                     record["pa_acc"], "" if record["converged"] else ", ADMM not converged",
+                     record["seconds"])
+        else:
+            log.info("%s: failed after %d runs (%.1fs)", record["key"], record["runs"],
+                     record["seconds"])
+
+    try:
+        run_campaign(attack, todo, results, args.seed, on_result=on_result)
+    except KeyboardInterrupt:
+        bar.close()
+        log.info("interrupted: %d of %d attacks are in %s; run the same command again to "
+                 "continue", len(results.records), len(items), results.path)
+        return 130
+    finally:
+        bar.close()
+
+    keys = {it.key for it in items}
+    records = [r for r in results.records if r["key"] in keys]
+    rows = summary_rows(records)
+    write_csv(os.path.join(results_dir, "summary.csv"), rows)
+    print(format_table(rows, ["metric", "mean", "std", "n"]))
+    ok = sum(r["success"] for r in records)
+    print(f"{len(records)} attacks, {ok} successful; results: {results.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

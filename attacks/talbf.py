@@ -1,0 +1,726 @@
+"""Stealthy TA-LBF (Bai et al., "Targeted attack against deep neural networks via flipping
+limited weight bits", ICLR 2021), with the OCM paper's reformulation (supplement section 3);
+SPEC section 8.
+
+One test sample ``x_s`` (true class ``s``) is pushed to a target class ``t`` by changing bits of
+the final layer only, under a budget of ``k`` flipped bits. The bits of the final layer are
+relaxed to ``b`` in [0, 1] (shape ``[out, in, N]``, initialised from the two's complement bits
+of the integer codes, weight ``= step * sum_k b_k * base[k]``, bias fixed) and
+
+    L(b) = L_eff(x_s, t) + gamma * mean L(D_aux, y)      s.t.  ||b - b0||^2 <= k, b binary
+
+is solved with lp-box ADMM (Wu & Ghanem, TPAMI 2018): ``b`` in {0,1}^n is the intersection of
+the box [0,1]^n and the sphere centred at 1/2 with radius sqrt(n)/2. ``L_eff`` and ``L`` are the
+cross-entropy for vanilla models, the binary cross-entropy through ``sigmoid(2 z)`` against
+the {0,1} codes for OCM models. A search over ``k`` (5, 10, ..., 6 values) and ``gamma``
+(100, 50, ..., 8 values) per sample keeps the first success.
+
+Everything runs as tensor code on the device of the cached features. The runs of one ``k`` for
+its ``gamma`` values are independent: they run as one batched computation (a leading batch
+dimension), finished runs leave the batch, and once a run succeeds the runs after it in the
+published order are dropped (they cannot be the first success). Gradients are written out
+analytically (the layer is linear in ``b``) instead of going through autograd. Example::
+
+    from attacks.common import EvalSet
+    from attacks.talbf import TALBF, TALBFConfig
+    test = EvalSet(images, labels, mean, std, device)
+    attack = TALBF.from_model(model, output, test, TALBFConfig())  # features computed once
+    result = attack.run(index=3676, target=0, aux=attack.draw_aux(3676, seed=1))
+    result.success, result.k, result.gamma, result.n_flips, result.pa_acc
+
+The model itself is never changed: the attack works on a copy of the final layer's bits and
+reports the new integer codes (``result.codes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import bits as bitlib
+
+log = logging.getLogger(__name__)
+
+# Smallest norm the public code divides by in the stop rule (MATLAB's eps).
+_NORM_FLOOR = 2.2204e-16
+# torch.nn.BCELoss clamps the denominator of its gradient at this value (see _bce_factor).
+_BCE_EPS = 1e-12
+
+
+@dataclass
+class TALBFConfig:
+    """Every constant of SPEC section 8 (defaults: the public implementations' values).
+
+    - ``init_k`` (5): first bit budget; doubled ``max_search_k`` (6) times at most;
+    - ``init_gamma`` (100): first trade-off gamma (``--init-lam``); halved, ``max_search_gamma``
+      (8) values per k;
+    - ``n_aux`` (64): |D_aux|, test samples drawn at random (not x_s) for each attacked sample;
+    - ``rho1``/``rho2``/``rho3`` (1e-4, 1e-4, 1e-5): initial ADMM penalties of the box, the
+      sphere and the budget constraint, multiplied by ``rho_fact`` (1.01) per outer iteration
+      up to ``max_rho1``/``max_rho2``/``max_rho3`` (50, 50, 5);
+    - ``inn_lr`` (0.01) and ``inn_max_iters`` (5): gradient steps on b per outer iteration;
+    - ``ext_max_iters`` (2000): outer iterations at most;
+    - ``stop_threshold`` (1e-4) and ``min_ext_iters`` (100): stop once
+      ``max(||b-y1||, ||b-y2||) / ||b|| <= stop_threshold`` at an outer iteration whose 0-based
+      index exceeds ``min_ext_iters`` (*quirk*: the public test is ``ext_iter > 100``);
+    - ``gamma_batch`` (0): how many gamma runs of one k share a batch (0 = all of them, 1 =
+      one run at a time); ``k_batch`` (1): how many k values share a batch (0 = all; above 1
+      the whole gamma range of each k is batched). They change the speed, not the result:
+      runs after the first success in the search order are dropped.
+    """
+
+    init_k: float = 5.0
+    init_gamma: float = 100.0
+    max_search_k: int = 6
+    max_search_gamma: int = 8
+    n_aux: int = 64
+    rho1: float = 1e-4
+    rho2: float = 1e-4
+    rho3: float = 1e-5
+    max_rho1: float = 50.0
+    max_rho2: float = 50.0
+    max_rho3: float = 5.0
+    rho_fact: float = 1.01
+    inn_lr: float = 0.01
+    ext_max_iters: int = 2000
+    inn_max_iters: int = 5
+    stop_threshold: float = 1e-4
+    min_ext_iters: int = 100
+    gamma_batch: int = 0
+    k_batch: int = 1
+
+    def validate(self) -> "TALBFConfig":
+        """Raise ValueError naming the first bad value; returns self."""
+        for name in ("init_k", "init_gamma", "rho1", "rho2", "rho3", "max_rho1", "max_rho2",
+                     "max_rho3", "rho_fact", "inn_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        for name, low in (("max_search_k", 1), ("max_search_gamma", 1), ("n_aux", 1),
+                          ("ext_max_iters", 1), ("inn_max_iters", 1), ("min_ext_iters", 0),
+                          ("gamma_batch", 0), ("k_batch", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not self.stop_threshold >= 0:
+            raise ValueError(f"stop_threshold must be >= 0, got {self.stop_threshold!r}")
+        return self
+
+    def k_values(self) -> list[float]:
+        """The bit budgets in search order: ``init_k * 2**i`` (public code: floats)."""
+        return [float(self.init_k) * 2.0 ** i for i in range(self.max_search_k)]
+
+    def gamma_values(self) -> list[float]:
+        """The trade-offs in search order: ``init_gamma / 2**i``."""
+        return [float(self.init_gamma) / 2.0 ** i for i in range(self.max_search_gamma)]
+
+    def search_order(self) -> list[tuple[float, float]]:
+        """Every ``(k, gamma)`` run of the search, in the published order."""
+        return [(k, g) for k in self.k_values() for g in self.gamma_values()]
+
+    def batches(self) -> list[tuple[int, int]]:
+        """``(start, end)`` slices of :meth:`search_order` that run as one batch each."""
+        per_k, n_k = self.max_search_gamma, self.max_search_k
+        if self.k_batch != 1:
+            size = (self.k_batch or n_k) * per_k
+            return [(s, min(s + size, n_k * per_k)) for s in range(0, n_k * per_k, size)]
+        size = self.gamma_batch or per_k
+        return [(k * per_k + s, k * per_k + min(s + size, per_k))
+                for k in range(n_k) for s in range(0, per_k, size)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# lp-box projections (Wu & Ghanem; SPEC section 8), along the last dimension
+# ---------------------------------------------------------------------------------------------
+
+def project_box(x: torch.Tensor) -> torch.Tensor:
+    """Closest point of the box [0, 1]^n."""
+    return x.clamp(0.0, 1.0)
+
+
+def project_sphere(x: torch.Tensor) -> torch.Tensor:
+    """Closest point of the sphere centred at (1/2, ..., 1/2) with radius sqrt(n)/2 (n = size of
+    the last dimension), which holds every binary vector: ``1/2 + sqrt(n)/2 * v/||v||`` with
+    ``v = x - 1/2``."""
+    v = x - 0.5
+    radius = math.sqrt(x.shape[-1]) / 2.0
+    return v * (radius / torch.linalg.vector_norm(v, dim=-1, keepdim=True)) + 0.5
+
+
+def project_positive(x: torch.Tensor) -> torch.Tensor:
+    """Closest point of the non-negative orthant (the budget's slack y3)."""
+    return x.clamp(min=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attacked layer
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FinalLayer:
+    """The attacked layer, detached from the model: integer codes ``[out, in]``, frozen step,
+    float bias, bit width, and whether the model applies tanh after it."""
+
+    codes: torch.Tensor
+    step: float
+    bias: torch.Tensor
+    n_bits: int
+    tanh: bool = False
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "FinalLayer":
+        """Snapshot of ``model.final_layer()`` (which must be in integer mode)."""
+        layer = model.final_layer()
+        if not getattr(layer, "integer_mode", False):
+            raise ValueError("TA-LBF needs the model in integer mode: call "
+                             "models.to_integer(model) first")
+        w = layer.weight.detach()
+        bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(
+            w.shape[0], device=w.device)
+        return cls(layer.int_weight().clone(), float(layer.step_size.detach().reshape(-1)[0]),
+                   bias.float(), layer.n_bits, getattr(model, "output_act", "linear") == "tanh")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.codes.shape, self.n_bits)
+
+    def bits(self) -> torch.Tensor:
+        """The two's complement bits ``[out, in, N]`` (uint8, MSB first)."""
+        return bitlib.int_to_bits(self.codes, self.n_bits)
+
+    def weight_from_bits(self, b: torch.Tensor) -> torch.Tensor:
+        """``step * (offset + sum_k b_k * base[k])`` for (relaxed) bits ``[..., out, in, N]``."""
+        base = bitlib.bit_values(self.n_bits, dtype=b.dtype, device=b.device)
+        return (bitlib.bit_offset(self.n_bits) + b @ base) * self.step
+
+    def codes_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        return bitlib.bits_to_int(bits, self.n_bits)
+
+    def outputs(self, features: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Activated outputs (tanh for OCM models) of ``features`` with the given codes."""
+        codes = self.codes if codes is None else codes
+        z = F.linear(features, codes.to(features.dtype) * self.step, self.bias)
+        return torch.tanh(z) if self.tanh else z
+
+
+@torch.inference_mode()
+def compute_features(model: nn.Module, data, batch_size: int | None = None) -> torch.Tensor:
+    """Penultimate features of every sample of ``data`` (an :class:`attacks.common.EvalSet`),
+    computed once with the integer model in eval mode (SPEC section 8)."""
+    model.eval()
+    bs = batch_size or data.batch_size
+    out = [model.forward_features(data.inputs(slice(i, i + bs))).float()
+           for i in range(0, len(data), bs)]
+    return torch.cat(out).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ADMMRun:
+    """One (k, gamma) run: how it ended and, unless it failed, its rounded bits.
+
+    ``status``: ``converged`` (the stop rule fired), ``max_iters``, ``nan`` (b became NaN: the
+    run fails, as in the public code) or ``skipped`` (dropped from a batch because an earlier run
+    in the search order already succeeded; it cannot be the first success).
+    """
+
+    k: float
+    gamma: float
+    status: str
+    iters: int = 0
+    success: bool = False
+    n_flips: int | None = None
+    bits: torch.Tensor | None = field(default=None, repr=False)      # rounded, [out, in, N]
+    relaxed: torch.Tensor | None = field(default=None, repr=False)   # b before rounding, same
+
+
+@dataclass
+class TALBFResult:
+    index: int
+    target: int
+    source: int
+    success: bool
+    k: float | None            # the budget of the successful run (None: failed)
+    gamma: float | None
+    n_flips: int | None        # changed bits of the final layer (Hamming distance)
+    pa_acc: float | None       # % on the test set without x_s and D_aux, attacked layer
+    pa_acc_clean: float        # same samples, clean layer
+    converged: bool            # the successful run's ADMM stop rule fired
+    outer_iters: int | None
+    runs: int                  # runs of the search order decided (tried, in order)
+    nan_runs: int              # of which failed with NaN
+    aux: list = field(default_factory=list)
+    flips: list = field(default_factory=list)   # [row, col, bit] of every changed bit
+    codes: torch.Tensor | None = field(default=None, repr=False)  # new integer codes
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "codes"}
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# The attack
+# ---------------------------------------------------------------------------------------------
+
+class TALBF:
+    """Stealthy TA-LBF on the final layer (see module docstring; SPEC section 8).
+
+    ``features``: penultimate features of the whole test set ``[N, in]`` (see
+    :func:`compute_features`), ``labels`` their classes; ``layer``: the attacked
+    :class:`FinalLayer`; ``output``: the model's output interface (``is_ocm``, ``codebook``,
+    ``predict``). Everything runs on the features' device.
+    """
+
+    def __init__(self, layer: FinalLayer, output: nn.Module, features: torch.Tensor,
+                 labels: torch.Tensor, config: TALBFConfig | None = None):
+        self.config = (config or TALBFConfig()).validate()
+        self.device = features.device
+        self.features = features.float()
+        self.labels = labels.to(self.device, torch.int64)
+        if len(self.labels) != len(self.features):
+            raise ValueError(f"{len(self.features)} feature rows for {len(self.labels)} labels")
+        self.layer = FinalLayer(layer.codes.to(self.device), layer.step,
+                                layer.bias.to(self.device).float(), layer.n_bits, layer.tanh)
+        if self.features.shape[1] != self.layer.codes.shape[1]:
+            raise ValueError(f"features have {self.features.shape[1]} dimensions, the final "
+                             f"layer {self.layer.codes.shape[1]} inputs")
+        self.output = output
+        self.ocm = bool(getattr(output, "is_ocm", False))
+        # The relaxed bits are held bit-plane first, [N, out*in] flattened: every step of the
+        # algorithm treats the n = out*in*N bits alike (sums, norms, elementwise), and this
+        # layout makes the weight sum and its gradient contiguous (much faster on the CPU).
+        self.b0 = self.layer.bits().to(torch.float32).permute(2, 0, 1).reshape(-1)
+        self.clean_pred = self.predict(self.features)
+        self.clean_correct = self.clean_pred == self.labels
+
+    @classmethod
+    def from_model(cls, model: nn.Module, output: nn.Module, data,
+                   config: TALBFConfig | None = None) -> "TALBF":
+        """Build the attack from a model in integer mode and an :class:`EvalSet`; the features
+        of the whole test set are computed here, once."""
+        return cls(FinalLayer.from_model(model), output, compute_features(model, data),
+                   data.labels, config)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.output.num_classes)
+
+    def predict(self, features: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Classes of ``features`` with the model's own decoding rule (``output.predict``)."""
+        with torch.no_grad():
+            return self.output.predict(self.layer.outputs(features, codes))
+
+    def clean_accuracy(self) -> float:
+        """% of the test set the clean layer classifies correctly (on the cached features)."""
+        return _percent(self.clean_correct)
+
+    def draw_aux(self, index: int, seed: int, n_aux: int | None = None) -> torch.Tensor:
+        """D_aux: ``n_aux`` distinct test indices drawn at random among all but ``index``."""
+        n_aux = self.config.n_aux if n_aux is None else n_aux
+        n = len(self.labels)
+        if n_aux > n - 1:
+            raise ValueError(f"n_aux {n_aux} is larger than the {n - 1} test samples besides "
+                             f"the attacked one")
+        perm = torch.randperm(n - 1, generator=torch.Generator().manual_seed(int(seed)))[:n_aux]
+        return perm + (perm >= index).long()  # skip ``index``
+
+    # -- the search ------------------------------------------------------------------------------
+    def run(self, index: int, target: int, aux: torch.Tensor | None = None,
+            seed: int = 0) -> TALBFResult:
+        """Attack test sample ``index`` into class ``target``: search k (doubling) and gamma
+        (halving) and keep the first success in that order. ``aux`` defaults to a draw with
+        ``seed`` (:meth:`draw_aux`)."""
+        cfg = self.config
+        n = len(self.labels)
+        if not 0 <= index < n:
+            raise ValueError(f"test index {index} is outside the test set (0..{n - 1})")
+        if not 0 <= target < self.num_classes:
+            raise ValueError(f"target class {target} is outside 0..{self.num_classes - 1}")
+        source = int(self.labels[index])
+        if source == target:
+            raise ValueError(f"sample {index} is of class {target} already: the target must be "
+                             f"another class")
+        aux = self.draw_aux(index, seed) if aux is None else torch.as_tensor(aux).long().cpu()
+        if aux.dim() != 1 or len(aux) == 0 or (aux < 0).any() or (aux >= n).any():
+            raise ValueError(f"D_aux must be a non-empty list of test indices (0..{n - 1})")
+        if (aux == index).any() or len(torch.unique(aux)) != len(aux):
+            raise ValueError("D_aux must not contain the attacked sample nor repeat an index")
+        aux = aux.to(self.device)
+        problem = _Problem(self, index, target, aux)
+        order = cfg.search_order()
+        winner, decided, nan_runs = None, 0, 0
+        for start, end in cfg.batches():
+            for r in self.admm(problem, order[start:end]):
+                if r.status == "skipped":  # only after a success
+                    break
+                decided += 1
+                nan_runs += r.status == "nan"
+                if r.success:
+                    winner = r
+                    break
+            if winner is not None:
+                break
+        keep = torch.ones(n, dtype=torch.bool, device=self.device)
+        keep[index] = False
+        keep[aux] = False
+        pa_clean = _percent(self.clean_correct[keep])
+        if winner is None:
+            return TALBFResult(index, target, source, False, None, None, None, None, pa_clean,
+                               False, None, decided, nan_runs, aux.tolist())
+        codes = self.layer.codes_from_bits(winner.bits)
+        pred = self.predict(self.features, codes)
+        pa = _percent((pred == self.labels)[keep])
+        changed = (winner.bits != self.layer.bits()).nonzero().tolist()
+        return TALBFResult(index, target, source, True, winner.k, winner.gamma, winner.n_flips,
+                           pa, pa_clean, winner.status == "converged", winner.iters, decided,
+                           nan_runs, aux.tolist(), changed, codes)
+
+    # -- lp-box ADMM, batched over runs --------------------------------------------------------
+    def admm(self, problem: "_Problem", runs: list[tuple[float, float]]) -> list[ADMMRun]:
+        """Run lp-box ADMM for every ``(k, gamma)`` of ``runs`` (listed in search order) as one
+        batch. A run that succeeds drops the runs after it that are still going (status
+        ``skipped``). Returns one :class:`ADMMRun` per entry."""
+        cfg, layer, dev = self.config, self.layer, self.device
+        out_f, in_f, nb = layer.shape
+        n, m = self.b0.numel(), out_f * in_f
+        G = len(runs)
+        results: list[ADMMRun | None] = [None] * G
+        ks = torch.tensor([r[0] for r in runs], dtype=torch.float32, device=dev)
+        gammas = torch.tensor([r[1] for r in runs], dtype=torch.float32, device=dev)
+        # Per-row loss weights: x_s 1, each D_aux sample gamma / |D_aux|; y-targets per row.
+        roww, ycode = problem.row_weights(gammas)                 # [G, 1, B], [out, B]
+        ycodew = ycode * roww                                     # [G, out, B]
+        X = problem.x                                             # [B, in]
+        Xt = X.t().contiguous()                                   # [in, B]
+        bias = layer.bias.unsqueeze(1)                            # [out, 1]
+        base = bitlib.bit_values(nb, dtype=torch.float32, device=dev)           # [N]
+        sbase_col = (base * layer.step).view(nb, 1)   # dW/db_k = step * base[k]
+        offset = float(bitlib.bit_offset(nb))
+        b0 = self.b0
+        layer_bits = layer.bits()
+        b = b0.expand(G, n).clone()
+        z1 = torch.zeros(G, n, device=dev)
+        z2 = torch.zeros(G, n, device=dev)
+        z3 = torch.zeros(G, device=dev)
+        rho1, rho2, rho3 = cfg.rho1, cfg.rho2, cfg.rho3
+        lr = cfg.inn_lr
+        active = list(range(G))   # row r of the working tensors is run active[r]
+        best = G                  # smallest index of a successful run so far
+        for ext in range(cfg.ext_max_iters):
+            # Projections onto the box, the sphere and the positive slack (SPEC 8).
+            y1 = torch.add(b, z1, alpha=1.0 / rho1).clamp_(0.0, 1.0)
+            y2 = project_sphere(torch.add(b, z2, alpha=1.0 / rho2))
+            d = b - b0
+            y3 = (ks - z3 / rho3 - _sqnorm(d)).clamp_(min=0.0)
+            # Gradient steps on b with y, z, rho fixed. The augmented Lagrangian's gradient is
+            #   dF/db + z1 + z2 + rho1 (b-y1) + rho2 (b-y2) + 2 (z3 + rho3 (|b-b0|^2-k+y3)) (b-b0)
+            # and a step b -= lr * grad is written as b*(1 - lr(rho1+rho2)) + c - lr*dF/db
+            # + cA*(b-b0) with c and cA fixed for the inner loop (cA also needs |b-b0|^2).
+            c = torch.add(z1, z2).add_(y1, alpha=-rho1).add_(y2, alpha=-rho2).mul_(-lr)
+            keep_b = 1.0 - lr * (rho1 + rho2)
+            cA0 = (-2.0 * lr) * (z3 + rho3 * (y3 - ks))           # [G]
+            for _ in range(cfg.inn_max_iters):
+                d = b - b0
+                cA = torch.add(cA0, _sqnorm(d), alpha=-2.0 * lr * rho3)
+                # W = step * (offset + sum_k b_k base[k]), as the integer layer computes it
+                W = torch.matmul(base, b.view(-1, nb, m)).view(-1, out_f, in_f)
+                if offset:
+                    W = W + offset
+                W = W.mul_(layer.step)
+                # Logits transposed, [G, out, B]: softmax over a non-innermost dimension of
+                # this size is much faster on the CPU, and dF/dW = dF/dz^T @ X needs no copy.
+                zt = torch.matmul(W, Xt).add_(bias)
+                gW = torch.matmul(problem.grad_zt(zt, roww, ycodew), X)   # [G, out, in]
+                new = torch.add(c, b, alpha=keep_b)
+                new.addcmul_(d, cA.unsqueeze(1))
+                new.view(-1, nb, m).addcmul_(gW.view(-1, 1, m), sbase_col, value=-lr)
+                b = new
+            # Dual and penalty updates, then the stop rule (public order).
+            # b.sum is NaN when b holds a NaN (or both infinities): an exact check only then.
+            nan = ~torch.isfinite(b.sum(dim=1))
+            d = b - b0
+            r1 = b - y1
+            r2 = b - y2
+            z1.add_(r1, alpha=rho1)
+            z2.add_(r2, alpha=rho2)
+            z3 = z3 + rho3 * (_sqnorm(d) - ks + y3)
+            rho1 = min(cfg.rho_fact * rho1, cfg.max_rho1)
+            rho2 = min(cfg.rho_fact * rho2, cfg.max_rho2)
+            rho3 = min(cfg.rho_fact * rho3, cfg.max_rho3)
+            last = ext == cfg.ext_max_iters - 1
+            if ext > cfg.min_ext_iters:  # *quirk*: the public test is ``ext_iter > 100``
+                norm_b = torch.linalg.vector_norm(b, dim=1).clamp_(min=_NORM_FLOOR)
+                crit = torch.maximum(torch.linalg.vector_norm(r1, dim=1),
+                                     torch.linalg.vector_norm(r2, dim=1)) / norm_b
+                done = crit <= cfg.stop_threshold
+                flags = torch.stack([nan, done]).tolist()
+            else:
+                flags = [nan.tolist(), [False] * len(active)]
+            for r in range(len(active)):
+                if flags[0][r]:
+                    flags[0][r] = bool(torch.isnan(b[r]).any())
+                    flags[1][r] = flags[1][r] and not flags[0][r]
+            finished = [r for r in range(len(active)) if flags[0][r] or flags[1][r] or last]
+            if not finished:
+                continue
+            for r in finished:
+                run = active[r]
+                k_r, g_r = runs[run]
+                relaxed = b[r].view(nb, out_f, in_f).permute(1, 2, 0).contiguous()
+                if flags[0][r]:
+                    results[run] = ADMMRun(k_r, g_r, "nan", ext + 1, relaxed=relaxed)
+                    continue
+                bits = (relaxed > 0.5).to(torch.uint8)
+                codes = layer.codes_from_bits(bits)
+                pred = self.predict(problem.x_s, codes)
+                success = int(pred[0]) == problem.target
+                n_flips = int((bits != layer_bits).sum())
+                results[run] = ADMMRun(k_r, g_r, "converged" if flags[1][r] else "max_iters",
+                                       ext + 1, success, n_flips, bits, relaxed)
+                if success:
+                    best = min(best, run)
+            # Drop finished runs and the runs after the first success (not needed).
+            keep_rows = [r for r in range(len(active))
+                         if results[active[r]] is None and active[r] < best]
+            if not keep_rows:
+                break
+            if len(keep_rows) < len(active):
+                idx = torch.tensor(keep_rows, device=dev)
+                b, z1, z2, z3 = b[idx], z1[idx], z2[idx], z3[idx]
+                ks, roww, ycodew = ks[idx], roww[idx], ycodew[idx]
+                active = [active[r] for r in keep_rows]
+        for i in range(G):
+            if results[i] is None:
+                results[i] = ADMMRun(runs[i][0], runs[i][1], "skipped")
+        return results
+
+
+def _sqnorm(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean norm of each row (one pass, no temporary)."""
+    return torch.linalg.vector_norm(x, dim=-1).square_()
+
+
+def _percent(hits: torch.Tensor) -> float:
+    """100 * the fraction of True entries (NaN when empty)."""
+    return 100.0 * int(hits.sum()) / len(hits) if len(hits) else float("nan")
+
+
+class _Problem:
+    """The data of one attacked sample: features of D_aux then x_s (the public order), their
+    loss targets and the gradient of the attack loss with respect to the logits."""
+
+    def __init__(self, attack: TALBF, index: int, target: int, aux: torch.Tensor):
+        self.target = int(target)
+        self.ocm = attack.ocm
+        rows = torch.cat([aux, torch.tensor([index], device=aux.device)])
+        self.x = attack.features[rows]                                    # [B, in]
+        self.x_s = self.x[-1:]
+        y = attack.labels[rows].clone()
+        y[-1] = self.target
+        self.n_aux = len(aux)
+        if self.ocm:
+            # BCE against the codes mapped to {0, 1} (OCM paper, supplement eq. 6).
+            self.y = (attack.output.codebook.to(attack.device)[y] + 1.0) / 2.0    # [B, L]
+        else:
+            self.y = F.one_hot(y, attack.layer.codes.shape[0]).float()            # [B, C]
+
+    def row_weights(self, gammas: torch.Tensor):
+        """Per-sample factor of the loss gradient ``[G, 1, B]`` and the targets ``[out, B]``:
+        1 for x_s, gamma / |D_aux| for each D_aux sample; for OCM also the BCE's 2/L."""
+        G, B = len(gammas), self.x.shape[0]
+        w = torch.empty(G, B, device=gammas.device)
+        w[:, :-1] = (gammas / self.n_aux).unsqueeze(1)
+        w[:, -1] = 1.0
+        if self.ocm:
+            w = w * (2.0 / self.y.shape[1])   # d/dz of mean BCE(sigmoid(2z)) = 2 (p - c) / L
+        return w.unsqueeze(1), self.y.t().contiguous()
+
+    def grad_zt(self, zt: torch.Tensor, roww: torch.Tensor, ycodew: torch.Tensor) -> torch.Tensor:
+        """dF/dz for the batch of transposed logits ``zt`` ``[G, out, B]`` (same layout).
+
+        Vanilla: ``-log softmax(z_s)[t] + gamma * CE(z_aux, y)`` gives ``w * (softmax(z) - y)``
+        (computed stably; the public code's ``log(softmax(.))`` would give inf/NaN when the
+        target probability underflows, ours does not).
+        OCM: ``BCE(sigmoid(2z), c)`` gives ``w * (p - c) * s / max(s, 1e-12)`` with
+        ``s = p (1 - p)`` (*quirk*: ``torch.nn.BCELoss`` clamps its gradient's denominator at
+        1e-12, so an output saturated in float32 passes no gradient, as in the public code).
+        """
+        if self.ocm:
+            p = torch.sigmoid(2.0 * zt)
+            s = p * (1.0 - p)
+            return (p * roww - ycodew) * (s / s.clamp(min=_BCE_EPS))
+        return torch.addcmul(-ycodew, torch.softmax(zt, dim=1), roww)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attack lists (SPEC section 8 protocol) and campaigns
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttackItem:
+    """One line of an attack list: its position, the target class and the test index."""
+
+    pos: int
+    target: int
+    index: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.pos}-t{self.target}-i{self.index}"
+
+
+def _as_int(text: str) -> int | None:
+    """``text`` as an integer (``3`` or ``3.0``, as NumPy's ``loadtxt`` reads it), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
+
+
+def read_attack_info(text: str, name: str = "attack list") -> list[tuple[int, int, int]]:
+    """Syntax of the public format: one ``target_class test_index`` pair per line (blank lines
+    and ``#`` comments are skipped). Returns ``(line number, target, index)`` per pair; raises
+    ValueError naming the first malformed line."""
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        body = line.split("#", 1)[0].strip()
+        if not body:
+            continue
+        values = [_as_int(p) for p in body.replace(",", " ").split()]
+        if len(values) != 2 or None in values:
+            raise ValueError(f"{name} line {number}: expected 'target_class test_index' (two "
+                             f"integers), got {line.strip()!r}")
+        out.append((number, values[0], values[1]))
+    if not out:
+        raise ValueError(f"{name} holds no 'target_class test_index' lines")
+    return out
+
+
+def check_attack_info(entries: list[tuple[int, int, int]], labels: torch.Tensor,
+                      num_classes: int, name: str = "attack list") -> list[AttackItem]:
+    """The attack items of :func:`read_attack_info` entries; raises ValueError naming the line
+    of an index outside the test set, a class outside the model's or a target equal to the
+    sample's own class."""
+    labels = labels.cpu()
+    n = len(labels)
+    items = []
+    for number, target, index in entries:
+        if not 0 <= index < n:
+            raise ValueError(f"{name} line {number}: test index {index} is outside the test set "
+                             f"(0..{n - 1})")
+        if not 0 <= target < num_classes:
+            raise ValueError(f"{name} line {number}: target class {target} is outside the "
+                             f"model's classes (0..{num_classes - 1})")
+        if int(labels[index]) == target:
+            raise ValueError(f"{name} line {number}: test sample {index} is of class {target}, "
+                             f"the target itself; a targeted attack needs another class")
+        items.append(AttackItem(len(items), target, index))
+    return items
+
+
+def parse_attack_info(text: str, labels: torch.Tensor, num_classes: int,
+                      name: str = "attack list") -> list[AttackItem]:
+    """:func:`read_attack_info` then :func:`check_attack_info`."""
+    return check_attack_info(read_attack_info(text, name), labels, num_classes, name)
+
+
+def generate_attack_list(labels: torch.Tensor, num_classes: int, n_attacks: int,
+                         seed: int, eligible: torch.Tensor | None = None) -> list[AttackItem]:
+    """The protocol's list (SPEC section 8): attack ``i`` targets class ``i mod C``; the sources
+    of each target are distinct test samples of other classes, drawn from a permutation seeded
+    by ``(seed, target)``. Every class is the target equally often when ``n_attacks`` is a
+    multiple of C, and a shorter list is a prefix of a longer one (a campaign can be extended).
+    ``eligible`` (bool mask) restricts the sources, e.g. to correctly classified samples."""
+    labels = labels.cpu()
+    ok = torch.ones(len(labels), dtype=torch.bool) if eligible is None else eligible.cpu()
+    per_target = -(-n_attacks // num_classes)
+    pools = []
+    for t in range(num_classes):
+        need = n_attacks // num_classes + (t < n_attacks % num_classes)
+        pool = ((labels != t) & ok).nonzero().view(-1)
+        if len(pool) < need:
+            raise ValueError(f"target class {t} needs {need} source samples of other classes "
+                             f"but the test set has only {len(pool)}: lower --n-attacks")
+        state = np.random.SeedSequence([int(seed), t]).generate_state(1)[0]
+        g = torch.Generator().manual_seed(int(state))
+        pools.append(pool[torch.randperm(len(pool), generator=g)[:per_target]])
+    return [AttackItem(i, i % num_classes, int(pools[i % num_classes][i // num_classes]))
+            for i in range(n_attacks)]
+
+
+def format_attack_info(items: list[AttackItem]) -> str:
+    """The public file format: ``target_class test_index`` per line."""
+    return "".join(f"{it.target} {it.index}\n" for it in items)
+
+
+def attack_list_digest(items: list[AttackItem]) -> str:
+    return hashlib.sha256(format_attack_info(items).encode()).hexdigest()
+
+
+def aux_seed(seed: int, item: AttackItem) -> int:
+    """Seed of one attack's D_aux: a pure function of the campaign seed and the item, so the
+    draws do not depend on which attacks ran before (resume)."""
+    return int(np.random.SeedSequence([int(seed), item.pos, item.target,
+                                       item.index]).generate_state(1)[0])
+
+
+def run_campaign(attack: TALBF, items: list[AttackItem], results, seed: int,
+                 on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Attack every item not yet in ``results`` (a :class:`utils.results.JsonlResults`),
+    appending one line per finished attack. Returns the new records."""
+    done = results.done()
+    clean_acc = attack.clean_accuracy()
+    new = []
+    for item in items:
+        if item.key in done:
+            continue
+        s = aux_seed(seed, item)
+        t0 = time.time()
+        res = attack.run(item.index, item.target, seed=s)
+        record = {"key": item.key, "pos": item.pos, "target": item.target,
+                  "index": item.index, "source": res.source, "success": res.success,
+                  "asr": 100.0 if res.success else 0.0, "k": res.k, "gamma": res.gamma,
+                  "n_flips": res.n_flips, "pa_acc": res.pa_acc, "pa_acc_clean": res.pa_acc_clean,
+                  "converged": res.converged, "outer_iters": res.outer_iters,
+                  "runs": res.runs, "nan_runs": res.nan_runs, "clean_acc": clean_acc,
+                  "aux_seed": s, "flips": res.flips, "seconds": round(time.time() - t0, 3)}
+        results.append(record)
+        new.append(record)
+        if on_result is not None:
+            on_result(record)
+    return new
+
+
+SUMMARY_METRICS = ["pa_acc", "n_flips", "pa_acc_clean", "k", "gamma", "outer_iters", "seconds"]
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    """ASR over every attack; the other metrics averaged over the successful ones (SPEC 8)."""
+    from utils.results import mean_std, summarize
+
+    m, s = mean_std([r["asr"] for r in records])
+    rows = [{"metric": "asr", "mean": m, "std": s, "n": len(records)}]
+    ok = [r for r in records if r["success"]]
+    rows += summarize(ok, SUMMARY_METRICS)
+    m, s = mean_std([100.0 * bool(r["converged"]) for r in ok])
+    rows.append({"metric": "converged_pct", "mean": m, "std": s, "n": len(ok)})
+    m, s = mean_std([r["clean_acc"] for r in records])
+    rows.append({"metric": "clean_acc", "mean": m, "std": s, "n": len(records)})
+    return rows
