@@ -9,7 +9,8 @@
 #
 # Usage: bash scripts/quickstart.sh            (from any directory)
 # Environment overrides: OUT (runs/quickstart), DEVICE (auto), EPOCHS (15), SEED (0),
-#   PAIRS (T-BFA source:target pairs, default 0:1,2:3,4:5,6:7,8:9), ATTACK (1; 0 skips it)
+#   PAIRS (T-BFA source:target pairs, default 0:1,2:3,4:5,6:7,8:9), TALBF_ATTACKS (5 TA-LBF
+#   attacks per model), ATTACK (1; 0 skips both attacks)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,6 +21,7 @@ SEED="${SEED:-0}"
 PY="${PYTHON:-python}"
 PAIRS="${PAIRS:-0:1,2:3,4:5,6:7,8:9}"
 ATTACK="${ATTACK:-1}"
+TALBF_ATTACKS="${TALBF_ATTACKS:-5}"
 
 RECIPE=(--dataset digits --arch resnet20_quan --bits 8 -e "$EPOCHS" -b 64 --opt adam --lr 2e-3
         --schedule cosine -wd 1e-4 --device "$DEVICE" --seed "$SEED" --no-progress)
@@ -45,6 +47,9 @@ for model in ("vanilla", "ocm16"):
 print(f"checkpoints and logs in {out}/ ({time.time() - start:.0f} s)")
 PYEOF
 [ "$ATTACK" = "0" ] && exit 0
+# The models were just retrained: results of earlier attacks on them are stale.
+rm -rf "$OUT"/vanilla/attack_tbfa "$OUT"/ocm16/attack_tbfa "$OUT"/vanilla/attack_talbf \
+       "$OUT"/ocm16/attack_talbf
 
 echo "== stealthy T-BFA, pairs $PAIRS (results in $OUT/<model>/attack_tbfa) =="
 for model in vanilla ocm16; do
@@ -67,5 +72,28 @@ for model in ("vanilla", "ocm16"):
     rows.append(row)
 print(format_table(rows, list(rows[0])))
 print("More bit-flips and a lower PA-ACC mean a more robust model (OCM paper, supplement).")
+PYEOF
+
+echo "== stealthy TA-LBF, $TALBF_ATTACKS attacks per model (results in $OUT/<model>/attack_talbf) =="
+for model in vanilla ocm16; do
+  "$PY" attack_talbf.py --checkpoint "$OUT/$model/model_best.pth.tar" --n-attacks "$TALBF_ATTACKS" \
+    --device "$DEVICE" --no-progress --results "$OUT/$model/attack_talbf" > /dev/null
+done
+"$PY" - "$OUT" "$start" <<'PYEOF'
+import sys, time
+sys.path.insert(0, ".")
+from utils.results import JsonlResults, format_table, mean_std
+out, start = sys.argv[1], int(sys.argv[2])
+rows = []
+for model in ("vanilla", "ocm16"):
+    recs = JsonlResults(f"{out}/{model}/attack_talbf/results.jsonl").records
+    ok = [r for r in recs if r["success"]]
+    row = {"model": model, "attacks": len(recs),
+           "ASR %": f"{100.0 * len(ok) / max(len(recs), 1):.1f}"}
+    for metric, name in (("n_flips", "# bit-flips"), ("pa_acc", "PA-ACC %")):
+        m, s = mean_std([r[metric] for r in ok])
+        row[name] = f"{m:.2f} +- {s:.2f}"
+    rows.append(row)
+print(format_table(rows, list(rows[0])))
 print(f"total {time.time() - start:.0f} s")
 PYEOF

@@ -28,3 +28,5 @@ def test_quickstart_trains_both_models_above_95_percent(tmp_path):
         for m in ("vanilla", "ocm16")}
     assert flips["ocm16"] > 2 * flips["vanilla"], flips
     assert "PA-ACC %" in proc.stdout
+    for m in ("vanilla", "ocm16"):  # the TA-LBF step
+        assert len(JsonlResults(str(tmp_path / m / "attack_talbf" / "results.jsonl")).records) == 5
