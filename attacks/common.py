@@ -46,4 +46,4 @@ class EvalSet:
         if len(idx) == 0:
             return float("nan")
         target = self.labels[idx] if labels is None else labels
-        return 100.0 * float((self.predict(model, output, idx) == target).float().mean())
+        return 100.0 * int((self.predict(model, output, idx) == target).sum()) / len(idx)

@@ -222,8 +222,9 @@ class TBFA:
             return loss_src, float(loss_src.detach()) + float(loss_aux)
 
         def asr_pair():
-            hits = (data.predict(model, output, src_rest) == t_src_rest).float()
-            return 100.0 * float(hits[:ns].mean()), 100.0 * float(hits[ns:].mean())
+            hits = data.predict(model, output, src_rest) == t_src_rest
+            return (100.0 * int(hits[:ns].sum()) / ns,
+                    100.0 * int(hits[ns:].sum()) / (len(hits) - ns))
 
         pa_clean = data.accuracy(model, output, sets.pa)
         asr_clean = data.accuracy(model, output, sets.rest, t_src_rest[ns:])
