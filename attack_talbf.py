@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -37,7 +36,8 @@ from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, exp
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.results import JsonlResults, format_table, write_csv
+from utils.results import (JsonlResults, check_campaign, default_results_dir, format_table,
+                           write_campaign, write_csv)
 
 log = logging.getLogger("attack_talbf")
 
@@ -197,28 +197,19 @@ def main(argv=None) -> int:
         attack_list = {"generated_seed": args.seed, "correct_only": args.correct_only}
     attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
 
-    results_dir = args.results or os.path.join(
-        os.path.dirname(os.path.abspath(target.source)) if not args.pretrained else "runs",
-        "attack_talbf")
+    results_dir = args.results or default_results_dir(target.source, args.pretrained,
+                                                      "attack_talbf")
     # An attack is defined by its key (position, target, index) and the settings below, so
     # one folder can hold attacks of several lists (a longer list, another file).
     campaign = {"source": target.source, "dataset": info.name, "config": mcfg.to_dict(),
                 "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
                 "seed": args.seed, "attack_list": attack_list}
-    campaign_file = os.path.join(results_dir, "campaign.json")
-    if os.path.exists(campaign_file):
-        with open(campaign_file) as f:
-            before = json.load(f)
-        diff = [k for k in CAMPAIGN_KEYS if before.get(k) != campaign.get(k)]
-        if diff:
-            raise UserError(f"{results_dir} holds a campaign with other settings ({', '.join(diff)}"
-                            f" differ): use another --results folder")
+    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS)
 
     # Everything is valid: from here on, files are written.
     os.makedirs(results_dir, exist_ok=True)
     setup_logging(os.path.join(results_dir, "attack.log"))
-    with open(campaign_file, "w") as f:
-        json.dump(campaign, f, indent=1)
+    write_campaign(campaign_file, campaign)
     if args.save_attack_info:
         with open(args.save_attack_info, "w") as f:
             f.write(format_attack_info(items))

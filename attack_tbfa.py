@@ -31,7 +31,8 @@ from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, exp
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.results import JsonlResults, format_table, summarize, write_csv
+from utils.results import (JsonlResults, check_campaign, default_results_dir, format_table,
+                           summarize, write_campaign, write_csv)
 
 log = logging.getLogger("attack_tbfa")
 
@@ -162,29 +163,20 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    results_dir = args.results or os.path.join(
-        os.path.dirname(os.path.abspath(target.source)) if not args.pretrained else "runs",
-        "attack_tbfa")
+    results_dir = args.results or default_results_dir(target.source, args.pretrained,
+                                                      "attack_tbfa")
     campaign = {"source": target.source, "dataset": info.name, "config": cfg.to_dict(),
                 "n_src": n_src, "n_aux": n_aux, "seed": args.seed,
                 "full_gradient": args.full_gradient,
                 "oscillation_by_layer": args.oscillation_by_layer,
                 "stop_on_src_only": args.stop_on_src_only, "iters": args.iters,
                 "sets_file": os.path.abspath(args.sets) if args.sets else None}
-    campaign_file = os.path.join(results_dir, "campaign.json")
-    if os.path.exists(campaign_file):
-        with open(campaign_file) as f:
-            before = json.load(f)
-        diff = [k for k in CAMPAIGN_KEYS if before.get(k) != campaign.get(k)]
-        if diff:
-            raise UserError(f"{results_dir} holds a campaign with other settings ({', '.join(diff)}"
-                            f" differ): use another --results folder")
+    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS)
 
     # Everything is valid: from here on, files are written.
     os.makedirs(results_dir, exist_ok=True)
     setup_logging(os.path.join(results_dir, "attack.log"))
-    with open(campaign_file, "w") as f:
-        json.dump(campaign, f, indent=1)
+    write_campaign(campaign_file, campaign)
     if args.save_sets:
         with open(args.save_sets, "w") as f:
             json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,

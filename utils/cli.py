@@ -13,6 +13,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from models import list_models
 from models.factory import ModelConfig
 from models.ocm import LEGACY_SEED
@@ -188,8 +190,8 @@ def add_attack_model_args(parser: argparse.ArgumentParser) -> None:
 class AttackTarget:
     """The model an attack script works on, in integer mode on its device."""
 
-    model: "torch.nn.Module"
-    output: "torch.nn.Module"
+    model: nn.Module
+    output: nn.Module
     config: ModelConfig
     dataset: object            # utils.data.DatasetInfo
     source: str                # checkpoint path, or "torchvision:<name>"
@@ -200,8 +202,6 @@ class AttackTarget:
 def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
     """Build the attacked model from ``--checkpoint``/``--outdir`` or ``--pretrained``, load its
     weights, move it to ``device`` and put it in integer mode (SPEC section 1)."""
-    import torch  # noqa: F401  (kept local: the CLI helpers above need no torch)
-
     from models import to_integer
     from models.factory import build_model
     from models.loading import load_weights

@@ -109,3 +109,31 @@ def format_table(rows: list[dict], columns: list[str], floatfmt: str = "{:.2f}")
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(out)
+
+
+def default_results_dir(source: str, pretrained: bool, name: str) -> str:
+    """``<checkpoint folder>/<name>``, or ``runs/<name>`` for torchvision's weights."""
+    base = "runs" if pretrained else os.path.dirname(os.path.abspath(source))
+    return os.path.join(base, name)
+
+
+def check_campaign(results_dir: str, campaign: dict, keys) -> str:
+    """Refuse a results folder that holds a campaign with other settings; returns the path of
+    its ``campaign.json`` (written by :func:`write_campaign` once everything is valid)."""
+    from .errors import UserError
+
+    path = os.path.join(results_dir, "campaign.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        diff = [k for k in keys if before.get(k) != campaign.get(k)]
+        if diff:
+            raise UserError(f"{results_dir} holds a campaign with other settings "
+                            f"({', '.join(diff)} differ): use another --results folder")
+    return path
+
+
+def write_campaign(path: str, campaign: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(campaign, f, indent=1)
