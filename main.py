@@ -8,12 +8,21 @@ Examples:
   python main.py --eval runs/r20_ocm16/model_best.pth.tar
   python main.py --dataset imagenet --arch resnet50_quan --finetune --ft_path vanilla.pth.tar \
       --ocm --code_length 1024 --output_act tanh --outdir runs/r50_ocm1024
+  torchrun --nproc_per_node=4 main.py --dataset imagenet --data_dir /data/imagenet \
+      --arch resnet50_quan --amp --channels-last --outdir runs/r50      # 4 GPUs, one node
 Defaults follow the papers' recipe (SPEC section 4).
+
+Several processes (torchrun, DistributedDataParallel): -b/--batch is the global batch (each
+of the W processes takes B/W samples of every step), so a recipe keeps its meaning on any
+number of GPUs; evaluation is sharded and its counts summed; only rank 0 writes logs,
+TensorBoard, log.csv and checkpoints; BatchNorm keeps plain DDP semantics (batch statistics
+per process, running statistics of rank 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -22,7 +31,9 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 
+from utils import distributed
 from utils.checkpoint import (checkpoint_config, load_checkpoint, make_checkpoint,
                               model_from_checkpoint, save_checkpoint)
 from utils.cli import (add_data_args, add_model_args, add_runtime_args, device_spec,
@@ -38,7 +49,7 @@ log = logging.getLogger("main")
 # Flags whose value a resumed run takes from the checkpoint unless given again.
 TRAINING_FLAGS = ("epochs", "batch", "opt", "lr", "momentum", "nesterov", "schedule", "gammas",
                   "warmup", "weight_decay", "clustering", "lambda_coeff", "mixup", "mixup_alpha",
-                  "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir", "outdir")
+                  "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir", "outdir", "amp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,6 +105,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--manifold-mixup-alpha", "--manifold_mixup_alpha",
                    dest="manifold_mixup_alpha", type=float, default=2.0,
                    help="manifold mixup Beta(alpha, alpha) (default 2)")
+    s = p.add_argument_group("speed (the quantizer stays exact with each of them)")
+    s.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the training forward; quantized weights are still "
+                        "computed in float32 (kept by --resume)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the training model (checkpoints store the plain "
+                        "module; evaluation runs uncompiled)")
+    s.add_argument("--channels-last", "--channels_last", dest="channels_last",
+                   action="store_true",
+                   help="channels-last memory format for model and batches (helps convolutions "
+                        "on recent GPUs, see bench/README.md)")
     add_runtime_args(p)
     return p
 
@@ -150,8 +172,11 @@ def main(argv=None) -> int:
     try:
         return _main(args, explicit)
     except UserError as e:
-        _note_error_in_outdir(args, e)
+        if distributed.is_main():
+            _note_error_in_outdir(args, e)
         raise
+    finally:
+        distributed.cleanup()
 
 
 def _note_error_in_outdir(args, error) -> None:
@@ -179,6 +204,8 @@ def _main(args, explicit: set[str]) -> int:
     if args.ft_path and not args.finetune:
         raise UserError("--ft_path is only used with --finetune")
     device = resolve_device(device_spec(args))
+    if distributed.launched_by_torchrun() and args.eval is None:
+        device = distributed.init_distributed(device)  # one process (and GPU) per rank
     torch.manual_seed(args.seed)  # model initialisation (and finetuning's new final layer)
 
     # 1. The checkpoint we start from, if any, and the model it describes.
@@ -240,9 +267,14 @@ def _main(args, explicit: set[str]) -> int:
     if args.resume is not None and start_epoch >= args.epochs:
         raise UserError(f"{ckpt_path} already finished {start_epoch} of {args.epochs} epochs: "
                         f"raise -e/--epochs to train longer")
+    if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--amp uses bfloat16, which {device} does not support: drop --amp")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     train_loader, test_loader, _ = build_loaders(
         dataset.name, args.data_dir, args.batch, device, workers=args.workers,
-        download=args.download, seed=args.seed, test_batch_size=args.test_batch)
+        download=args.download, seed=args.seed, test_batch_size=args.test_batch,
+        rank=distributed.rank(), world_size=distributed.world_size(), memory_format=memory_format)
+    model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay,
                                 args.nesterov)
     if args.resume is not None and ckpt.get("optimizer"):
@@ -255,8 +287,28 @@ def _main(args, explicit: set[str]) -> int:
     outdir = args.outdir or (os.path.dirname(ckpt_path) if args.resume is not None
                              else default_outdir(dataset, config))
     args.outdir = outdir
+    train_model = wrap_for_training(model, device, args.compile)
     return train(args, model, output, config, dataset, optimizer, schedule, mixup,
-                 train_loader, test_loader, start_epoch, best_acc, outdir)
+                 train_loader, test_loader, start_epoch, best_acc, outdir, train_model)
+
+
+def wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
+    """The module the training loop calls: ``model`` inside DistributedDataParallel (under
+    torchrun) and ``torch.compile`` (``--compile``). Checkpoints and evaluation use ``model``
+    itself, so no ``module.`` or ``_orig_mod.`` prefix reaches a state dict."""
+    wrapped = model
+    if distributed.is_distributed():
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    """An exception raised by torch.compile's machinery (dynamo, inductor, the C++ compiler)."""
+    return any(type(x).__module__.startswith(("torch._dynamo", "torch._inductor"))
+               for x in (e, e.__cause__) if x is not None)
 
 
 def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
@@ -275,18 +327,39 @@ def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
 
 
 def train(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
-          test_loader, start_epoch, best_acc, outdir) -> int:
+          test_loader, start_epoch, best_acc, outdir, train_model=None) -> int:
+    """The epoch loop. ``train_model`` is what the training step calls (``model`` wrapped by
+    :func:`wrap_for_training`); only rank 0 writes files, every rank trains and evaluates."""
+    train_model = model if train_model is None else train_model
+    if not distributed.is_main():
+        return _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup,
+                           train_loader, test_loader, start_epoch, best_acc, outdir,
+                           train_model, None)
     from torch.utils.tensorboard import SummaryWriter
 
     os.makedirs(outdir, exist_ok=True)
     setup_logging(os.path.join(outdir, "train.log"))
     with open(os.path.join(outdir, "args.json"), "w") as f:
-        json.dump({"argv": sys.argv, **vars(args), "model_config": config.to_dict()}, f, indent=1)
-    log.info("%s %s on %s: %d/%d train/test images, %s, start epoch %d",
+        json.dump({"argv": sys.argv, **vars(args), "model_config": config.to_dict(),
+                   "world_size": distributed.world_size()}, f, indent=1)
+    world = distributed.world_size()
+    log.info("%s %s on %s: %d/%d train/test images, %s%s, start epoch %d",
              "resuming" if start_epoch else "training", config.arch, dataset.name,
              train_loader.dataset_size, test_loader.dataset_size, next(model.parameters()).device,
-             start_epoch)
+             f" x {world} processes ({args.batch // world} images each per step)"
+             if world > 1 else "", start_epoch)
     writer = SummaryWriter(os.path.join(outdir, "tb"), purge_step=start_epoch)
+    try:
+        return _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup,
+                           train_loader, test_loader, start_epoch, best_acc, outdir,
+                           train_model, writer)
+    finally:
+        writer.close()
+
+
+def _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
+                test_loader, start_epoch, best_acc, outdir, train_model, writer) -> int:
+    main_proc = distributed.is_main()
     csv_path = os.path.join(outdir, "log.csv")
     fields = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
               "best_acc", "seconds"]
@@ -297,21 +370,35 @@ def train(args, model, output, config, dataset, optimizer, schedule, mixup, trai
     lambda_coeff = args.lambda_coeff if args.clustering else 0.0
     epoch = start_epoch
     try:
-        with open(csv_path, "w" if new_csv else "a", newline="") as fcsv:
-            out_csv = csv.DictWriter(fcsv, fieldnames=fields)
-            if new_csv:
+        with (open(csv_path, "w" if new_csv else "a", newline="") if main_proc
+              else contextlib.nullcontext()) as fcsv:
+            out_csv = csv.DictWriter(fcsv, fieldnames=fields) if main_proc else None
+            if main_proc and new_csv:
                 out_csv.writeheader()
             for epoch in range(start_epoch, args.epochs):
                 t0 = time.time()
                 # Everything random in an epoch derives from (seed, epoch): exact resume.
                 torch.manual_seed(args.seed * 1_000_003 + epoch)
                 train_loader.set_epoch(epoch)
-                tr = train_one_epoch(model, output, train_loader, optimizer, schedule, epoch,
-                                     lambda_coeff=lambda_coeff, mixup=mixup, seed=args.seed,
-                                     progress=args.progress)
+                try:
+                    tr = train_one_epoch(train_model, output, train_loader, optimizer, schedule,
+                                         epoch, lambda_coeff=lambda_coeff, mixup=mixup,
+                                         seed=args.seed, progress=args.progress and main_proc,
+                                         amp=args.amp)
+                except Exception as e:
+                    if args.compile and _is_compile_error(e):
+                        raise UserError(f"--compile failed on this machine ({type(e).__name__}: "
+                                        f"{_first_line(e)}); train without --compile") from None
+                    raise
                 te = evaluate(model, output, test_loader)
                 is_best = te["top1"] > best_acc
                 best_acc = max(best_acc, te["top1"])
+                row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": round(tr["loss"], 6),
+                       "train_acc": round(tr["top1"], 4), "test_loss": round(te["loss"], 6),
+                       "test_acc": round(te["top1"], 4), "test_top5": round(te["top5"], 4),
+                       "best_acc": round(best_acc, 4), "seconds": round(time.time() - t0, 2)}
+                if not main_proc:
+                    continue
                 state = make_checkpoint(model, config, output, dataset.name, dataset.mean,
                                         dataset.std, epoch=epoch + 1, best_acc=best_acc,
                                         test_acc=te["top1"], optimizer=optimizer.state_dict(),
@@ -319,10 +406,6 @@ def train(args, model, output, config, dataset, optimizer, schedule, mixup, trai
                 save_checkpoint(state, ckpt_file)
                 if is_best:
                     save_checkpoint(state, best_file)
-                row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": round(tr["loss"], 6),
-                       "train_acc": round(tr["top1"], 4), "test_loss": round(te["loss"], 6),
-                       "test_acc": round(te["top1"], 4), "test_top5": round(te["top5"], 4),
-                       "best_acc": round(best_acc, 4), "seconds": round(time.time() - t0, 2)}
                 out_csv.writerow(row)
                 fcsv.flush()
                 for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
@@ -334,15 +417,22 @@ def train(args, model, output, config, dataset, optimizer, schedule, mixup, trai
                          tr["loss"], tr["top1"], te["loss"], te["top1"], best_acc, row["seconds"])
     except KeyboardInterrupt:
         done = epoch  # epochs completed and saved
-        log.info("interrupted during epoch %d; %s holds the %d finished epoch(s): continue "
-                 "with  python main.py --resume %s", epoch + 1, ckpt_file, done, ckpt_file)
+        if main_proc:
+            launcher = "torchrun ... main.py" if distributed.is_distributed() else "python main.py"
+            log.info("interrupted during epoch %d; %s holds the %d finished epoch(s): continue "
+                     "with  %s --resume %s", epoch + 1, ckpt_file, done, launcher, ckpt_file)
         return 130
     except FloatingPointError as e:
         raise UserError(str(e)) from None
-    finally:
-        writer.close()
-    log.info("done: best test accuracy %.2f%% (%s)", best_acc, best_file)
+    distributed.barrier()  # rank 0 has written the last checkpoint before anyone leaves
+    if main_proc:
+        log.info("done: best test accuracy %.2f%% (%s)", best_acc, best_file)
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

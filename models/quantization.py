@@ -29,8 +29,9 @@ class _QuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, step, half_lvls):
-        codes = torch.round(torch.clamp(weight / step, -half_lvls, half_lvls))
-        return codes * step
+        # One new tensor and three in-place passes. round(clamp(v)) == clamp(round(v)) because
+        # the bounds are integers, so the codes are those of SPEC section 1 bit for bit.
+        return torch.div(weight, step).round_().clamp_(-half_lvls, half_lvls).mul_(step)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -81,13 +82,25 @@ class QuantLayer:
         w = self.weight.detach()
         if self.n_bits == 1:
             scale = w.abs().mean()
-        else:
-            scale = w.abs().max() / bitlib.half_levels(self.n_bits)
+        else:  # max|W| in one pass, without a temporary |W| tensor
+            scale = torch.linalg.vector_norm(w, ord=float("inf")) / bitlib.half_levels(self.n_bits)
         # An all-zero layer would give step 0 and NaN codes; any positive step quantizes it to 0.
         return torch.clamp(scale, min=torch.finfo(w.dtype).tiny).reshape(1)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses (differentiable, see module docstring)."""
+        """The weight the forward pass uses (differentiable, see module docstring).
+
+        Under autocast (``--amp``) it is still computed in the weight's own dtype (float32):
+        the step, the rounding and the clamp are exact, and only the convolution or matrix
+        product that consumes the result runs in the lower precision.
+        """
+        device_type = self.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._quantized_weight()
+        return self._quantized_weight()
+
+    def _quantized_weight(self) -> torch.Tensor:
         if self.integer_mode:
             return self.weight * self.step_size
         step = self.compute_step()

@@ -251,11 +251,25 @@ class TensorLoader:
     and are moved to the device, so batches are identical on CPU and CUDA and a resumed run sees
     exactly the same batches. ``train=False``: fixed order, no augmentation, every sample
     (``drop_last`` is ignored).
+
+    Several processes (``world_size > 1``, rank ``rank``, see :mod:`utils.distributed`):
+    ``batch_size`` is the *global* batch. Every process draws the same epoch permutation and
+    augmentation, and takes its own contiguous part of each global batch (``batch_size /
+    world_size`` samples; the last, smaller batch is split as evenly as possible), so the
+    ranks' batches of a step together are the single-process batch of that step and an epoch
+    covers each sample once. :meth:`batch_weight` rescales a rank's mean loss so that the
+    average over the ranks (what DistributedDataParallel computes) is the mean over the global
+    batch. A last batch with fewer samples than processes is dropped. Test mode: each rank
+    iterates over its contiguous share of the samples (counts are summed afterwards, see
+    :func:`utils.training.evaluate`).
+
+    ``memory_format=torch.channels_last`` hands out channels-last batches (``--channels-last``).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean, std, device,
                  train: bool = False, crop_padding: int = 4, hflip: bool = True,
-                 drop_last: bool = False, seed: int = 0):
+                 drop_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"images must be uint8 [N,C,H,W], got {images.dtype} "
                             f"{tuple(images.shape)}")
@@ -266,6 +280,12 @@ class TensorLoader:
                             f"-b/--batch")
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        _check_rank(rank, world_size)
+        if train and int(batch_size) % int(world_size):
+            raise DataError(f"-b/--batch {batch_size} is the global batch and must be divisible "
+                            f"by the number of processes ({world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.memory_format = memory_format
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, dtype=torch.int64)
@@ -273,7 +293,9 @@ class TensorLoader:
         self.train = bool(train)
         self.crop_padding = int(crop_padding)
         self.hflip = bool(hflip)
-        self.drop_last = bool(drop_last) and self.train
+        n, bs = len(labels), self.batch_size
+        # a last batch smaller than the number of processes would leave some rank empty
+        self.drop_last = (bool(drop_last) or 0 < n % bs < self.world_size) and self.train
         self.seed = int(seed)
         self.epoch = 0
         c = images.shape[1]
@@ -285,8 +307,31 @@ class TensorLoader:
         return len(self.labels)
 
     def __len__(self) -> int:
+        """Number of batches (steps) of an epoch, the same on every rank."""
+        if not self.train:
+            return math.ceil(len(range(*self._test_shard())) / self.batch_size)
         n, b = self.dataset_size, self.batch_size
         return n // b if self.drop_last else math.ceil(n / b)
+
+    def _test_shard(self) -> tuple[int, int]:
+        n, r, w = self.dataset_size, self.rank, self.world_size
+        return r * n // w, (r + 1) * n // w
+
+    def _train_shard(self, step: int) -> tuple[int, int, int]:
+        """``(start, end, global_size)``: this rank's positions in the epoch permutation for
+        ``step``, and the size of the global batch they belong to."""
+        lo = step * self.batch_size
+        m = min(self.batch_size, self.dataset_size - lo)
+        r, w = self.rank, self.world_size
+        return lo + r * m // w, lo + (r + 1) * m // w, m
+
+    def batch_weight(self, step: int) -> float:
+        """Factor for this rank's mean loss of ``step``: ``local size * world_size / global
+        size`` (1 for a single process, and whenever the global batch splits evenly)."""
+        if self.world_size == 1 or not self.train:
+            return 1.0
+        start, end, m = self._train_shard(step)
+        return (end - start) * self.world_size / m
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle/augmentation the next iteration produces."""
@@ -297,7 +342,10 @@ class TensorLoader:
         if batch.dtype != torch.uint8:
             raise TypeError(f"normalize expects uint8 pixels, got {batch.dtype}")
         x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-        return x.sub_(self.mean).div_(self.std)
+        x = x.sub_(self.mean).div_(self.std)
+        if self.memory_format is not torch.contiguous_format:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x
 
     def _random_crop(self, x: Tensor, offsets: Tensor) -> Tensor:
         """Zero-pad by ``crop_padding`` and take each sample's HxW window at ``offsets`` [B,2]
@@ -314,8 +362,10 @@ class TensorLoader:
     def __iter__(self):
         n, bs = self.dataset_size, self.batch_size
         if not self.train:
-            for i in range(0, n, bs):
-                yield self.normalize(self.images[i:i + bs]), self.labels[i:i + bs]
+            lo, hi = self._test_shard()
+            for i in range(lo, hi, bs):
+                j = min(i + bs, hi)
+                yield self.normalize(self.images[i:j]), self.labels[i:j]
             return
         g = _epoch_generator(self.seed, self.epoch)
         perm = torch.randperm(n, generator=g).to(self.device)
@@ -323,7 +373,8 @@ class TensorLoader:
         flips = torch.randint(0, 2, (n,), generator=g).bool()
         offsets, flips = offsets.to(self.device), flips.to(self.device)
         for k in range(len(self)):
-            sl = slice(k * bs, (k + 1) * bs)
+            start, end, _ = self._train_shard(k)
+            sl = slice(start, end)
             idx = perm[sl]
             x = self.images[idx]
             if self.crop_padding > 0:
@@ -336,13 +387,27 @@ class TensorLoader:
 class FolderLoader:
     """A torch ``DataLoader`` with TensorLoader's interface: batches come out already on
     ``device``, and ``set_epoch`` makes the shuffle order (and, with workers, the augmentation
-    seeds) a function of ``(seed, epoch)``."""
+    seeds) a function of ``(seed, epoch)``.
+
+    Several processes (``world_size > 1``): ``batch_size`` is the global batch; in training
+    each rank reads ``batch_size / world_size`` images per step through a
+    ``DistributedSampler`` (a shuffle of ``(seed, epoch)``, padded by repeating a few images so
+    that every rank has the same number of batches); in test mode each rank reads its
+    contiguous share of the images, without padding.
+    """
 
     def __init__(self, dataset, batch_size: int, device, train: bool = False, workers: int = 4,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         if int(batch_size) < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}; pass a positive "
                             f"-b/--batch")
+        _check_rank(rank, world_size)
+        if train and int(batch_size) % int(world_size):
+            raise DataError(f"-b/--batch {batch_size} is the global batch and must be divisible "
+                            f"by the number of processes ({world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.memory_format = memory_format
         self.dataset = dataset
         self.device = torch.device(device)
         self.train = bool(train)
@@ -350,10 +415,22 @@ class FolderLoader:
         self.epoch = 0
         self._order_gen = torch.Generator()
         self._worker_gen = torch.Generator()
-        sampler = (torch.utils.data.RandomSampler(dataset, generator=self._order_gen)
-                   if self.train else torch.utils.data.SequentialSampler(dataset))
+        if self.world_size > 1 and self.train:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                seed=self.seed)
+        elif self.world_size > 1:
+            n = len(dataset)
+            sampler = range(self.rank * n // self.world_size,
+                            (self.rank + 1) * n // self.world_size)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=self._order_gen)
+        else:
+            sampler = torch.utils.data.SequentialSampler(dataset)
+        self.sampler = sampler
+        per_rank = int(batch_size) // self.world_size if self.train else int(batch_size)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=int(batch_size), sampler=sampler, num_workers=int(workers),
+            dataset, batch_size=per_rank, sampler=sampler, num_workers=int(workers),
             pin_memory=self.device.type == "cuda", drop_last=bool(drop_last) and self.train,
             generator=self._worker_gen)
         self.set_epoch(0)
@@ -369,11 +446,21 @@ class FolderLoader:
         """Reseed the order and worker generators for ``epoch``."""
         self.epoch = int(epoch)
         self._order_gen.manual_seed(self.seed * 1_000_003 + self.epoch)
-        self._worker_gen.manual_seed(self.seed * 1_000_003 + self.epoch + 1)
+        self._worker_gen.manual_seed(self.seed * 1_000_003 + self.epoch + 1 + 7919 * self.rank)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
 
     def __iter__(self):
         for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
+            if self.memory_format is not torch.contiguous_format:
+                x = x.contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+        raise ValueError(f"rank {rank} of world size {world_size} is impossible")
 
 
 def _find_imagenet_dirs(data_dir: str) -> tuple[str, str]:
@@ -402,23 +489,29 @@ def _image_folder(path: str, transform):
 
 
 def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4,
-                  download: bool = False, seed: int = 0, test_batch_size: int | None = None):
+                  download: bool = False, seed: int = 0, test_batch_size: int | None = None,
+                  rank: int = 0, world_size: int = 1,
+                  memory_format: torch.memory_format = torch.contiguous_format):
     """Build ``(train_loader, test_loader, info)`` for a data set.
 
     In-memory data sets give two :class:`TensorLoader` (train: shuffled and augmented; test:
     in order). ImageNet gives two :class:`FolderLoader` over ``ImageFolder``. ``test_batch_size``
-    defaults to ``max(batch_size, 256)``.
+    defaults to ``max(batch_size, 256)``. With ``world_size > 1`` (torchrun) ``batch_size`` is
+    the global batch and each loader serves rank ``rank``'s share (see the loaders).
     """
+    dist_kw = {"rank": rank, "world_size": world_size, "memory_format": memory_format}
     info = get_dataset_info(name)
     if test_batch_size is None:
         test_batch_size = max(int(batch_size), 256)
     device = torch.device(device)
     if info.in_memory:
         xtr, ytr, xte, yte = load_in_memory(info.name, data_dir, download=download)
-        # A last batch of one sample would break BatchNorm in training mode: drop it.
+        # A last batch of one sample (per process) would break BatchNorm in training: drop it.
         train = TensorLoader(xtr, ytr, batch_size, info.mean, info.std, device, train=True,
-                             hflip=info.hflip, seed=seed, drop_last=len(ytr) % batch_size == 1)
-        test = TensorLoader(xte, yte, test_batch_size, info.mean, info.std, device, train=False)
+                             hflip=info.hflip, seed=seed,
+                             drop_last=0 < len(ytr) % batch_size < 2 * world_size, **dist_kw)
+        test = TensorLoader(xte, yte, test_batch_size, info.mean, info.std, device, train=False,
+                            **dist_kw)
         return train, test, info
 
     from torchvision import transforms as T
@@ -441,8 +534,10 @@ def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4
                        train_dir, len(train_ds.classes), info.num_classes)
     logger.info("ImageNet: %d train images in %s, %d val images in %s",
                 len(train_ds), train_dir, len(val_ds), val_dir)
-    train = FolderLoader(train_ds, batch_size, device, train=True, workers=workers, seed=seed)
-    test = FolderLoader(val_ds, test_batch_size, device, train=False, workers=workers, seed=seed)
+    train = FolderLoader(train_ds, batch_size, device, train=True, workers=workers, seed=seed,
+                         **dist_kw)
+    test = FolderLoader(val_ds, test_batch_size, device, train=False, workers=workers, seed=seed,
+                        **dist_kw)
     return train, test, info
 
 

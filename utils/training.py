@@ -3,6 +3,11 @@
 ``output`` is the model's output interface (:class:`models.SoftmaxOutput` or
 :class:`models.OutputCodeMatching`): it supplies the loss and the decoding rule, so the same
 loop trains and evaluates vanilla and OCM models.
+
+The model given to :func:`train_one_epoch` may be wrapped (``DistributedDataParallel``,
+``torch.compile``); :func:`unwrap_model` finds the network inside. With loaders that serve one
+rank's share of the data (``loader.world_size > 1``, see :mod:`utils.data`), the epoch's loss
+and accuracy counts are summed over the processes, so every rank returns the global figures.
 """
 
 from __future__ import annotations
@@ -16,9 +21,47 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from . import distributed
 from .metrics import Meter, topk_correct
 from .regularizers import piecewise_clustering
 from .schedules import LRSchedule
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
+    wrappers (the module whose state dict a checkpoint stores)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled`` (``--amp``), else a no-op context.
+
+    The quantized layers compute their quantized weights in float32 inside it (SPEC section 1
+    stays exact); convolutions and matrix products run in bfloat16.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _sum_over_ranks(meter: Meter, loader) -> Meter:
+    """Sum the meter's counts over the processes when ``loader`` serves one rank's share."""
+    if getattr(loader, "world_size", 1) <= 1 or not distributed.is_distributed():
+        return meter
+    # float64 keeps the integer counts exact (below 2**53) and the loss sum precise
+    t = torch.tensor([meter.n, meter.loss_sum, meter.correct1, meter.correct5],
+                     dtype=torch.float64)
+    distributed.all_reduce_sum(t)
+    total = Meter()
+    total.n, total.loss_sum = int(t[0]), float(t[1])
+    total.correct1, total.correct5 = int(t[2]), int(t[3])
+    return total
 
 
 @dataclass
@@ -47,23 +90,27 @@ def _mixed_forward(model, images, mixup: MixupConfig, rng: np.random.Generator,
     """Forward with mixup; returns ``(outputs, lam, perm)``."""
     lam = float(rng.beta(mixup.alpha, mixup.alpha)) if mixup.alpha > 0 else 1.0
     perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
-    points = ("input",) + tuple(getattr(model, "mixup_points", ())) if mixup.manifold else ("input",)
+    net = unwrap_model(model)
+    points = ("input",) + tuple(getattr(net, "mixup_points", ())) if mixup.manifold else ("input",)
     point = points[int(rng.integers(len(points)))]
     if point == "input":
         return model(lam * images + (1.0 - lam) * images[perm]), lam, perm
-    with _mix_hidden(model, point, lam, perm):
+    with _mix_hidden(net, point, lam, perm):
         return model(images), lam, perm
 
 
 def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     schedule: LRSchedule, epoch: int, *, lambda_coeff: float = 0.0,
                     mixup: MixupConfig | None = None, seed: int = 0, progress: bool = True,
-                    description: str = "train") -> dict:
+                    description: str = "train", amp: bool = False) -> dict:
     """Train ``model`` for one epoch; returns ``{'loss', 'top1', 'lr'}``.
 
     The loss is ``output.loss`` plus, with ``lambda_coeff > 0``, the piecewise-clustering
     penalty. All randomness of the epoch (mixup draws) is a function of ``(seed, epoch)``, so
-    a resumed run repeats it exactly.
+    a resumed run repeats it exactly. ``amp``: forward and loss under bfloat16 autocast.
+    ``model`` may be wrapped in ``DistributedDataParallel``; each rank's loss is then scaled
+    by ``loader.batch_weight(i)`` so that DDP's gradient average is the gradient of the mean
+    loss over the global batch.
     """
     model.train()
     output.train()
@@ -72,6 +119,9 @@ def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torc
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)
     n_batches = len(loader)
     lr = schedule.lr(epoch)
+    net = unwrap_model(model)
+    device = next(net.parameters()).device
+    batch_weight = getattr(loader, "batch_weight", None)
     bar = tqdm(loader, total=n_batches, desc=f"{description} {epoch}", leave=False,
                disable=not progress, dynamic_ncols=True)
     for i, (images, targets) in enumerate(bar):
@@ -79,31 +129,42 @@ def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torc
             lr = schedule.lr(epoch, i / n_batches)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        if mixup is not None:
-            outputs, lam, perm = _mixed_forward(model, images, mixup, rng, generator)
-            loss = lam * output.loss(outputs, targets) + (1 - lam) * output.loss(outputs, targets[perm])
-        else:
-            outputs = model(images)
-            loss = output.loss(outputs, targets)
+        with autocast(device, amp):
+            if mixup is not None:
+                outputs, lam, perm = _mixed_forward(model, images, mixup, rng, generator)
+                loss = (lam * output.loss(outputs, targets)
+                        + (1 - lam) * output.loss(outputs, targets[perm]))
+            else:
+                outputs = model(images)
+                loss = output.loss(outputs, targets)
+        loss = loss.float()
         if lambda_coeff > 0:
-            loss = loss + piecewise_clustering(model, lambda_coeff)
-        if not math.isfinite(loss.item()):
+            loss = loss + piecewise_clustering(net, lambda_coeff)
+        value = loss.item()
+        if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at epoch {epoch}, batch {i} "
-                                     f"(loss {loss.item()}): lower --lr")
+                                     f"(loss {value}): lower --lr")
+        weight = batch_weight(i) if batch_weight is not None else 1.0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         optimizer.step()
         with torch.no_grad():
-            c1, = topk_correct(output.scores(outputs), targets, ks=(1,))
-        meter.update(loss.item(), c1, 0, targets.shape[0])
+            c1, = topk_correct(output.scores(outputs.float()), targets, ks=(1,))
+        meter.update(value, c1, 0, targets.shape[0])
         bar.set_postfix(loss=f"{meter.loss:.4f}", acc=f"{meter.top1:.2f}", lr=f"{lr:.2e}")
+    meter = _sum_over_ranks(meter, loader)
     return {"loss": meter.loss, "top1": meter.top1, "lr": lr}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, output: nn.Module, loader, progress: bool = False,
              description: str = "eval") -> dict:
-    """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (eval mode)."""
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` on ``loader`` (eval mode).
+
+    With a loader that serves one rank's share (``loader.world_size > 1``) the counts are
+    summed over the processes: every rank returns the figures of the whole set. Pass the
+    unwrapped network (no DDP: ranks may see different numbers of batches).
+    """
     was_training = model.training
     model.eval()
     meter = Meter()
@@ -114,6 +175,7 @@ def evaluate(model: nn.Module, output: nn.Module, loader, progress: bool = False
         c1, c5 = topk_correct(output.scores(outputs), targets, ks=(1, 5))
         meter.update(loss.item(), c1, c5, targets.shape[0])
     model.train(was_training)
+    meter = _sum_over_ranks(meter, loader)
     return {"loss": meter.loss, "top1": meter.top1, "top5": meter.top5, "n": meter.n}
 
 
