@@ -1,0 +1,108 @@
+r"""Paper-style report from attack result folders: the table of SPEC section 9 (clean accuracy,
+ASR, PA-ACC, # bit-flips for stealthy T-BFA and TA-LBF, mean +- std, published values beside
+ours), the BFA table, and the supplement's figures as PNG (Figure 1: T-BFA ASR against the
+maximum allowed number of bit-flips; Figure 2: PA-ACC against the number of bit-flips; the BFA
+and random-flip accuracy curves).
+
+Each model is LABEL=FOLDER, FOLDER being its training run folder with the attack scripts'
+default result folders inside (attack_tbfa/, attack_talbf/, attack_bfa*/). Labels vanilla, pc,
+ocm16, ocm64, ocm16_pc, mixup, manifold_mixup get the paper's names and published values.
+Nothing is written into the model folders; a corrupt results line is named (file:line) and
+skipped; what is missing is listed, and everything that can be written is.
+
+Examples:
+  python report.py vanilla=runs/paper/cifar10/vanilla ocm16=runs/paper/cifar10/ocm16 \
+      --out runs/paper/cifar10/report
+  python report.py --models-file models.txt --out report/ --published none
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from utils.cli import run, setup_logging
+from utils.errors import UserError
+from utils.report import (ATTACKS, PUBLISHED, datasets_of, load_model, parse_model_specs,
+                          read_models_file, write_report)
+
+log = logging.getLogger("report")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", metavar="LABEL=FOLDER",
+                   help="a model's label and its run folder (the order is the table's)")
+    p.add_argument("--models-file", default=None, metavar="FILE",
+                   help="more models, one LABEL=FOLDER per line (folders relative to the file)")
+    p.add_argument("--out", required=True, help="folder for the tables, figures and report.md")
+    p.add_argument("--published", default="auto",
+                   help=f"published values to show beside ours: {', '.join(PUBLISHED)}, none, "
+                        f"or auto (those of the results' data set when there are any; default)")
+    p.add_argument("--band", type=float, default=0.25,
+                   help="shaded band of the figures, in standard deviations (0.25, as the "
+                        "supplement)")
+    p.add_argument("--max-flips", type=int, default=None,
+                   help="x-axis limit of Figures 1 and 2 (default: the longest attack)")
+    p.add_argument("--title", default="", help="title of the report and the figures")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--attacks", default="tbfa,talbf,bfa",
+                   help="the attacks to report on, comma-separated (tbfa,talbf,bfa; default all): "
+                        "results of the others are not expected")
+    p.add_argument("--tbfa-dir", default="attack_tbfa",
+                   help="T-BFA results folder inside each model folder (attack_tbfa)")
+    p.add_argument("--talbf-dir", default="attack_talbf",
+                   help="TA-LBF results folder inside each model folder (attack_talbf)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    if args.band < 0:
+        raise UserError(f"--band must not be negative, got {args.band:g}")
+    if args.max_flips is not None and args.max_flips < 1:
+        raise UserError(f"--max-flips must be at least 1, got {args.max_flips}")
+    pairs = parse_model_specs(args.models)
+    if args.models_file:
+        pairs += read_models_file(args.models_file)
+    labels = [label for label, _ in pairs]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise UserError(f"model label(s) {', '.join(sorted(dup))} given twice: labels must be unique")
+    if not pairs:
+        raise UserError("no models: give LABEL=FOLDER arguments (e.g. ocm16=runs/paper/ocm16) "
+                        "or --models-file")
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        raise UserError(f"--attacks {args.attacks!r}: use a comma-separated subset of "
+                        f"{','.join(ATTACKS)}")
+    models = [load_model(label, folder, args.tbfa_dir, args.talbf_dir, expect=attacks)
+              for label, folder in pairs]
+    if args.published == "auto":
+        found = datasets_of(models)
+        published = PUBLISHED.get(next(iter(found))) if len(found) == 1 else None
+    elif args.published == "none":
+        published = None
+    elif args.published in PUBLISHED:
+        published = PUBLISHED[args.published]
+    else:
+        raise UserError(f"--published {args.published!r}: use one of "
+                        f"{', '.join(PUBLISHED)}, none or auto")
+    report = write_report(models, args.out, published=published, band=args.band,
+                          max_flips=args.max_flips, title=args.title,
+                          figures=not args.no_figures, attacks=attacks)
+    print(report.markdown)
+    for path, lines in report.figures.items():
+        log.info("figure %s (%d lines)", path, lines)
+    log.info("report in %s (%d files%s)", args.out, len(report.files),
+             f"; {len(report.missing)} things missing, see report.md" if report.missing else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

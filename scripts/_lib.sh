@@ -1,0 +1,178 @@
+# Shared by the paper scripts (sourced, not run): paths, the command runner, and one function per
+# pipeline step. Every step can be repeated: a finished training is skipped (train.done marker),
+# an interrupted one resumes (main.py --resume), the T-BFA / TA-LBF campaigns skip finished
+# experiments themselves, a finished BFA run is skipped.
+#
+# Environment read here (each script documents the ones it uses):
+#   PYTHON   python interpreter (python)
+#   DEVICE   auto, cpu, cuda, cuda:<i> (auto)
+#   DRY_RUN  1: print the commands ("+ python main.py ...", one per line) instead of running them
+#   QUIET    1: send the commands' output to $LOG (the scripts set it) instead of the terminal
+#   NPROC    processes per node for training; >1 launches main.py through torchrun
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python}"
+DEVICE="${DEVICE:-auto}"
+DRY_RUN="${DRY_RUN:-0}"
+QUIET="${QUIET:-0}"
+NPROC="${NPROC:-1}"
+LOG="${LOG:-/dev/null}"
+TIMINGS="${TIMINGS:-}"
+STEP="${STEP:-}"
+
+# An absolute path for $1, relative paths taken from the caller's working directory (call it
+# before `cd "$ROOT"`).
+abspath() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$PWD/$1" ;;
+  esac
+}
+
+# Run (or with DRY_RUN=1 print) one command; with $TIMINGS set, append "step<TAB>seconds<TAB>
+# command" to it.
+run_cmd() {
+  if [ "$DRY_RUN" = "1" ]; then
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+    return 0
+  fi
+  local t0 t1 status=0
+  t0=$(date +%s)
+  if [ "$QUIET" = "1" ]; then
+    printf '+ %s\n' "$*" >> "$LOG"
+    "$@" >> "$LOG" 2>&1 || status=$?
+    if [ "$status" != 0 ]; then
+      echo "command failed (exit $status): $*" >&2
+      echo "last lines of $LOG:" >&2
+      tail -n 25 "$LOG" >&2
+      return "$status"
+    fi
+  else
+    echo "+ $*"
+    "$@" || return $?
+  fi
+  t1=$(date +%s)
+  if [ -n "$TIMINGS" ]; then
+    printf '%s\t%s\t%s\n' "${STEP:-?}" "$((t1 - t0))" "$*" >> "$TIMINGS"
+  fi
+}
+
+# The command that runs main.py: plain python, or torchrun with NPROC processes (multi-GPU).
+main_py() {
+  if [ "$NPROC" -gt 1 ]; then
+    run_cmd torchrun --standalone "--nproc_per_node=$NPROC" main.py "$@"
+  else
+    run_cmd "$PY" main.py "$@"
+  fi
+}
+
+# Training flags of a model label of the paper's tables (SPEC section 4): vanilla, pc,
+# ocm<L>, ocm<L>_pc, mixup, manifold_mixup, binarized. PC_LAMBDA sets the clustering strength.
+model_flags() {
+  local label="$1" lam="${PC_LAMBDA:-1e-3}" length
+  length="${label#ocm}"
+  length="${length%_pc}"
+  case "$label" in
+    vanilla) ;;
+    pc) echo "--clustering --lambda_coeff $lam" ;;
+    ocm[0-9]*_pc) echo "--ocm --code_length $length --output_act tanh --clustering --lambda_coeff $lam" ;;
+    ocm[0-9]*) echo "--ocm --code_length $length --output_act tanh" ;;
+    mixup) echo "--mixup --mixup-alpha 1" ;;
+    manifold_mixup) echo "--manifold-mixup --manifold-mixup-alpha 2" ;;
+    binarized) echo "--arch resnet20_bin --bits 1" ;;
+    *) echo "unknown model label '$label' (vanilla, pc, ocm<L>, ocm<L>_pc, mixup, manifold_mixup," \
+            "binarized)" >&2
+       return 2 ;;
+  esac
+}
+
+# train RUN_DIR MAIN_PY_FLAGS...: train into RUN_DIR, resume an interrupted run, or skip a
+# finished one (RUN_DIR/train.done; delete it to train again).
+train() {
+  local run="$1"
+  shift
+  if [ "$DRY_RUN" != "1" ] && [ -f "$run/train.done" ]; then
+    echo "   $run: already trained (delete $run/train.done to train again)"
+    return 0
+  fi
+  if [ "$DRY_RUN" != "1" ] && [ -f "$run/checkpoint.pth.tar" ]; then
+    main_py --resume "$run/checkpoint.pth.tar" --data_dir "$DATA_DIR" --device "$DEVICE" \
+      --no-progress
+  else
+    main_py "$@" --data_dir "$DATA_DIR" --device "$DEVICE" --no-progress --outdir "$run"
+  fi
+  [ "$DRY_RUN" = "1" ] || touch "$run/train.done"
+}
+
+# tbfa RUN_DIR FLAGS...: stealthy T-BFA on RUN_DIR/model_best.pth.tar with ASR / PA-ACC every
+# $CURVE_EVERY flips (default 1; supplement Figures 1 and 2; 0 records no curve); results in
+# RUN_DIR/attack_tbfa. Each curve point evaluates PA-ACC on D_pa (nearly the whole test set).
+tbfa() {
+  local run="$1"
+  shift
+  run_cmd "$PY" attack_tbfa.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
+    --device "$DEVICE" --no-progress --curve-every "${CURVE_EVERY:-1}" "$@"
+}
+
+# talbf RUN_DIR FLAGS...: stealthy TA-LBF; results in RUN_DIR/attack_talbf.
+talbf() {
+  local run="$1"
+  shift
+  run_cmd "$PY" attack_talbf.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
+    --device "$DEVICE" --no-progress "$@"
+}
+
+# bfa RUN_DIR RESULTS_DIR FLAGS...: one untargeted BFA (or, with --random_bfa, random-flip) run;
+# skipped when RESULTS_DIR holds a finished one.
+bfa() {
+  local run="$1" results="$2"
+  shift 2
+  if [ "$DRY_RUN" != "1" ] && [ -f "$results/summary.json" ] \
+      && ! grep -q '"stopped_by": "interrupted"' "$results/summary.json"; then
+    echo "   $results: already attacked"
+    return 0
+  fi
+  run_cmd "$PY" attack_bfa.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
+    --device "$DEVICE" --no-progress --results "$results" "$@"
+}
+
+# report OUT_DIR LABEL=FOLDER... [report.py flags]: the table and the figures.
+report() {
+  local out="$1"
+  shift
+  run_cmd "$PY" report.py --out "$out" "$@"
+}
+
+# paper_pipeline: train every model of $MODELS on $DATASET ($ARCH, $BITS bits, $EPOCHS epochs,
+# the papers' recipe: main.py's defaults, SPEC section 4), attack each with stealthy T-BFA
+# ($TBFA_AVGS repetitions of the protocol's pairs, curves after every flip, plus $TBFA_FLAGS)
+# and stealthy TA-LBF ($TALBF_ATTACKS attacks; 0 skips it), and write the report into
+# $OUT/report. Models live in $OUT/<label>.
+paper_pipeline() {
+  local m flags_text specs=()
+  local -a flags extra_train tbfa_extra
+  read -r -a extra_train <<< "${TRAIN_FLAGS:-}"
+  read -r -a tbfa_extra <<< "${TBFA_FLAGS:-}"
+  for m in $MODELS; do
+    echo "== train $m: $DATASET, $ARCH, $BITS-bit, $EPOCHS epochs =="
+    flags_text="$(model_flags "$m")"
+    read -r -a flags <<< "$flags_text"
+    STEP="train $m" train "$OUT/$m" --dataset "$DATASET" --arch "$ARCH" --bits "$BITS" \
+      -e "$EPOCHS" --seed "$SEED" --workers "$WORKERS" "${flags[@]}" "${extra_train[@]}"
+  done
+  for m in $MODELS; do
+    echo "== stealthy T-BFA on $m ($TBFA_AVGS repetitions of the protocol's pairs) =="
+    STEP="tbfa $m" tbfa "$OUT/$m" --avgs "$TBFA_AVGS" --workers "$WORKERS" "${tbfa_extra[@]}"
+    if [ "$TALBF_ATTACKS" != "0" ]; then
+      echo "== stealthy TA-LBF on $m ($TALBF_ATTACKS attacks) =="
+      STEP="talbf $m" talbf "$OUT/$m" --n-attacks "$TALBF_ATTACKS" --workers "$WORKERS"
+    fi
+  done
+  for m in $MODELS; do specs+=("$m=$OUT/$m"); done
+  echo "== report: $OUT/report =="
+  local attacks=tbfa,talbf
+  [ "$TALBF_ATTACKS" != "0" ] || attacks=tbfa
+  STEP=report report "$OUT/report" "${specs[@]}" --attacks "$attacks" --title "$TITLE"
+}

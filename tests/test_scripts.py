@@ -1,0 +1,140 @@
+"""The paper scripts in scripts/ as dry runs (DRY_RUN=1 prints each command instead of running
+it): every python command they would run must parse with its script's own argument parser, every
+attacked checkpoint must come from a training step of the same script, and the paths must come
+from DATA_DIR / OUT_ROOT, relative ones taken from the caller's working directory."""
+
+import importlib
+import os
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["paper_cifar10.sh", "ocm_train_cifar10.sh", "ocm_train_cifar100.sh",
+           "ocm_train_imagenet.sh", "bfa_cifar10.sh", "train_cifar10_defenses.sh",
+           "paper_smoke.sh"]
+PY_SCRIPTS = {"main.py": "main", "attack_tbfa.py": "attack_tbfa", "attack_talbf.py": "attack_talbf",
+              "attack_bfa.py": "attack_bfa", "report.py": "report"}
+
+
+def dry_run(script, cwd, **env):
+    full = dict(os.environ, DRY_RUN="1", PYTHON="python", **env)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], cwd=str(cwd),
+                          env=full, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    commands = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("+ "):
+            argv = shlex.split(line[2:])
+            i = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+            launcher = argv[:i]
+            assert launcher in (["python"], ["torchrun", "--standalone", "--nproc_per_node=4"]), line
+            commands.append((argv[i], argv[i + 1:], launcher))
+    return commands
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", script)], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_command_parses_and_attacks_a_trained_model(script, tmp_path):
+    commands = dry_run(script, tmp_path, DATA_DIR="cifar", OUT_ROOT="out", OUT="smoke",
+                       NPROC="4" if script == "ocm_train_imagenet.sh" else "1")
+    assert commands
+    trained = set()
+    for name, argv, launcher in commands:
+        assert name in PY_SCRIPTS, name
+        args = importlib.import_module(PY_SCRIPTS[name]).get_args_parser().parse_args(argv)
+        if name == "main.py":
+            assert args.outdir and os.path.isabs(args.outdir)
+            assert args.outdir.startswith(str(tmp_path))  # OUT_ROOT relative to the caller
+            if args.finetune:
+                assert args.ft_path in trained  # finetuned from a model trained before
+            trained.add(os.path.join(args.outdir, "model_best.pth.tar"))
+            if script == "ocm_train_imagenet.sh":
+                assert launcher[0] == "torchrun"
+        else:
+            assert launcher == ["python"]
+        if name.startswith("attack_"):
+            assert args.checkpoint in trained, (script, args.checkpoint)
+        if name != "report.py" and script != "paper_smoke.sh":
+            assert args.data_dir == str(tmp_path / "cifar")
+        if name == "report.py":
+            for spec in args.models:
+                label, folder = spec.split("=", 1)
+                assert os.path.join(folder, "model_best.pth.tar") in trained
+
+
+def _count(commands):
+    counts = {}
+    for name, _, _ in commands:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_paper_cifar10_runs_every_row_of_the_table(tmp_path):
+    commands = dry_run("paper_cifar10.sh", tmp_path, OUT_ROOT=str(tmp_path / "o"))
+    assert _count(commands) == {"main.py": 7, "attack_tbfa.py": 7, "attack_talbf.py": 7,
+                                "report.py": 1}
+    trains = {os.path.basename(flag(a, "--outdir")): a for n, a, _ in commands if n == "main.py"}
+    assert list(trains) == ["vanilla", "pc", "ocm16", "ocm64", "ocm16_pc", "mixup",
+                            "manifold_mixup"]
+    for label, argv in trains.items():  # the papers' recipe: main.py's defaults (SPEC 4)
+        assert flag(argv, "--dataset") == "cifar10" and flag(argv, "-e") == "160"
+        assert flag(argv, "--arch") == "resnet20_quan" and flag(argv, "--bits") == "8"
+        assert ("--ocm" in argv) == label.startswith("ocm")
+        assert ("--clustering" in argv) == (label in ("pc", "ocm16_pc"))
+    assert flag(trains["ocm64"], "--code_length") == "64"
+    assert "--mixup" in trains["mixup"] and "--manifold-mixup" in trains["manifold_mixup"]
+    for name, argv, _ in commands:
+        if name == "attack_tbfa.py":  # the protocol: default pairs, 5 repetitions, full curves
+            assert flag(argv, "--avgs") == "5" and flag(argv, "--curve-every") == "1"
+            assert "--pairs" not in argv and "--iters" not in argv
+        if name == "attack_talbf.py":
+            assert flag(argv, "--n-attacks") == "1000"
+    report = [a for n, a, _ in commands if n == "report.py"][0]
+    assert flag(report, "--out") == str(tmp_path / "o" / "cifar10" / "report")
+
+
+def test_imagenet_finetunes_ocm_from_the_vanilla_model(tmp_path):
+    commands = dry_run("ocm_train_imagenet.sh", tmp_path, OUT_ROOT=str(tmp_path))
+    trains = [a for n, a, _ in commands if n == "main.py"]
+    assert [os.path.basename(flag(a, "--outdir")) for a in trains] == ["vanilla", "ocm1024",
+                                                                       "ocm2048", "pc"]
+    for a in trains[1:3]:
+        assert "--finetune" in a and flag(a, "--opt") == "adam" and flag(a, "-e") == "60"
+        assert flag(a, "--ft_path") == os.path.join(flag(trains[0], "--outdir"),
+                                                    "model_best.pth.tar")
+    assert flag(trains[3], "--lambda_coeff") == "5e-4"
+    assert _count(commands).get("attack_talbf.py", 0) == 0  # the supplement has none on ImageNet
+    assert all(n == "main.py" and launcher == ["python"]
+               for n, _, launcher in dry_run("ocm_train_imagenet.sh", tmp_path)
+               if n == "main.py")  # NPROC=1: plain python
+
+
+def test_bfa_flow_attacks_each_model_with_bfa_and_random_flips(tmp_path):
+    commands = dry_run("bfa_cifar10.sh", tmp_path, RUNS="2")
+    attacks = [a for n, a, _ in commands if n == "attack_bfa.py"]
+    assert len(attacks) == 4 * 2 * 2  # 4 models x (BFA + random) x 2 runs
+    assert sum("--random_bfa" in a for a in attacks) == 8
+    assert len({flag(a, "--results") for a in attacks}) == 16  # one folder per run
+    trains = [a for n, a, _ in commands if n == "main.py"]
+    binarized = [a for a in trains if flag(a, "--arch") == "resnet20_bin"]
+    assert len(binarized) == 1 and flag(binarized[0], "--bits") == "1"
+    assert "--clustering" not in binarized[0]
+    assert all(a[a.index("--schedule") + 1:a.index("--schedule") + 3] == ["80", "120"]
+               for a in trains)
+
+
+def test_unknown_model_label_fails(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_cifar10.sh")],
+                          cwd=str(tmp_path), env=dict(os.environ, DRY_RUN="1", MODELS="vanilla foo"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown model label 'foo'" in proc.stderr

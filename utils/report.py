@@ -1,0 +1,592 @@
+"""The paper's table and the supplement's figures from attack result folders (SPEC sections 6-9).
+
+A *model folder* is a training run folder (``main.py --outdir``) holding the attack results the
+attack scripts write beside the checkpoint by default:
+
+- ``attack_tbfa/results.jsonl``: stealthy T-BFA, one line per experiment (SPEC 7); with
+  ``--curve-every 1`` each line has ``curve`` = [{flips, asr, asr_src, pa_acc}, ...];
+- ``attack_talbf/results.jsonl``: stealthy TA-LBF, one line per attacked sample (SPEC 8);
+- any folder below it with ``profile.csv`` and ``summary.json``: one untargeted BFA or
+  random-flip run (SPEC 6), e.g. ``attack_bfa/``, ``attack_bfa_random/`` or
+  ``attack_bfa/seed1/``.
+
+:func:`load_model` reads one folder (read-only: a corrupt line is reported with its file and
+line number and skipped, never rewritten); :func:`table_rows` gives one row per model (mean and
+sample std over experiments, published values of SPEC 9 beside ours); :func:`asr_budget_curve`
+is the supplement's Figure 1 statistic and :func:`write_report` writes everything::
+
+    from utils.report import load_model, write_report, PUBLISHED
+    models = [load_model("vanilla", "runs/paper/cifar10/vanilla"),
+              load_model("ocm16", "runs/paper/cifar10/ocm16")]
+    report = write_report(models, "runs/paper/cifar10/report", published=PUBLISHED["cifar10"])
+    report.missing, report.figures     # what was missing; {png path: lines drawn}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .results import mean_std
+
+log = logging.getLogger(__name__)
+
+# SPEC section 9: 8-bit ResNet-20 on CIFAR-10, from the supplement (sections 5 and 6). Keys are
+# the model labels the scripts use; a metric the paper does not give is absent.
+PUBLISHED = {
+    "cifar10": {
+        "vanilla": {"tbfa_pa_acc": 84.38},
+        "pc": {"tbfa_pa_acc": 76.78},
+        "ocm16": {"tbfa_n_flips": 95.7, "tbfa_pa_acc": 53.22, "talbf_n_flips": 31.1,
+                  "talbf_pa_acc": 86.5},
+        "ocm64": {"tbfa_n_flips": 281.8, "tbfa_pa_acc": 46.39},
+        "ocm16_pc": {"tbfa_pa_acc": 47.88},
+        "mixup": {"tbfa_n_flips": 28.9, "tbfa_pa_acc": 68.2, "talbf_n_flips": 5.7,
+                  "talbf_pa_acc": 89.5},
+        "manifold_mixup": {"tbfa_n_flips": 52.3, "tbfa_pa_acc": 67.5, "talbf_n_flips": 7.6,
+                           "talbf_pa_acc": 86.6},
+    },
+}
+
+# Names as the paper prints them; other labels are shown as given.
+DISPLAY_NAMES = {
+    "vanilla": "vanilla", "pc": "piecewise clustering", "ocm16": "OCM16", "ocm64": "OCM64",
+    "ocm16_pc": "OCM16 + PC", "mixup": "mixup", "manifold_mixup": "manifold mixup",
+    "ocm128": "OCM128", "ocm256": "OCM256", "ocm1024": "OCM1024", "ocm2048": "OCM2048",
+    "binarized": "binarized",
+}
+
+TBFA_DIR, TALBF_DIR = "attack_tbfa", "attack_talbf"
+
+# (column key, metric in the records, heading) of the main table, in order.
+TBFA_METRICS = (("tbfa_asr", "asr", "ASR %"), ("tbfa_pa_acc", "pa_acc", "PA-ACC %"),
+                ("tbfa_n_flips", "n_flips", "# bit-flips"))
+TALBF_METRICS = (("talbf_asr", "asr", "ASR %"), ("talbf_pa_acc", "pa_acc", "PA-ACC %"),
+                 ("talbf_n_flips", "n_flips", "# bit-flips"))
+
+
+def display_name(label: str) -> str:
+    return DISPLAY_NAMES.get(label, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading result folders (never writing them)
+# ---------------------------------------------------------------------------------------------
+
+def read_jsonl(path: str, problems: list[str] | None = None) -> list[dict]:
+    """The JSON objects of ``path``, one per line; a corrupt line is reported as ``file:line``
+    (logged, and appended to ``problems``) and skipped. The file is never modified."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                msg = f"{path}:{number}: corrupt results line skipped ({str(e)[:80]})"
+                log.warning("%s", msg)
+                if problems is not None:
+                    problems.append(msg)
+                continue
+            records.append(record)
+    return records
+
+
+@dataclass
+class BFARun:
+    """One attack_bfa.py run: ``accuracy[f]`` = test accuracy (%) after ``f`` flipped bits."""
+
+    folder: str
+    attack: str                 # "bfa" or "random"
+    clean_accuracy: float
+    accuracy: list[float]
+    bit_flips: int
+    iterations: int
+    stopped_by: str
+
+
+def read_bfa_run(folder: str, problems: list[str] | None = None) -> BFARun | None:
+    """The run in ``folder`` (``summary.json`` + ``profile.csv``), or None when unreadable."""
+    problems = [] if problems is None else problems
+    summary_path = os.path.join(folder, "summary.json")
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        clean = float(summary["clean_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{summary_path}: unreadable BFA summary ({type(e).__name__}), run skipped")
+        log.warning("%s", problems[-1])
+        return None
+    acc = {0: clean}
+    path = os.path.join(folder, "profile.csv")
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for number, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                acc[int(row["flip"])] = float(row["accuracy"])
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"{path}:{number}: corrupt profile row skipped")
+                log.warning("%s", problems[-1])
+    last = max(acc)
+    curve, value = [], clean
+    for f_ in range(last + 1):  # a missing count (multi-bit iteration) keeps the value before
+        value = acc.get(f_, value)
+        curve.append(value)
+    kind = summary.get("attack") or ("random" if "random" in folder else "bfa")
+    return BFARun(folder, kind, clean, curve, int(summary.get("bit_flips", last)),
+                  int(summary.get("iterations", last)), str(summary.get("stopped_by", "?")))
+
+
+@dataclass
+class ModelResults:
+    """Everything found in one model folder; ``missing`` says what was not there."""
+
+    label: str
+    folder: str
+    tbfa: list[dict] = field(default_factory=list)
+    talbf: list[dict] = field(default_factory=list)
+    bfa: list[BFARun] = field(default_factory=list)
+    dataset: str | None = None
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return display_name(self.label)
+
+    def clean_acc(self) -> tuple[float, float]:
+        """Clean test accuracy of the integer-mode model, as the attack scripts measured it."""
+        for records in (self.tbfa, self.talbf):
+            values = [r["clean_acc"] for r in records if r.get("clean_acc") is not None]
+            if values:
+                return mean_std(values)
+        if self.bfa:
+            return mean_std([r.clean_accuracy for r in self.bfa])
+        return float("nan"), float("nan")
+
+
+def _dedup(records: list[dict]) -> list[dict]:
+    """One record per ``key`` (the last one wins, as a rerun appends after the first)."""
+    by_key = {}
+    for i, r in enumerate(records):
+        by_key[r.get("key", i)] = r
+    return list(by_key.values())
+
+
+def _campaign_dataset(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "campaign.json"), encoding="utf-8") as f:
+            return json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+ATTACKS = ("tbfa", "talbf", "bfa")
+
+
+def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str = TALBF_DIR,
+               expect: tuple = ATTACKS) -> ModelResults:
+    """Read the T-BFA, TA-LBF and BFA results of one model folder (see the module docstring);
+    an attack of ``expect`` without results is listed in ``missing``."""
+    m = ModelResults(label, folder)
+    if not os.path.isdir(folder):
+        m.missing.append(f"{label}: folder {folder} does not exist")
+        return m
+    for kind, sub, attr, hint in (
+            ("T-BFA", tbfa_dir, "tbfa", "attack_tbfa.py --checkpoint ... --curve-every 1"),
+            ("TA-LBF", talbf_dir, "talbf", "attack_talbf.py --checkpoint ...")):
+        path = os.path.join(folder, sub, "results.jsonl")
+        if not os.path.exists(path):
+            if attr in expect:
+                m.missing.append(f"{label}: no {kind} results ({path}; run {hint})")
+            continue
+        records = _dedup(read_jsonl(path, m.problems))
+        setattr(m, attr, records)
+        m.dataset = m.dataset or _campaign_dataset(os.path.join(folder, sub))
+        if not records:
+            m.missing.append(f"{label}: {path} holds no complete {kind} result")
+    if m.tbfa and not any(r.get("curve") for r in m.tbfa):
+        m.missing.append(f"{label}: the T-BFA results have no per-flip curves (run "
+                         f"attack_tbfa.py with --curve-every 1): Figures 1 and 2 leave it out")
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if "profile.csv" in files:
+            run = read_bfa_run(root, m.problems)
+            if run is not None:
+                m.bfa.append(run)
+    if "bfa" in expect and not m.bfa:
+        m.missing.append(f"{label}: no BFA or random-flip run (a folder with profile.csv and "
+                         f"summary.json from attack_bfa.py) below {folder}")
+    return m
+
+
+def parse_model_specs(specs: list[str], base: str | None = None) -> list[tuple[str, str]]:
+    """``["label=folder", ...]`` as pairs; a relative folder is taken relative to ``base``."""
+    pairs, seen = [], set()
+    for spec in specs:
+        label, sep, folder = spec.partition("=")
+        label, folder = label.strip(), folder.strip()
+        if not sep or not label or not folder:
+            raise UserError(f"model {spec!r} is not LABEL=FOLDER (e.g. ocm16=runs/paper/ocm16)")
+        if label in seen:
+            raise UserError(f"model label {label!r} is given twice: labels must be unique")
+        seen.add(label)
+        if base is not None and not os.path.isabs(folder):
+            folder = os.path.join(base, folder)
+        pairs.append((label, folder))
+    return pairs
+
+
+def read_models_file(path: str) -> list[tuple[str, str]]:
+    """A manifest: one ``label=folder`` per line (``#`` comments; folders relative to it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.split("#", 1)[0].strip() for ln in f]
+    except OSError as e:
+        raise UserError(f"cannot read the models file {path} ({e.strerror})") from None
+    return parse_model_specs([ln for ln in lines if ln],
+                             base=os.path.dirname(os.path.abspath(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The table (SPEC section 9)
+# ---------------------------------------------------------------------------------------------
+
+def table_rows(models: list[ModelResults], published: dict | None = None) -> list[dict]:
+    """One row per model: ``<key>_mean``, ``<key>_std``, ``<key>_n`` for the clean accuracy and
+    every metric of T-BFA and TA-LBF, ``<key>_paper`` where ``published`` has the value.
+
+    T-BFA: mean and sample std over experiments. TA-LBF: ASR over every attack, PA-ACC and
+    # bit-flips over the successful ones (SPEC 8)."""
+    rows = []
+    for m in models:
+        row = {"model": m.label, "name": m.name}
+        row["clean_acc_mean"], row["clean_acc_std"] = m.clean_acc()
+        row["tbfa_n"] = len(m.tbfa)
+        for key, metric, _ in TBFA_METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(metric) for r in m.tbfa])
+        ok = [r for r in m.talbf if r.get("success")]
+        row["talbf_n"], row["talbf_successes"] = len(m.talbf), len(ok)
+        for key, metric, _ in TALBF_METRICS:
+            source = m.talbf if metric == "asr" else ok
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(metric) for r in source])
+        for key in ("tbfa_n_flips", "tbfa_pa_acc", "talbf_n_flips", "talbf_pa_acc"):
+            value = (published or {}).get(m.label, {}).get(key)
+            row[f"{key}_paper"] = value if value is not None else ""
+        rows.append(row)
+    return rows
+
+
+def _pm(mean: float, std: float) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def format_markdown_table(rows: list[dict], published: bool = True) -> str:
+    """The paper-style table: ours as mean ± std, the published value in the column after."""
+    heads = ["model", "clean %", "T-BFA exp."]
+    for group, metrics in (("T-BFA", TBFA_METRICS), ("TA-LBF", TALBF_METRICS)):
+        if group == "TA-LBF":
+            heads.append("TA-LBF attacks")
+        for key, _, head in metrics:
+            heads.append(f"{group} {head}")
+            if published and key != f"{group.lower().replace('-', '')}_asr":
+                heads.append("paper")
+    lines = ["| " + " | ".join(heads) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+    for r in rows:
+        cells = [r["name"], _pm(r["clean_acc_mean"], r["clean_acc_std"]), str(r["tbfa_n"])]
+        for group, metrics in (("tbfa", TBFA_METRICS), ("talbf", TALBF_METRICS)):
+            if group == "talbf":
+                cells.append(str(r["talbf_n"]))
+            for key, _, _ in metrics:
+                cells.append(_pm(r[f"{key}_mean"], r[f"{key}_std"]))
+                if published and key != f"{group}_asr":
+                    paper = r.get(f"{key}_paper", "")
+                    cells.append("–" if paper == "" else f"{paper:g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bfa_rows(models: list[ModelResults]) -> list[dict]:
+    """One row per model and attack kind (BFA, random flips): runs, accuracies, flips."""
+    rows = []
+    for m in models:
+        for kind in ("bfa", "random"):
+            runs = [r for r in m.bfa if r.attack == kind]
+            if not runs:
+                continue
+            row = {"model": m.label, "name": m.name, "attack": kind, "runs": len(runs)}
+            for key, values in (("clean_acc", [r.clean_accuracy for r in runs]),
+                                ("final_acc", [r.accuracy[-1] for r in runs]),
+                                ("bit_flips", [r.bit_flips for r in runs]),
+                                ("iterations", [r.iterations for r in runs])):
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+            stops = {}
+            for r in runs:
+                stops[r.stopped_by] = stops.get(r.stopped_by, 0) + 1
+            row["stopped_by"] = ", ".join(f"{v} {k}" for k, v in sorted(stops.items()))
+            rows.append(row)
+    return rows
+
+
+def format_markdown_bfa(rows: list[dict]) -> str:
+    heads = ["model", "attack", "runs", "clean %", "after attack %", "# bit-flips", "stopped by"]
+    lines = ["| " + " | ".join(heads) + " |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["name"], "BFA" if r["attack"] == "bfa" else "random flips", str(r["runs"]),
+            _pm(r["clean_acc_mean"], r["clean_acc_std"]),
+            _pm(r["final_acc_mean"], r["final_acc_std"]),
+            _pm(r["bit_flips_mean"], r["bit_flips_std"]), r["stopped_by"]]) + " |")
+    return "\n".join(lines)
+
+
+def write_rows_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` as CSV (floats in full precision), written atomically."""
+    if not rows:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The curves (supplement Figures 1 and 2, the BFA accuracy curve)
+# ---------------------------------------------------------------------------------------------
+
+def value_at_budget(record: dict, budget: int, metric: str) -> float | None:
+    """``metric`` of a T-BFA experiment when the attacker may flip at most ``budget`` bits.
+
+    The attack is deterministic, so this is its curve at ``min(budget, n_flips)``: an attack
+    that stopped earlier keeps its final value. With ``--curve-every K > 1`` the last recorded
+    point at or before that count is used."""
+    curve = record.get("curve") or []
+    limit = min(budget, int(record.get("n_flips", budget)))
+    value = None
+    for point in curve:
+        if point.get("flips", 0) > limit:
+            break
+        if point.get(metric) is not None:
+            value = float(point[metric])
+    return value
+
+
+def budget_curve(records: list[dict], budgets: list[int], metric: str
+                 ) -> tuple[list[float], list[float]]:
+    """Mean and sample std over experiments of :func:`value_at_budget` for every budget."""
+    with_curve = [r for r in records if r.get("curve")]
+    means, stds = [], []
+    for b in budgets:
+        m, s = mean_std([value_at_budget(r, b, metric) for r in with_curve])
+        means.append(m)
+        stds.append(s)
+    return means, stds
+
+
+def asr_budget_curve(records: list[dict], budgets: list[int]) -> tuple[list[float], list[float]]:
+    """Supplement Figure 1: T-BFA ASR (on D_rest) against the maximum allowed # bit-flips."""
+    return budget_curve(records, budgets, "asr")
+
+
+def bfa_curve(runs: list[BFARun]) -> tuple[list[float], list[float]]:
+    """Mean and std over runs of the test accuracy after 0, 1, 2, ... flipped bits (a run that
+    stopped keeps its last accuracy)."""
+    length = max(len(r.accuracy) for r in runs)
+    means, stds = [], []
+    for f_ in range(length):
+        m, s = mean_std([r.accuracy[min(f_, len(r.accuracy) - 1)] for r in runs])
+        means.append(m)
+        stds.append(s)
+    return means, stds
+
+
+def _pyplot():
+    """matplotlib's pyplot with the Agg backend, or None (with a one-line warning)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: figures skipped (pip install matplotlib)")
+        return None
+    return plt
+
+
+def _band_plot(plt, series: list[tuple[str, list, list, list, str]], band: float, xlabel: str,
+               ylabel: str, title: str, path: str) -> int:
+    """One line per entry of ``series`` (name, x, mean, std, line style) with a shaded
+    mean ± band * std; returns the number of lines drawn."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    colors = {}
+    for name, xs, means, stds, style in series:
+        base = name.split(" (")[0]
+        color = colors.setdefault(base, f"C{len(colors) % 10}")
+        ax.plot(xs, means, style, color=color, label=name, linewidth=1.6)
+        lo = [m - band * s for m, s in zip(means, stds)]
+        hi = [m + band * s for m, s in zip(means, stds)]
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    lines = len(ax.get_lines())
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return lines
+
+
+def plot_tbfa_curves(models: list[ModelResults], metric: str, path: str, band: float = 0.25,
+                     max_flips: int | None = None, title: str = "") -> int | None:
+    """Figure 1 (``metric="asr"``) or Figure 2 (``"pa_acc"``): one line per model with curves;
+    returns the number of lines drawn, or None without matplotlib or without any curve."""
+    with_curves = [m for m in models if any(r.get("curve") for r in m.tbfa)]
+    if not with_curves:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    top = max(int(r.get("n_flips", 0)) for m in with_curves for r in m.tbfa if r.get("curve"))
+    top = min(top, max_flips) if max_flips else top
+    budgets = list(range(0, max(top, 1) + 1))
+    series = []
+    for m in with_curves:
+        means, stds = budget_curve(m.tbfa, budgets, metric)
+        n = sum(1 for r in m.tbfa if r.get("curve"))
+        series.append((f"{m.name} ({n})", budgets, means, stds, "-"))
+    ylabel = {"asr": "stealthy T-BFA ASR (%)", "pa_acc": "PA-ACC (%)"}.get(metric, metric)
+    xlabel = ("maximum allowed number of bit-flips" if metric == "asr"
+              else "number of bit-flips")
+    return _band_plot(plt, series, band, xlabel, ylabel,
+                      title + f" (shading: ±{band:g} std; experiments in brackets)", path)
+
+
+def plot_bfa_curves(models: list[ModelResults], path: str, band: float = 0.25,
+                    max_flips: int | None = None, title: str = "") -> int | None:
+    """Test accuracy against the number of flipped bits: BFA solid, random flips dashed, one
+    color per model; returns the number of lines drawn (None: nothing to draw / no matplotlib)."""
+    series = []
+    for m in models:
+        for kind, style, what in (("bfa", "-", "BFA"), ("random", "--", "random")):
+            runs = [r for r in m.bfa if r.attack == kind]
+            if not runs:
+                continue
+            means, stds = bfa_curve(runs)
+            if max_flips:
+                means, stds = means[:max_flips + 1], stds[:max_flips + 1]
+            series.append((f"{m.name} ({what}, {len(runs)})", list(range(len(means))), means,
+                           stds, style))
+    if not series:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    return _band_plot(plt, series, band, "number of bit-flips", "test accuracy (%)",
+                      title + f" (shading: ±{band:g} std; runs in brackets)", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything at once
+# ---------------------------------------------------------------------------------------------
+
+FIG1, FIG2, FIG_BFA = "fig1_asr_vs_max_flips.png", "fig2_pa_acc_vs_flips.png", "fig_bfa_accuracy.png"
+
+
+@dataclass
+class Report:
+    out_dir: str
+    files: list[str] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)     # png path -> lines drawn
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    markdown: str = ""
+
+
+def write_report(models: list[ModelResults], out_dir: str, published: dict | None = None,
+                 band: float = 0.25, max_flips: int | None = None, title: str = "",
+                 figures: bool = True, attacks: tuple = ATTACKS) -> Report:
+    """Write ``table.md``/``table.csv`` (SPEC 9 layout; when ``attacks`` has tbfa or talbf),
+    ``bfa_table.md``/``.csv`` when there are BFA runs, the figures as PNG and ``report.md`` (all
+    of it, plus what was missing)."""
+    if not models:
+        raise UserError("no models to report on: give LABEL=FOLDER arguments or --models-file")
+    os.makedirs(out_dir, exist_ok=True)
+    rep = Report(out_dir)
+    for m in models:
+        rep.missing += m.missing
+        rep.problems += m.problems
+    stealthy = "tbfa" in attacks or "talbf" in attacks
+    table = ""
+    if stealthy:
+        rows = table_rows(models, published)
+        table = format_markdown_table(rows, published=bool(published))
+        with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        write_rows_csv(os.path.join(out_dir, "table.csv"), rows)
+        rep.files += [os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")]
+    brows = bfa_rows(models)
+    if brows:
+        btable = format_markdown_bfa(brows)
+        with open(os.path.join(out_dir, "bfa_table.md"), "w", encoding="utf-8") as f:
+            f.write(btable + "\n")
+        write_rows_csv(os.path.join(out_dir, "bfa_table.csv"), brows)
+        rep.files += [os.path.join(out_dir, "bfa_table.md"), os.path.join(out_dir, "bfa_table.csv")]
+    if figures:
+        prefix = f"{title}: " if title else ""
+        plots = []
+        if "tbfa" in attacks:
+            plots += [(FIG1, lambda p: plot_tbfa_curves(models, "asr", p, band, max_flips,
+                                                        prefix + "stealthy T-BFA ASR")),
+                      (FIG2, lambda p: plot_tbfa_curves(models, "pa_acc", p, band, max_flips,
+                                                        prefix + "PA-ACC during T-BFA"))]
+        if "bfa" in attacks:
+            plots.append((FIG_BFA, lambda p: plot_bfa_curves(models, p, band, None,
+                                                             prefix + "BFA and random flips")))
+        for fname, fn in plots:
+            path = os.path.join(out_dir, fname)
+            lines = fn(path)
+            if lines is not None:
+                rep.figures[path] = lines
+                rep.files.append(path)
+            else:
+                rep.missing.append(f"{fname} not drawn (no per-flip data, or no matplotlib)")
+    md = [f"# {title or 'Bit-flip attack results'}", "",
+          "Mean ± sample standard deviation over experiments (T-BFA) or attacks (TA-LBF: ASR "
+          "over all attacks, PA-ACC and # bit-flips over the successful ones)."
+          + (" `paper`: the published value (SPEC section 9, 8-bit ResNet-20 on CIFAR-10)."
+             if published else ""),
+          "More bit-flips and a lower PA-ACC at the end of the attack mean a more robust model.",
+          ""] + ([table, ""] if stealthy else [])
+    if brows:
+        md += ["## Untargeted BFA and random flips", "", format_markdown_bfa(brows), ""]
+    for path in rep.figures:
+        md += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
+    if rep.missing or rep.problems:
+        md += ["## Missing or skipped", ""] + [f"- {x}" for x in rep.missing + rep.problems] + [""]
+    rep.markdown = "\n".join(md)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(rep.markdown)
+    rep.files.append(os.path.join(out_dir, "report.md"))
+    for msg in rep.missing:
+        log.warning("missing: %s", msg)
+    return rep
+
+
+def datasets_of(models: list[ModelResults]) -> set[str]:
+    return {m.dataset for m in models if m.dataset}
