@@ -208,3 +208,51 @@ def test_checkpoint_for_other_architecture_without_metadata(trained, data_dir, t
     assert rc == 2 and "does not fit architecture wrn28_4_quan" in err
     rc = run(main.main, ["--eval", path, "--bits", "4", "--data_dir", data_dir, "--device", "cpu"])
     assert rc == 2 and "--bits 8" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# --compile, --amp, --channels-last
+# ---------------------------------------------------------------------------------------------
+
+def test_compiled_run_writes_plain_checkpoints(data_dir, tmp_path, monkeypatch, capsys):
+    """--compile trains through torch.compile (here its graph-capture-only "eager" backend,
+    which takes seconds instead of the C++ compiler's minute on this CPU); the checkpoint holds
+    the plain module's state dict and loads like any other."""
+    real = torch.compile
+    calls = []
+
+    def eager_compile(model, **kwargs):
+        calls.append(type(model).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    args = COMMON + ["--data_dir", data_dir, "--outdir", str(tmp_path), "-e", "1", "--compile",
+                     "--amp", "--channels-last"]
+    assert run(main.main, args) == 0
+    assert calls == ["CifarResNet"]
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["state_dict"])
+    assert ckpt["args"]["amp"] is True
+    monkeypatch.setattr(torch, "compile", real)
+    capsys.readouterr()
+    assert run(main.main, ["--eval", str(tmp_path / "checkpoint.pth.tar"), "--data_dir",
+                           data_dir, "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(ckpt["test_acc"], abs=1e-3)
+
+
+def test_compile_failure_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    """A machine where torch.compile cannot build its kernels: one error line, status 2."""
+    real = torch.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=broken_backend))
+    args = COMMON + ["--data_dir", data_dir, "--outdir", str(tmp_path / "run"), "-e", "1",
+                     "--compile"]
+    assert run(main.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --compile failed on this machine")
+    assert "without --compile" in err[0]
+    assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()

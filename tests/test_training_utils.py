@@ -134,3 +134,52 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed flags: --amp keeps the quantizer exact; wrapped models
+# ---------------------------------------------------------------------------------------------
+
+def test_quantizer_is_exact_under_bf16_autocast():
+    from utils.training import autocast
+
+    torch.manual_seed(0)
+    model = get_model("resnet20_quan", 10)
+    x = torch.randn(4, 3, 32, 32)
+    with autocast(torch.device("cpu"), True):
+        out = model(x)
+        for _, layer in quant_layers(model):
+            wq = layer.quantized_weight()
+            assert wq.dtype == torch.float32
+            step = layer.weight.detach().abs().max() / 127
+            assert torch.equal(layer.step_size, step.view(1))
+            # exactly (integer code) x (step), the codes computed in float32 outside autocast
+            codes = torch.clamp(torch.round(layer.weight.detach().float() / step), -127, 127)
+            assert torch.equal(wq, codes * step) and codes.abs().max() == 127
+            assert torch.equal(layer.int_weight(), codes.long())
+    assert out.dtype == torch.bfloat16  # the convolutions did run in bfloat16
+
+
+def test_train_one_epoch_amp_and_wrapped_model():
+    from utils.data import TensorLoader
+    from utils.training import build_optimizer, train_one_epoch, unwrap_model
+    from models.ocm import SoftmaxOutput
+
+    torch.manual_seed(0)
+    model = get_model("resnet20_quan", 10)
+    before = model.conv1.weight.detach().clone()
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(24) % 10
+    loader = TensorLoader(x, y, 8, (0.5,) * 3, (0.25,) * 3, "cpu", train=True,
+                          memory_format=torch.channels_last)
+    assert next(iter(loader))[0].is_contiguous(memory_format=torch.channels_last)
+    opt = build_optimizer(model, "sgd", 0.05, 0.9, 0.0)
+    wrapped = torch.nn.DataParallel(model)  # stands for DDP: the network is found inside
+    assert unwrap_model(wrapped) is model
+    from utils.training import MixupConfig
+    stats = train_one_epoch(wrapped, SoftmaxOutput(10), loader, opt, LRSchedule(0.05, 1), 0,
+                            amp=True, progress=False,
+                            mixup=MixupConfig(2.0, manifold=True))
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    assert not torch.equal(model.conv1.weight, before)
+    assert model.conv1.weight.dtype == torch.float32  # parameters stay float32 under --amp
