@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models import quant_layers
-from utils.bitsearch import (MAXIMIZE, ProgressiveBitSearch, SearchStep, hamming_distance,
+from utils.bitsearch import (MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep, hamming_distance,
                              random_flip, snapshot)
 from utils.data import normalize_images
 
@@ -247,7 +247,7 @@ class BFA(_FlipAttack):
     name = "bfa"
 
     def __init__(self, model: nn.Module, output: nn.Module, k_top: int | None = None,
-                 max_bits_per_layer: int = MAX_BITS_PER_LAYER):
+                 max_bits_per_layer: int = MAX_BITS_PER_LAYER, incremental: bool = True):
         super().__init__(model, output)
         if k_top is not None and k_top < 1:
             raise ValueError(f"k_top must be at least 1 (or None for all weights), got {k_top}")
@@ -256,7 +256,7 @@ class BFA(_FlipAttack):
         self.k_top = k_top
         self.search = ProgressiveBitSearch(model, MAXIMIZE, k_top=k_top, multi_bit_retry=True,
                                            max_bits_per_layer=max_bits_per_layer,
-                                           skip_inadmissible=True)
+                                           skip_inadmissible=True, incremental=incremental)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
         """One progressive-search iteration on ``(x, y)``; ``y`` are the model's predictions."""
@@ -265,10 +265,8 @@ class BFA(_FlipAttack):
             loss = self.loss(x, y)
             return loss, float(loss.detach())
 
-        def attack_loss():
-            return float(self.loss(x, y))
-
-        return self.search.step(gradient_loss, attack_loss)
+        return self.search.step(gradient_loss,
+                                AttackLoss(self.model, x, lambda out: self.output.loss(out, y)))
 
 
 class RandomFlips(_FlipAttack):

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.bitsearch import MINIMIZE, ProgressiveBitSearch, hamming_distance, snapshot
+from utils.bitsearch import (MINIMIZE, AttackLoss, ProgressiveBitSearch, hamming_distance,
+                             snapshot)
 
 from .common import EvalSet
 
@@ -148,7 +149,9 @@ class TBFAConfig:
       weight's index within its layer over three consecutive iterations; True also compares
       the layer;
     - ``curve_every``: record ASR and PA-ACC every K flips (0 = never);
-    - ``flip_log``: record every flip (layer, index, bit, values, attack loss).
+    - ``flip_log``: record every flip (layer, index, bit, values, attack loss);
+    - ``incremental``: score trial flips by re-running the network from the flipped layer on
+      (same flips as the plain search, faster; see :class:`utils.bitsearch.ProgressiveBitSearch`).
     """
 
     max_iters: int = 5000
@@ -158,6 +161,7 @@ class TBFAConfig:
     oscillation_by_layer: bool = False
     curve_every: int = 0
     flip_log: bool = False
+    incremental: bool = True
 
 
 @dataclass
@@ -199,27 +203,26 @@ class TBFA:
             raise ValueError("source and target class must differ")
         sets = sets.to(data.device)
         clean = snapshot(model)
-        search = ProgressiveBitSearch(model, MINIMIZE)
-        x_src, x_aux = data.inputs(sets.src), data.inputs(sets.aux)
-        x_both = torch.cat([x_src, x_aux])
+        search = ProgressiveBitSearch(model, MINIMIZE, incremental=cfg.incremental)
+        x_src = data.inputs(sets.src)
+        x_both = torch.cat([x_src, data.inputs(sets.aux)])
         ns = len(x_src)
         t_src = torch.full((ns,), target, dtype=torch.int64, device=data.device)
         y_aux = data.labels[sets.aux]
         src_rest = torch.cat([sets.src, sets.rest])
         t_src_rest = torch.full((len(src_rest),), target, dtype=torch.int64, device=data.device)
 
-        def attack_loss():
-            out = model(x_both)
-            return output.loss(out[:ns], t_src) + output.loss(out[ns:], y_aux)
+        # One forward for D_src and D_aux together.
+        attack_loss = AttackLoss(model, x_both, lambda out: output.loss(out[:ns], t_src)
+                                 + output.loss(out[ns:], y_aux))
 
         def gradient_loss():
             if cfg.full_gradient:
                 loss = attack_loss()
                 return loss, float(loss.detach())
-            loss_src = output.loss(model(x_src), t_src)
-            with torch.no_grad():  # *quirk*: D_aux enters as a number only
-                loss_aux = output.loss(model(x_aux), y_aux)
-            return loss_src, float(loss_src.detach()) + float(loss_aux)
+            # *quirk*: D_aux enters as a number only; the search reads the current value of
+            # the whole objective from its clean forward.
+            return output.loss(model(x_src), t_src), None
 
         def asr_pair():
             hits = data.predict(model, output, src_rest) == t_src_rest

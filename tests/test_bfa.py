@@ -146,16 +146,16 @@ def test_bfa_flips_two_bits_when_no_single_bit_raises_the_loss():
     x = attack.prepare(attack_batch(), eval_set())
     y = attack.label(x)
     start = snapshot(model)
-    real_loss = attack.loss
+    real_loss = output.loss
 
-    def loss(xb, yb):
-        value = real_loss(xb, yb)
+    def loss(out, yb):
+        value = real_loss(out, yb)
         if torch.is_inference_mode_enabled():  # a trial flip: only 2-bit trials help
             changed = hamming_distance(model, start)
             return value + (1e6 if changed >= 2 else -1e6)
         return value
 
-    attack.loss = loss
+    output.loss = loss
     step = attack.step(x, y)
     assert step.bits_per_layer == 2
     assert len(step.flips) == 2 and step.flips[0].layer == step.flips[1].layer

@@ -15,6 +15,7 @@ parameters hold the integer codes ``q``; their ``.grad`` is then ``dLoss/dq``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Callable
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn as nn
 
 from models import bits as bitlib
 from models import quant_layers
+
+log = logging.getLogger(__name__)
 
 MAXIMIZE = 1   # untargeted BFA: raise the loss
 MINIMIZE = -1  # T-BFA: lower the attack loss
@@ -130,12 +133,45 @@ def _apply(cand: LayerCandidate) -> list[Flip]:
     return flips
 
 
+def _single_candidate(name: str, layer: nn.Module, direction: int) -> LayerCandidate:
+    """:func:`layer_candidate` for one bit over all weights, without reading anything back to
+    the host (``admissible`` stays a 0-d bool tensor): the search's inner loop on a GPU."""
+    g = layer.weight.grad.detach().reshape(-1)
+    codes = layer.weight.detach().reshape(-1).round().to(torch.int64)
+    score = (direction * first_order_change(codes, g, layer.n_bits)).reshape(-1)
+    best = score.argmax()
+    admissible = score[best] > 0
+    fallback = g.abs().argmax()  # the public T-BFA code's arbitrary bit (see layer_candidate)
+    local = torch.where(admissible, best // layer.n_bits, fallback).view(1)
+    bit = torch.where(admissible, best % layer.n_bits, torch.zeros_like(best)).view(1)
+    return LayerCandidate(name, layer, local, bit, admissible)
+
+
+class AttackLoss:
+    """An attack loss of the form ``loss_fn(model(inputs))``.
+
+    Passing one (instead of any callable) to :meth:`ProgressiveBitSearch.step` lets the search
+    score each layer's trial flip by re-running the network from that layer onward only
+    (:class:`models.incremental.IncrementalForward`); calling it runs the whole model.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor,
+                 loss_fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.model = model
+        self.inputs = inputs
+        self.loss_fn = loss_fn
+
+    def __call__(self) -> torch.Tensor:
+        return self.loss_fn(self.model(self.inputs))
+
+
 class ProgressiveBitSearch:
     """Progressive bit search (Rakin et al., ICCV 2019; SPEC section 5).
 
     One :meth:`step`: (1) backward of the gradient loss; (2) for each quantized layer apply its
     candidate flip, score the attack loss (forward only), undo it; (3) keep the flip of the best
-    layer (highest loss for ``MAXIMIZE``, lowest for ``MINIMIZE``).
+    layer (highest loss for ``MAXIMIZE``, lowest for ``MINIMIZE``; the first such layer on a
+    tie; a NaN loss never wins unless every layer's is NaN).
 
     ``multi_bit_retry`` (BFA, SPEC section 6): when no layer's candidate improves on the current
     loss, retry with the top-2 bits per layer flipped together, then 3, ... up to
@@ -144,11 +180,17 @@ class ProgressiveBitSearch:
     ``skip_inadmissible``: a layer with no bit pointing the attack's way proposes nothing (the
     public BFA code flips no bit there); by default it proposes its arbitrary bit and competes
     like the others (the public T-BFA code). When every layer is skipped, nothing is flipped.
+
+    ``incremental`` (default): when the attack loss is an :class:`AttackLoss`, a trial flip in a
+    layer re-runs the network from that layer onward on activations cached from the clean
+    forward (which is itself reused from the previous step when the weights are unchanged).
+    The losses are bit-identical to full forwards, so the flips are the same as with
+    ``incremental=False`` (the plain search: one full forward per layer), only faster.
     """
 
     def __init__(self, model: nn.Module, direction: int, k_top: int | None = None,
                  multi_bit_retry: bool = False, max_bits_per_layer: int = 32,
-                 skip_inadmissible: bool = False):
+                 skip_inadmissible: bool = False, incremental: bool = True):
         if direction not in (MAXIMIZE, MINIMIZE):
             raise ValueError("direction must be MAXIMIZE (+1) or MINIMIZE (-1)")
         self.model = model
@@ -157,6 +199,7 @@ class ProgressiveBitSearch:
         self.multi_bit_retry = multi_bit_retry
         self.max_bits_per_layer = max_bits_per_layer
         self.skip_inadmissible = skip_inadmissible
+        self.incremental = incremental
         self.layers = quant_layers(model)
         if not self.layers:
             raise ValueError("the model has no quantized layers to attack")
@@ -169,17 +212,66 @@ class ProgressiveBitSearch:
             p.requires_grad_(False)
         for _, layer in self.layers:
             layer.weight.requires_grad_(True)
+        self._engine = None          # IncrementalForward, built on first use
+        self._engine_inputs = None   # the inputs its cache belongs to
+        self._engine_weights = None  # and the codes it was computed with
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.direction == MAXIMIZE else a < b
 
-    def step(self, gradient_loss: Callable[[], tuple[torch.Tensor, float]],
-             attack_loss: Callable[[], float]) -> SearchStep:
+    def _select(self, losses: list[torch.Tensor]) -> int:
+        """Index of the best trial loss (first on ties; NaN loses unless all are NaN)."""
+        stacked = torch.stack([loss.detach().reshape(()).float() for loss in losses])
+        worst = float("-inf") if self.direction == MAXIMIZE else float("inf")
+        stacked = torch.nan_to_num(stacked, nan=worst)
+        pick = stacked.argmax() if self.direction == MAXIMIZE else stacked.argmin()
+        return int(pick)
+
+    # -- incremental forward ------------------------------------------------------------------
+
+    def _engine_for(self, attack_loss) -> "IncrementalForward | None":
+        """The incremental engine primed for ``attack_loss.inputs`` and the current weights, or
+        None when the plain search must be used."""
+        if not self.incremental or not isinstance(attack_loss, AttackLoss) \
+                or attack_loss.model is not self.model:
+            return None
+        if self._engine is None:
+            from models.incremental import IncrementalForward, NotTraceable
+            try:
+                self._engine = IncrementalForward(self.model, [n for n, _ in self.layers])
+            except NotTraceable as err:
+                log.warning("plain bit search (one full forward per layer): %s", err)
+                self.incremental = False
+                return None
+        weights = [layer.weight.detach() for _, layer in self.layers]
+        fresh = (self._engine_inputs is attack_loss.inputs and self._engine_weights is not None
+                 and not bool(torch.stack([(w != s).any() for w, s in
+                                           zip(weights, self._engine_weights)]).any()))
+        if not fresh:
+            with torch.inference_mode():
+                self._engine.prime(attack_loss.inputs)
+            self._engine_inputs = attack_loss.inputs
+            self._engine_weights = [w.clone() for w in weights]
+        return self._engine
+
+    def _commit(self, engine, cand: LayerCandidate) -> None:
+        """The kept flip enters the engine's cache (one partial rerun)."""
+        with torch.inference_mode():
+            engine.commit(cand.name)
+        i = next(i for i, (name, _) in enumerate(self.layers) if name == cand.name)
+        self._engine_weights[i] = cand.layer.weight.detach().clone()
+
+    # -----------------------------------------------------------------------------------------
+
+    def step(self, gradient_loss: Callable[[], tuple[torch.Tensor, float | None]],
+             attack_loss: Callable[[], torch.Tensor]) -> SearchStep:
         """One iteration.
 
         ``gradient_loss()`` returns ``(tensor to backpropagate, current attack loss value)``;
-        ``attack_loss()`` returns the attack loss of the model as it is (called under
-        ``torch.inference_mode``), used to rank the layers' trial flips.
+        the value may be None: it is then the attack loss of the unflipped model (read from the
+        incremental cache, or one forward). ``attack_loss()`` returns the attack loss of the
+        model as it is (called under ``torch.inference_mode``), used to rank the layers' trial
+        flips; make it an :class:`AttackLoss` to allow the incremental search.
         """
         self.model.eval()
         for _, layer in self.layers:
@@ -187,30 +279,53 @@ class ProgressiveBitSearch:
         with torch.enable_grad():
             loss, current = gradient_loss()
             loss.backward()
+        engine = self._engine_for(attack_loss)
+        if current is None:
+            with torch.inference_mode():
+                current = (attack_loss.loss_fn(engine.output) if engine is not None
+                           else attack_loss())
+        current = float(current)
+
+        def trial_loss(name: str) -> torch.Tensor:
+            with torch.inference_mode():
+                if engine is not None:
+                    return attack_loss.loss_fn(engine.rerun(name)).detach()
+                return torch.as_tensor(attack_loss()).detach()
+
         n_bits = 1
         while True:
-            best_loss, best_cand, all_admissible = None, None, True
+            cands, losses = [], []
             for name, layer in self.layers:
-                cand = layer_candidate(name, layer, self.direction, n_bits, self.k_top)
-                all_admissible &= cand.admissible
-                if self.skip_inadmissible and not cand.admissible:
-                    continue
+                if n_bits == 1 and not self.skip_inadmissible and self.k_top is None:
+                    cand = _single_candidate(name, layer, self.direction)
+                else:
+                    cand = layer_candidate(name, layer, self.direction, n_bits, self.k_top)
+                    if self.skip_inadmissible and not cand.admissible:
+                        continue
                 flat = layer.weight.data.view(-1)
                 saved = flat[cand.indices].clone()
-                _apply(cand)
-                with torch.inference_mode():
-                    trial = float(attack_loss())
+                if len(cand.indices) == 1:  # one bit: tensor ops only, nothing read back
+                    flat[cand.indices] = bitlib.flip_bits(
+                        saved.round().to(torch.int64), cand.bits, layer.n_bits).to(flat.dtype)
+                else:
+                    _apply(cand)
+                losses.append(trial_loss(name))
                 flat[cand.indices] = saved
-                if best_loss is None or self._better(trial, best_loss):
-                    best_loss, best_cand = trial, cand
-            if best_cand is None:  # every layer skipped: no bit can move the loss
-                return SearchStep([], float(current), float(current), False, n_bits)
+                cands.append(cand)
+            if not cands:  # every layer skipped: no bit can move the loss
+                return SearchStep([], current, current, False, n_bits)
+            best = self._select(losses)
+            best_cand, best_loss = cands[best], float(losses[best])
+            all_admissible = all(bool(c.admissible) for c in cands) and \
+                len(cands) == len(self.layers)
             improves = self._better(best_loss, current)
             if (not self.multi_bit_retry or improves or n_bits >= self.max_bits_per_layer):
                 break
             n_bits += 1
         flips = _apply(best_cand)
-        return SearchStep(flips, float(current), best_loss, all_admissible, n_bits)
+        if engine is not None:
+            self._commit(engine, best_cand)
+        return SearchStep(flips, current, best_loss, all_admissible, n_bits)
 
 
 def random_flip(model: nn.Module, generator: torch.Generator) -> Flip:
