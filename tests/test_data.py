@@ -441,3 +441,26 @@ def test_cifar10_original_repository_layout(tmp_path):
     train_x, train_y, _, _ = D.load_in_memory("CIFAR10", tmp_path)
     assert torch.equal(train_x.reshape(len(xtr), -1), torch.from_numpy(xtr))
     assert train_y.tolist() == list(ytr)
+
+
+def test_imagenet_loaders_shard_by_rank(tmp_path):
+    """torchrun: the global batch is split, every rank reads a disjoint share of the epoch."""
+    make_imagenet(tmp_path, n=4)
+
+    def ident(bx, by):  # the green channel identifies the image within a class
+        return [(int(y), round(float((x[1, 0, 0] * 0.224 + 0.456) * 255)))
+                for x, y in zip(bx, by)]
+
+    epochs = {}
+    for rank in (0, 1):
+        train, test, _ = D.build_loaders("imagenet", tmp_path, 4, "cpu", workers=0, seed=5,
+                                         test_batch_size=3, rank=rank, world_size=2)
+        assert len(train) == 2  # 8 images, global batch 4: 2 steps of 2 images per rank
+        assert [len(by) for _, by in train] == [2, 2]
+        train.set_epoch(1)
+        epochs[rank] = [i for bx, by in train for i in ident(bx, by)]
+        assert torch.cat([by for _, by in test]).tolist() == ([0, 0, 0, 0] if rank == 0
+                                                              else [1, 1, 1, 1])
+    assert len(set(epochs[0]) | set(epochs[1])) == 8  # disjoint, together the whole epoch
+    with pytest.raises(DataError, match="divisible"):
+        D.build_loaders("imagenet", tmp_path, 3, "cpu", workers=0, rank=0, world_size=2)
