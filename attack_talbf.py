@@ -36,7 +36,9 @@ from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, exp
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.results import (JsonlResults, check_campaign, default_results_dir, format_table,
+from utils.campaign import CampaignResults
+from utils.distributed import cleanup, init_distributed, is_main, rank, world_size
+from utils.results import (check_campaign, default_results_dir, format_table,
                            write_campaign, write_csv)
 
 log = logging.getLogger("attack_talbf")
@@ -137,6 +139,13 @@ def talbf_config(args) -> TALBFConfig:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        cleanup()  # leave the torchrun process group, if any
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -163,7 +172,7 @@ def main(argv=None) -> int:
         if args.correct_only:
             raise UserError("--correct-only selects sources of a generated list; it does not "
                             "apply to --attack_info")
-    device = resolve_device(device_spec(args))
+    device = init_distributed(resolve_device(device_spec(args)))  # torchrun: one GPU per rank
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
     mcfg, info = target.config, target.dataset
@@ -208,20 +217,25 @@ def main(argv=None) -> int:
 
     # Everything is valid: from here on, files are written.
     os.makedirs(results_dir, exist_ok=True)
-    setup_logging(os.path.join(results_dir, "attack.log"))
-    write_campaign(campaign_file, campaign)
-    if args.save_attack_info:
+    main_rank = is_main()
+    setup_logging(os.path.join(results_dir, "attack.log" if main_rank
+                               else f"attack.rank{rank()}.log"))
+    if main_rank:
+        write_campaign(campaign_file, campaign)
+    if args.save_attack_info and main_rank:
         with open(args.save_attack_info, "w") as f:
             f.write(format_attack_info(items))
-    results = JsonlResults(os.path.join(results_dir, "results.jsonl"))
-    todo = [it for it in items if it.key not in results.done()]
+    results = CampaignResults(results_dir)  # this process's share when run under torchrun
+    todo = results.share(items)
     log.info("TA-LBF on %s (%s, %d-bit%s): clean test accuracy %.2f%% (final layer on the cached "
-             "features); %d attacks, %d done, results in %s", target.source, mcfg.arch,
-             mcfg.bits, f", OCM{mcfg.code_length}" if mcfg.ocm else "", attack.clean_accuracy(),
-             len(items), len(items) - len(todo), results_dir)
+             "features); %d attacks, %d done, %d to run%s; results in %s", target.source,
+             mcfg.arch, mcfg.bits, f", OCM{mcfg.code_length}" if mcfg.ocm else "",
+             attack.clean_accuracy(), len(items), len(results.done() & {it.key for it in items}),
+             len(todo), f" by rank {rank()} of {world_size()}" if world_size() > 1 else "",
+             results_dir)
 
-    bar = tqdm(total=len(todo), desc="TA-LBF attacks", disable=not args.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="TA-LBF attacks", dynamic_ncols=True,
+               disable=not (args.progress and main_rank))
 
     def on_result(record):
         bar.update(1)
@@ -239,18 +253,22 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         bar.close()
         log.info("interrupted: %d of %d attacks are in %s; run the same command again to "
-                 "continue", len(results.records), len(items), results.path)
+                 "continue", len(results.records), len(items), results_dir)
         return 130
     finally:
         bar.close()
 
+    records = results.finish()  # every rank done; rank 0 merges the results files
+    if records is None:
+        return 0
     keys = {it.key for it in items}
-    records = [r for r in results.records if r["key"] in keys]
+    records = [r for r in records if r["key"] in keys]
     rows = summary_rows(records)
     write_csv(os.path.join(results_dir, "summary.csv"), rows)
     print(format_table(rows, ["metric", "mean", "std", "n"]))
     ok = sum(r["success"] for r in records)
-    print(f"{len(records)} attacks, {ok} successful; results: {results.path}")
+    print(f"{len(records)} attacks, {ok} successful; results: "
+          f"{os.path.join(results_dir, 'results.jsonl')}")
     return 0
 
 

@@ -31,8 +31,10 @@ from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, exp
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.results import (JsonlResults, check_campaign, default_results_dir, format_table,
-                           summarize, write_campaign, write_csv)
+from utils.campaign import CampaignResults
+from utils.distributed import cleanup, init_distributed, is_main, rank, world_size
+from utils.results import (check_campaign, default_results_dir, format_table, summarize,
+                           write_campaign, write_csv)
 
 log = logging.getLogger("attack_tbfa")
 
@@ -120,7 +122,14 @@ def main(argv=None) -> int:
     for name in ("n_src", "n_aux"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    device = resolve_device(device_spec(args))
+    device = init_distributed(resolve_device(device_spec(args)))
+    try:
+        return _main(args, explicit, device)
+    finally:
+        cleanup()
+
+
+def _main(args, explicit, device) -> int:
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
     cfg, info = target.config, target.dataset
@@ -175,26 +184,30 @@ def main(argv=None) -> int:
 
     # Everything is valid: from here on, files are written.
     os.makedirs(results_dir, exist_ok=True)
-    setup_logging(os.path.join(results_dir, "attack.log"))
-    write_campaign(campaign_file, campaign)
-    if args.save_sets:
+    main_rank = is_main()
+    setup_logging(os.path.join(results_dir, "attack.log" if main_rank
+                               else f"attack.rank{rank()}.log"))
+    if main_rank:
+        write_campaign(campaign_file, campaign)
+    if args.save_sets and main_rank:
         with open(args.save_sets, "w") as f:
             json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,
                                         **e.sets.to_dict()} for e in experiments]}, f)
     data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
     del images
-    results = JsonlResults(os.path.join(results_dir, "results.jsonl"))
-    todo = [e for e in experiments if e.key not in results.done()]
+    results = CampaignResults(results_dir)  # this process's share when run under torchrun
+    todo = results.share(experiments)
     clean_acc = data.accuracy(target.model, target.output)
     log.info("T-BFA on %s (%s, %d-bit%s): clean test accuracy %.2f%%; %d experiments, %d done, "
-             "results in %s", target.source, cfg.arch, cfg.bits,
+             "%d to run%s; results in %s", target.source, cfg.arch, cfg.bits,
              f", OCM{cfg.code_length}" if cfg.ocm else "", clean_acc, len(experiments),
-             len(experiments) - len(todo), results_dir)
+             len(results.done() & {e.key for e in experiments}), len(todo),
+             f" by rank {rank()} of {world_size()}" if world_size() > 1 else "", results_dir)
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(results_dir, "tb"))
-    bar = tqdm(total=len(todo), desc="T-BFA experiments", disable=not args.progress,
-               dynamic_ncols=True)
+    writer = SummaryWriter(os.path.join(results_dir, "tb" if main_rank else f"tb/rank{rank()}"))
+    bar = tqdm(total=len(todo), desc="T-BFA experiments", dynamic_ncols=True,
+               disable=not (args.progress and main_rank))
 
     def on_flip(it, record):
         bar.set_postfix(flips=it, loss=f"{record['loss']:.4f}")
@@ -218,14 +231,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         bar.close()
         log.info("interrupted: %d of %d experiments are in %s; run the same command again to "
-                 "continue", len(results.records), len(experiments), results.path)
+                 "continue", len(results.records), len(experiments), results_dir)
         return 130
     finally:
         bar.close()
         writer.close()
 
+    records = results.finish()  # every rank done; rank 0 merges the results files
+    if records is None:
+        return 0
     keys = {e.key for e in experiments}
-    records = [r for r in results.records if r["key"] in keys]
+    records = [r for r in records if r["key"] in keys]
     rows = summarize(records, SUMMARY_METRICS)
     write_csv(os.path.join(results_dir, "summary.csv"), rows)
     print(format_table(rows, ["metric", "mean", "std", "n"]))
@@ -233,7 +249,7 @@ def main(argv=None) -> int:
     for r in records:
         stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
     print(f"{len(records)} experiments ({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})"
-          f"; results: {results.path}")
+          f"; results: {os.path.join(results_dir, 'results.jsonl')}")
     return 0
 
 
