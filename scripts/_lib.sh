@@ -8,7 +8,8 @@
 #   DEVICE   auto, cpu, cuda, cuda:<i> (auto)
 #   DRY_RUN  1: print the commands ("+ python main.py ...", one per line) instead of running them
 #   QUIET    1: send the commands' output to $LOG (the scripts set it) instead of the terminal
-#   NPROC    processes per node for training; >1 launches main.py through torchrun
+#   NPROC    processes (GPUs) per node; >1 launches main.py, attack_tbfa.py and attack_talbf.py
+#            through torchrun (attack_bfa.py and report.py always run as one process)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
@@ -59,13 +60,18 @@ run_cmd() {
   fi
 }
 
-# The command that runs main.py: plain python, or torchrun with NPROC processes (multi-GPU).
-main_py() {
+# run_py SCRIPT ARGS...: plain python, or torchrun with NPROC processes (one GPU each): main.py
+# shards the global batch, the attack scripts share out the campaign's experiments.
+run_py() {
   if [ "$NPROC" -gt 1 ]; then
-    run_cmd torchrun --standalone "--nproc_per_node=$NPROC" main.py "$@"
+    run_cmd torchrun --standalone "--nproc_per_node=$NPROC" "$@"
   else
-    run_cmd "$PY" main.py "$@"
+    run_cmd "$PY" "$@"
   fi
+}
+
+main_py() {
+  run_py main.py "$@"
 }
 
 # Training flags of a model label of the paper's tables (SPEC section 4): vanilla, pc,
@@ -112,7 +118,7 @@ train() {
 tbfa() {
   local run="$1"
   shift
-  run_cmd "$PY" attack_tbfa.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
+  run_py attack_tbfa.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
     --device "$DEVICE" --no-progress --curve-every "${CURVE_EVERY:-1}" "$@"
 }
 
@@ -120,7 +126,7 @@ tbfa() {
 talbf() {
   local run="$1"
   shift
-  run_cmd "$PY" attack_talbf.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
+  run_py attack_talbf.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
     --device "$DEVICE" --no-progress "$@"
 }
 

@@ -12,7 +12,8 @@
 #
 # Usage: DATA_DIR=/data/imagenet OUT_ROOT=/scratch/ocm bash scripts/ocm_train_imagenet.sh
 # Environment: DATA_DIR (data; holds train/ and val/), OUT_ROOT (runs/paper), DEVICE (auto),
-#   NPROC (1; >1 trains with torchrun --nproc_per_node=NPROC, -b stays the global batch),
+#   NPROC (1; >1 runs training and the T-BFA campaigns with torchrun --nproc_per_node=NPROC,
+#   one GPU per process; -b stays the global batch, the experiments are shared out),
 #   EPOCHS (100), FT_EPOCHS (60), CODE_LENGTHS (1024 2048), PC (1; 0 skips the PC model),
 #   PC_LAMBDA (5e-4), SEED (0), TBFA_AVGS (5), CURVE_EVERY (10; 1 = exact Figure 1, about 10x
 #   the T-BFA time), TALBF_ATTACKS (0), TBFA_FLAGS, WORKERS (8),

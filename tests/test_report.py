@@ -153,6 +153,14 @@ def test_budget_curve_holds_the_final_value_of_finished_attacks():
     assert value_at_budget(sparse, 3, "asr") == pytest.approx(50.0)
 
 
+def test_unmerged_rank_files_of_a_multi_process_campaign_count(results):
+    folder = results / "ocm16" / "attack_tbfa"
+    _write_jsonl(str(folder / "results.rank1.jsonl"), [_tbfa("b", 30, 80.0, 30.0, clean=91.0),
+                                                      _tbfa("d", 20, 70.0, 35.0, clean=91.0)])
+    m = load_model("ocm16", str(results / "ocm16"))
+    assert sorted(r["key"] for r in m.tbfa) == ["a", "b", "d"]  # "b" twice counts once
+
+
 def test_bfa_curve_holds_the_last_accuracy(results):
     runs = load_model("vanilla", str(results / "vanilla")).bfa
     bfa = [r for r in runs if r.attack == "bfa"]

@@ -3,7 +3,8 @@
 A *model folder* is a training run folder (``main.py --outdir``) holding the attack results the
 attack scripts write beside the checkpoint by default:
 
-- ``attack_tbfa/results.jsonl``: stealthy T-BFA, one line per experiment (SPEC 7); with
+- ``attack_tbfa/results.jsonl`` (and ``results.rank<r>.jsonl`` of a multi-process campaign not
+  yet merged): stealthy T-BFA, one line per experiment (SPEC 7); with
   ``--curve-every 1`` each line has ``curve`` = [{flips, asr, asr_src, pa_acc}, ...];
 - ``attack_talbf/results.jsonl``: stealthy TA-LBF, one line per attacked sample (SPEC 8);
 - any folder below it with ``profile.csv`` and ``summary.json``: one untargeted BFA or
@@ -25,6 +26,7 @@ is the supplement's Figure 1 statistic and :func:`write_report` writes everythin
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import math
@@ -203,11 +205,14 @@ def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str
             ("T-BFA", tbfa_dir, "tbfa", "attack_tbfa.py --checkpoint ... --curve-every 1"),
             ("TA-LBF", talbf_dir, "talbf", "attack_talbf.py --checkpoint ...")):
         path = os.path.join(folder, sub, "results.jsonl")
-        if not os.path.exists(path):
+        # a campaign run by several processes and not yet merged: results.rank<r>.jsonl
+        paths = ([path] if os.path.exists(path) else []) + sorted(
+            glob.glob(os.path.join(folder, sub, "results.rank*.jsonl")))
+        if not paths:
             if attr in expect:
                 m.missing.append(f"{label}: no {kind} results ({path}; run {hint})")
             continue
-        records = _dedup(read_jsonl(path, m.problems))
+        records = _dedup([r for p in paths for r in read_jsonl(p, m.problems)])
         setattr(m, attr, records)
         m.dataset = m.dataset or _campaign_dataset(os.path.join(folder, sub))
         if not records:
