@@ -59,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--k_top", type=int, default=None,
                    help="only the k weights per layer with the largest gradient are "
                         "candidates (default: all weights)")
+    a.add_argument("--plain-search", action="store_true",
+                   help="score every trial flip with a full forward pass (same flips, slower; "
+                        "default: re-run the network from the flipped layer on)")
     a.add_argument("--random_bfa", action="store_true",
                    help="random-flip baseline: a uniformly chosen layer, weight and bit per "
                         "iteration")
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
         if args.random_bfa:
             attack = RandomFlips(target.model, target.output, seed=args.seed)
         else:
-            attack = BFA(target.model, target.output, k_top=args.k_top)
+            attack = BFA(target.model, target.output, k_top=args.k_top,
+                         incremental=not args.plain_search)
     except ValueError as e:
         raise UserError(str(e)) from None
 

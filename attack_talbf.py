@@ -14,6 +14,8 @@ Examples:
   python attack_talbf.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
       --bits 8 --ocm --code_length 16 --output_act tanh --attack_info cifar_attack_info.txt
   python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar --n-attacks 10
+  torchrun --nproc_per_node=4 attack_talbf.py --checkpoint ckpt.pth.tar --device cuda
+      # the attacks shared among 4 GPUs; resume with any number of processes
 """
 
 from __future__ import annotations

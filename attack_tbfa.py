@@ -10,6 +10,8 @@ Examples:
   python attack_tbfa.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
       --bits 8 --ocm --code_length 16 --output_act tanh        # a published checkpoint
   python attack_tbfa.py --checkpoint ckpt.pth.tar --pairs 3:5,1:2 --avgs 2 --curve-every 5
+  torchrun --nproc_per_node=4 attack_tbfa.py --checkpoint ckpt.pth.tar --device cuda
+      # the campaign's experiments shared among 4 GPUs; resume with any number of processes
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--oscillation-by-layer", action="store_true",
                    help="oscillation stop also compares the layer (default: only the index "
                         "within the layer, as the public code)")
+    a.add_argument("--plain-search", action="store_true",
+                   help="score every trial flip with a full forward pass (same flips, slower; "
+                        "default: re-run the network from the flipped layer on)")
     a.add_argument("--flip-log", action="store_true",
                    help="store every flip (layer, index, bit, values, loss) in the results")
     a.add_argument("--curve-every", type=int, default=0, metavar="K",
@@ -223,6 +228,7 @@ def _main(args, explicit, device) -> int:
                  record["pa_acc"], record["test_acc"], record["seconds_per_flip"])
 
     config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
+                        incremental=not args.plain_search,
                         oscillation_by_layer=args.oscillation_by_layer,
                         stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every, flip_log=args.flip_log)
     try:
