@@ -33,15 +33,15 @@ from attacks.common import EvalSet
 from attacks.talbf import (TALBF, TALBFConfig, attack_list_digest, check_attack_info,
                            format_attack_info, generate_attack_list, read_attack_info,
                            run_campaign, summary_rows)
+from utils.campaign import CampaignResults, start_campaign_folder
+from utils.distributed import cleanup, init_distributed, rank, world_size
 from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
-                       load_attack_target, run, setup_logging)
+                       load_attack_target, run)
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.campaign import CampaignResults
-from utils.distributed import cleanup, init_distributed, is_main, rank, world_size
 from utils.results import (check_campaign, default_results_dir, format_table,
-                           write_campaign, write_csv)
+                           write_csv)
 
 log = logging.getLogger("attack_talbf")
 
@@ -218,12 +218,7 @@ def _main(argv=None) -> int:
     campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS)
 
     # Everything is valid: from here on, files are written.
-    os.makedirs(results_dir, exist_ok=True)
-    main_rank = is_main()
-    setup_logging(os.path.join(results_dir, "attack.log" if main_rank
-                               else f"attack.rank{rank()}.log"))
-    if main_rank:
-        write_campaign(campaign_file, campaign)
+    main_rank = start_campaign_folder(results_dir, campaign_file, campaign)
     if args.save_attack_info and main_rank:
         with open(args.save_attack_info, "w") as f:
             f.write(format_attack_info(items))

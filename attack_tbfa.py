@@ -28,15 +28,15 @@ from tqdm import tqdm
 from attacks.common import EvalSet
 from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_size,
                           plan_experiments, plan_pinned, protocol_pairs, run_campaign)
+from utils.campaign import CampaignResults, start_campaign_folder
+from utils.distributed import cleanup, init_distributed, rank, world_size
 from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
-                       load_attack_target, run, setup_logging)
+                       load_attack_target, run)
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.campaign import CampaignResults
-from utils.distributed import cleanup, init_distributed, is_main, rank, world_size
 from utils.results import (check_campaign, default_results_dir, format_table, summarize,
-                           write_campaign, write_csv)
+                           write_csv)
 
 log = logging.getLogger("attack_tbfa")
 
@@ -188,12 +188,7 @@ def _main(args, explicit, device) -> int:
     campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS)
 
     # Everything is valid: from here on, files are written.
-    os.makedirs(results_dir, exist_ok=True)
-    main_rank = is_main()
-    setup_logging(os.path.join(results_dir, "attack.log" if main_rank
-                               else f"attack.rank{rank()}.log"))
-    if main_rank:
-        write_campaign(campaign_file, campaign)
+    main_rank = start_campaign_folder(results_dir, campaign_file, campaign)
     if args.save_sets and main_rank:
         with open(args.save_sets, "w") as f:
             json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 
 from models import bits as bitlib
 from models import quant_layers
+
+if TYPE_CHECKING:
+    from models.incremental import IncrementalForward
 
 log = logging.getLogger(__name__)
 

@@ -75,6 +75,21 @@ def merge_results(results_dir: str) -> list[dict]:
     return records
 
 
+def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict) -> bool:
+    """Create the folder, log to ``attack.log`` (rank r > 0: ``attack.rank<r>.log``) and, on
+    rank 0, record the campaign's settings. Returns True on rank 0 (the one that reports)."""
+    from .cli import setup_logging
+    from .results import write_campaign
+
+    os.makedirs(results_dir, exist_ok=True)
+    main_rank = dist.is_main()
+    setup_logging(os.path.join(results_dir, "attack.log" if main_rank
+                               else f"attack.rank{dist.rank()}.log"))
+    if main_rank:
+        write_campaign(campaign_file, campaign)
+    return main_rank
+
+
 class CampaignResults:
     """This process's view of a campaign folder: what is done, where to append, its share.
 
