@@ -30,8 +30,8 @@ abspath() {
   esac
 }
 
-# Run (or with DRY_RUN=1 print) one command; with $TIMINGS set, append "step<TAB>seconds<TAB>
-# command" to it.
+# Run (or with DRY_RUN=1 print) one command; with $TIMINGS set, append "step<TAB>wall seconds
+# <TAB>CPU seconds (user + system, when /usr/bin/time exists)<TAB>command" to it.
 run_cmd() {
   if [ "$DRY_RUN" = "1" ]; then
     printf '+'
@@ -39,11 +39,15 @@ run_cmd() {
     printf '\n'
     return 0
   fi
-  local t0 t1 status=0
+  local t0 t1 status=0 cpu="" timer=()
+  local cpu_file="${TIMINGS:-/dev/null}.cpu"
+  if [ -n "$TIMINGS" ] && [ -x /usr/bin/time ]; then
+    timer=(/usr/bin/time -f '%U %S' -o "$cpu_file")
+  fi
   t0=$(date +%s)
   if [ "$QUIET" = "1" ]; then
     printf '+ %s\n' "$*" >> "$LOG"
-    "$@" >> "$LOG" 2>&1 || status=$?
+    "${timer[@]}" "$@" >> "$LOG" 2>&1 || status=$?
     if [ "$status" != 0 ]; then
       echo "command failed (exit $status): $*" >&2
       echo "last lines of $LOG:" >&2
@@ -52,11 +56,15 @@ run_cmd() {
     fi
   else
     echo "+ $*"
-    "$@" || return $?
+    "${timer[@]}" "$@" || return $?
   fi
   t1=$(date +%s)
   if [ -n "$TIMINGS" ]; then
-    printf '%s\t%s\t%s\n' "${STEP:-?}" "$((t1 - t0))" "$*" >> "$TIMINGS"
+    if [ "${#timer[@]}" -gt 0 ] && [ -f "$cpu_file" ]; then
+      cpu="$(awk 'END { printf "%.0f", $1 + $2 }' "$cpu_file")"
+      rm -f "$cpu_file"
+    fi
+    printf '%s\t%s\t%s\t%s\n' "${STEP:-?}" "$((t1 - t0))" "$cpu" "$*" >> "$TIMINGS"
   fi
 }
 

@@ -191,7 +191,8 @@ def test_empty_and_partial_folders_say_what_is_missing(tmp_path, capsys):
     md = (out / "report.md").read_text()
     for text in ("vanilla: no T-BFA results", "vanilla: no TA-LBF results",
                  "pc: the T-BFA results have no per-flip curves", "ocm16: folder",
-                 "does not exist", "no BFA or random-flip run",
+                 "does not exist", "no BFA or random-flip run (a folder with profile.csv and "
+                 "summary.json from attack_bfa.py) for vanilla, pc\n",
                  "fig1_asr_vs_max_flips.png not drawn"):
         assert text in md, text
     table = (out / "table.md").read_text().splitlines()

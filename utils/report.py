@@ -119,6 +119,11 @@ def read_bfa_run(folder: str, problems: list[str] | None = None) -> BFARun | Non
     """The run in ``folder`` (``summary.json`` + ``profile.csv``), or None when unreadable."""
     problems = [] if problems is None else problems
     summary_path = os.path.join(folder, "summary.json")
+    if not os.path.exists(summary_path):
+        problems.append(f"{folder}: profile.csv without summary.json (a run still going, or "
+                        f"killed): run skipped")
+        log.warning("%s", problems[-1])
+        return None
     try:
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
@@ -226,9 +231,6 @@ def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str
             run = read_bfa_run(root, m.problems)
             if run is not None:
                 m.bfa.append(run)
-    if "bfa" in expect and not m.bfa:
-        m.missing.append(f"{label}: no BFA or random-flip run (a folder with profile.csv and "
-                         f"summary.json from attack_bfa.py) below {folder}")
     return m
 
 
@@ -433,7 +435,9 @@ def _band_plot(plt, series: list[tuple[str, list, list, list, str]], band: float
                ylabel: str, title: str, path: str) -> int:
     """One line per entry of ``series`` (name, x, mean, std, line style) with a shaded
     mean ± band * std; returns the number of lines drawn."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=100)
     colors = {}
     for name, xs, means, stds, style in series:
         base = name.split(" (")[0]
@@ -445,9 +449,10 @@ def _band_plot(plt, series: list[tuple[str, list, list, list, str]], band: float
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
+    if series:  # outside the axes, so that it hides no curve
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     lines = len(ax.get_lines())
     tmp = path + ".tmp.png"
@@ -479,7 +484,8 @@ def plot_tbfa_curves(models: list[ModelResults], metric: str, path: str, band: f
     xlabel = ("maximum allowed number of bit-flips" if metric == "asr"
               else "number of bit-flips")
     return _band_plot(plt, series, band, xlabel, ylabel,
-                      title + f" (shading: ±{band:g} std; experiments in brackets)", path)
+                      title + f"\n(mean over experiments, their number in brackets; "
+                              f"shading ±{band:g} std)", path)
 
 
 def plot_bfa_curves(models: list[ModelResults], path: str, band: float = 0.25,
@@ -503,7 +509,8 @@ def plot_bfa_curves(models: list[ModelResults], path: str, band: float = 0.25,
     if plt is None:
         return None
     return _band_plot(plt, series, band, "number of bit-flips", "test accuracy (%)",
-                      title + f" (shading: ±{band:g} std; runs in brackets)", path)
+                      title + f"\n(mean over runs, their number in brackets; shading "
+                              f"±{band:g} std)", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +552,11 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
             f.write(table + "\n")
         write_rows_csv(os.path.join(out_dir, "table.csv"), rows)
         rep.files += [os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")]
+    if "bfa" in attacks:
+        without = [m.label for m in models if not m.bfa and os.path.isdir(m.folder)]
+        if without:
+            rep.missing.append(f"no BFA or random-flip run (a folder with profile.csv and "
+                               f"summary.json from attack_bfa.py) for {', '.join(without)}")
     brows = bfa_rows(models)
     if brows:
         btable = format_markdown_bfa(brows)
