@@ -114,8 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "module; evaluation runs uncompiled)")
     s.add_argument("--channels-last", "--channels_last", dest="channels_last",
                    action="store_true",
-                   help="channels-last memory format for model and batches (helps convolutions "
-                        "on recent GPUs, see bench/README.md)")
+                   help="channels-last memory format for model and batches (its effect on "
+                        "the step time: bench/README.md)")
     add_runtime_args(p)
     return p
 
