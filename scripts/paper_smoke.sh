@@ -12,14 +12,15 @@
 # (|D_src| = |D_aux| = 17), and the models train for a few epochs.
 #
 # Usage: bash scripts/paper_smoke.sh            (from any directory)
-# Environment: OUT (runs/paper_smoke; relative to the current directory), DEVICE (auto),
+# Environment: OUT (the output folder; default $OUT_ROOT/paper_smoke, OUT_ROOT defaulting to
+#   runs/; relative paths are taken from the current directory), DEVICE (auto),
 #   EPOCHS (6), SEED (0), MODELS (all seven labels), PAIRS (T-BFA pairs, 0:1,3:5,7:2),
 #   TBFA_ITERS (flip cap per T-BFA experiment, 200), TALBF_ATTACKS (3), BFA_MODELS (vanilla pc
 #   ocm16; empty skips BFA), BFA_ITERS (20), PYTHON, DRY_RUN (1 prints the commands).
 #   A rerun skips what is finished; delete $OUT to start over.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
-OUT="$(abspath "${OUT:-$ROOT/runs/paper_smoke}")"
+OUT="$(abspath "${OUT:-${OUT_ROOT:-$ROOT/runs}/paper_smoke}")"
 DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"   # digits needs no files
 cd "$ROOT"
 EPOCHS="${EPOCHS:-6}"
