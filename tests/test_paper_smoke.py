@@ -1,7 +1,8 @@
 """The paper pipeline's miniature (scripts/paper_smoke.sh) end to end on digits: seven models
 trained, attacked with T-BFA, TA-LBF and BFA, table and figures written. Slow: with the reduced
-settings below about 15 minutes on 2 CPU cores shared with other jobs (2 epochs; 4 epochs train
-longer, but the better-trained models fall to the attacks faster); it runs in CI."""
+settings below 25 minutes on 2 CPU cores shared with other jobs (load average 4; 19 of them
+training), a few minutes on an idle machine. 4 epochs, not fewer: half-trained models make
+the attacks (failed TA-LBF searches) slower than the training saved. It runs in CI."""
 
 import csv
 import json
