@@ -7,6 +7,16 @@ import torch
 import torch.nn as nn
 
 OUTPUT_ACTIVATIONS = ("linear", "tanh")
+# "public": computes what the public OCM / BFA code computes (docs/algorithms.md section 2).
+# "v0": the function of checkpoints this tool wrote before the conformance fix (their config has
+# no ``layout`` entry); kept so that such files evaluate exactly as they did.
+LAYOUTS = ("public", "v0")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"model layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
 
 
 def check_output_act(output_act: str) -> str:

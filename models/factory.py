@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
+from .base import check_layout
 from .bits import check_bits
 from .ocm import LEGACY_SEED, build_output, check_code_length
 from .registry import default_bits, get_model, get_model_entry
@@ -25,6 +26,9 @@ class ModelConfig:
     ocm: bool = False
     code_length: int | None = None
     codebook_seed: int = LEGACY_SEED
+    # Which function the architecture computes (models.base.LAYOUTS): "public" = the public
+    # code's; "v0" = this tool's before the conformance fix (configs stored without the field).
+    layout: str = "public"
 
     @property
     def num_outputs(self) -> int:
@@ -34,6 +38,7 @@ class ModelConfig:
         """Raise ValueError (one line, with the fix) for an impossible combination."""
         get_model_entry(self.arch)
         check_bits(self.bits)
+        check_layout(self.layout)
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"number of classes must be at least 2, got {self.num_classes}")
         if self.ocm:
@@ -50,8 +55,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config a checkpoint stored; one stored before ``layout`` existed is layout v0."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{"layout": "v0", **{k: v for k, v in d.items() if k in names}})
 
 
 def default_config(arch: str, num_classes: int, **overrides) -> ModelConfig:
@@ -65,7 +71,8 @@ def build_model(config: ModelConfig, codebook: torch.Tensor | None = None
     ``codebook`` (OCM only) overrides the seeded codebook, e.g. the one a checkpoint stored.
     """
     config.validate()
-    model = get_model(config.arch, config.num_outputs, config.bits, config.output_act)
+    model = get_model(config.arch, config.num_outputs, config.bits, config.output_act,
+                      layout=config.layout)
     output = build_output(config.num_classes, config.ocm, config.code_length, codebook,
                           config.codebook_seed)
     if config.ocm and tuple(output.codebook.shape) != (config.num_classes, config.code_length):

@@ -26,7 +26,8 @@ RESNET_PLANS = {
 class ImageNetResNet(QuantNet, ResNet):
     mixup_points = ("layer1", "layer2", "layer3")
 
-    def __init__(self, depth: int, num_outputs: int, n_bits: int = 8, output_act: str = "linear"):
+    def __init__(self, depth: int, num_outputs: int, n_bits: int = 8, output_act: str = "linear",
+                 layout: str = "public"):  # one layout: torchvision's, as the public code's
         if depth not in RESNET_PLANS:
             raise ValueError(f"ImageNet ResNet depth must be one of {sorted(RESNET_PLANS)}, "
                              f"got {depth}")
@@ -49,7 +50,7 @@ class ImageNetMobileNetV2(QuantNet, MobileNetV2):
     final_layer_name = "classifier.1"
 
     def __init__(self, num_outputs: int, n_bits: int = 8, output_act: str = "linear",
-                 width_mult: float = 1.0):
+                 width_mult: float = 1.0, layout: str = "public"):
         super().__init__(num_classes=num_outputs, width_mult=width_mult)
         self.output_act = check_output_act(output_act)
         quantize_module(self, n_bits)

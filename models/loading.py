@@ -41,6 +41,9 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, skip_final: bool = Fals
                              f"built with {layer.n_bits} bits (set --bits {sd[key].shape[0]})")
         for buf in QUANT_BUFFERS:  # recomputed from the weights anyway; fill when absent
             sd.setdefault(f"{name}.{buf}", own[f"{name}.{buf}"])
+        key = f"{name}.step_size"  # 0-d in the public files and ours; shape [1] in our older ones
+        if sd[key].numel() == 1:
+            sd[key] = sd[key].reshape(own[key].shape)
 
     if skip_final:
         sd = {k: v for k, v in sd.items() if not k.startswith(final + ".")}

@@ -11,8 +11,10 @@ Every Conv2d and Linear of a model is one of these. A layer has two modes:
   Gradients with respect to the weight parameter are then ``dLoss/dq``. Bit flips act on ``q``
   through :meth:`QuantLayer.flip_bit` (layout in :mod:`models.bits`).
 
-The state dict carries ``weight``, ``bias``, ``step_size`` (shape [1]) and ``b_w`` (shape [N, 1],
-the bit values as floats), as the published checkpoints do.
+The state dict carries ``weight``, ``bias``, ``step_size`` (a 0-d tensor) and ``b_w`` (shape
+[N, 1], the bit values as floats), exactly as the public code's checkpoints do (it assigns the
+0-d ``max|W| / half_lvls`` to ``step_size`` at every forward), so either side loads the other's
+files.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class QuantLayer:
     def _init_quant(self, n_bits: int) -> None:
         self.n_bits = bitlib.check_bits(n_bits)
         self.integer_mode = False
-        self.register_buffer("step_size", torch.ones(1))
+        self.register_buffer("step_size", torch.ones(()))
         self.register_buffer("b_w", bitlib.bit_values(n_bits, dtype=torch.float32).view(-1, 1))
 
     # -- step size -----------------------------------------------------------------------------
@@ -85,7 +87,7 @@ class QuantLayer:
         else:  # max|W| in one pass, without a temporary |W| tensor
             scale = torch.linalg.vector_norm(w, ord=float("inf")) / bitlib.half_levels(self.n_bits)
         # An all-zero layer would give step 0 and NaN codes; any positive step quantizes it to 0.
-        return torch.clamp(scale, min=torch.finfo(w.dtype).tiny).reshape(1)
+        return torch.clamp(scale, min=torch.finfo(w.dtype).tiny).reshape(())
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (differentiable, see module docstring).

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .base import check_layout
 from .bits import check_bits
 
 
@@ -53,8 +54,12 @@ def default_bits(name: str) -> int:
 
 
 def get_model(name: str, num_outputs: int, n_bits: int | None = None,
-              output_act: str = "linear") -> nn.Module:
-    """Build architecture ``name`` with ``num_outputs`` outputs and ``n_bits``-bit layers."""
+              output_act: str = "linear", layout: str = "public") -> nn.Module:
+    """Build architecture ``name`` with ``num_outputs`` outputs and ``n_bits``-bit layers.
+
+    ``layout`` (see :data:`models.base.LAYOUTS`) selects the public code's function (default) or
+    the one of this tool's pre-conformance checkpoints, for the architectures where they differ.
+    """
     entry = get_model_entry(name)
     if n_bits is None:
         n_bits = default_bits(name)
@@ -63,7 +68,8 @@ def get_model(name: str, num_outputs: int, n_bits: int | None = None,
         raise ValueError(f"{name} is a {entry.fixed_bits}-bit architecture; got --bits {n_bits}")
     if not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"number of outputs must be a positive integer, got {num_outputs!r}")
-    model = entry.builder(num_outputs=num_outputs, n_bits=n_bits, output_act=output_act)
+    model = entry.builder(num_outputs=num_outputs, n_bits=n_bits, output_act=output_act,
+                          layout=check_layout(layout))
     model.arch = name
     return model
 

@@ -21,7 +21,8 @@ class CifarVGG(QuantNet, nn.Module):
 
     final_layer_name = "classifier"
 
-    def __init__(self, depth: int, num_outputs: int, n_bits: int = 8, output_act: str = "linear"):
+    def __init__(self, depth: int, num_outputs: int, n_bits: int = 8, output_act: str = "linear",
+                 layout: str = "public"):
         super().__init__()
         if depth not in VGG_PLANS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_PLANS)}, got {depth}")

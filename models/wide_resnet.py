@@ -3,6 +3,12 @@
 Depth 6n+4 with widen factor k (WRN-28-4, WRN-28-8 in the OCM paper). Module names follow the
 published layout: ``conv1``, ``block{1,2,3}.layer.{i}.bn1/conv1/bn2/conv2/convShortcut``,
 ``bn1``, ``linear``.
+
+``layout="public"`` pools the features as the public code does (``avg_pool2d(out, 8)`` on the
+8x8 maps of 32x32 inputs: a kernel the size of the map); ``layout="v0"`` pools adaptively, as
+checkpoints written by this tool before the conformance fix were trained (the two differ in the
+last float bit, enough to break a tie between two candidate bits). See docs/algorithms.md
+section 2.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import QuantNet, check_output_act
+from .base import QuantNet, check_layout, check_output_act
 from .quantization import QuantConv2d, QuantLinear
 
 
@@ -60,8 +66,9 @@ class WideResNet(QuantNet, nn.Module):
     mixup_points = ("block1", "block2")
 
     def __init__(self, depth: int, widen_factor: int, num_outputs: int, n_bits: int = 8,
-                 output_act: str = "linear", drop_rate: float = 0.0):
+                 output_act: str = "linear", drop_rate: float = 0.0, layout: str = "public"):
         super().__init__()
+        self.layout = check_layout(layout)
         if (depth - 4) % 6 != 0:
             raise ValueError(f"Wide-ResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
@@ -85,4 +92,6 @@ class WideResNet(QuantNet, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.relu(self.bn1(out))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        if self.layout == "v0":
+            return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return F.avg_pool2d(out, out.shape[3]).flatten(1)

@@ -152,7 +152,7 @@ def test_quantizer_is_exact_under_bf16_autocast():
             wq = layer.quantized_weight()
             assert wq.dtype == torch.float32
             step = layer.weight.detach().abs().max() / 127
-            assert torch.equal(layer.step_size, step.view(1))
+            assert torch.equal(layer.step_size, step.reshape(()))
             # exactly (integer code) x (step), the codes computed in float32 outside autocast
             codes = torch.clamp(torch.round(layer.weight.detach().float() / step), -127, 127)
             assert torch.equal(wq, codes * step) and codes.abs().max() == 127
