@@ -41,3 +41,23 @@ def digits_checkpoints(tmp_path_factory):
         assert run(main.main, DIGITS_RECIPE + ["-e", "4", "--outdir", str(out)] + extra) == 0
         paths[name] = str(out / "model_best.pth.tar")
     return paths
+
+
+def conformance_path(*parts: str) -> str:
+    """A file of the conformance material: artifacts written by the public code itself.
+
+    ``$CONFORMANCE_DIR`` or ``<repo>/../shared/conformance`` (where CI and the project workspace
+    keep it). A missing folder fails the test: agreement with the public code is not optional.
+    """
+    root = os.environ.get("CONFORMANCE_DIR") or os.path.join(ROOT, "..", "shared", "conformance")
+    path = os.path.join(root, *parts)
+    if not os.path.exists(path):
+        pytest.fail(f"conformance material missing: {path} (set CONFORMANCE_DIR to the folder "
+                    f"of artifacts written by the public code)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def conformance():
+    """Callable ``conformance(*parts) -> path`` (see :func:`conformance_path`)."""
+    return conformance_path
