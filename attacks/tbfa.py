@@ -175,6 +175,7 @@ class TBFAResult:
     n_flips: int          # iterations (the papers' "# bit-flips")
     hamming: int          # bits that differ from the clean model
     stop_reason: str      # success | no_bit | oscillation | max_iters
+    success_on: str | None  # "src" or "rest": the set whose ASR passed the threshold first
     pa_acc_clean: float
     asr_clean: float
     flips: list = field(default_factory=list)
@@ -234,7 +235,7 @@ class TBFA:
         flips, curve, recent = [], [], []
         if cfg.curve_every:
             curve.append({"flips": 0, "asr": asr_clean, "pa_acc": pa_clean})
-        stop, it = "max_iters", 0
+        stop, success_on, it = "max_iters", None, 0
         for it in range(1, cfg.max_iters + 1):
             step = search.step(gradient_loss, attack_loss)
             flip = step.flips[0]
@@ -248,9 +249,11 @@ class TBFA:
                 curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src,
                               "pa_acc": data.accuracy(model, output, sets.pa)})
             recent = (recent + [(flip.layer, flip.index)])[-3:]
-            if asr_src > cfg.success_threshold or (cfg.stop_on_rest
-                                                   and asr_rest > cfg.success_threshold):
-                stop = "success"
+            if asr_src > cfg.success_threshold:
+                stop, success_on = "success", "src"
+                break
+            if cfg.stop_on_rest and asr_rest > cfg.success_threshold:
+                stop, success_on = "success", "rest"
                 break
             if not step.all_admissible:
                 stop = "no_bit"
@@ -266,6 +269,7 @@ class TBFA:
         return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
                           pa_acc=pa_acc, test_acc=data.accuracy(model, output), n_flips=it,
                           hamming=hamming_distance(model, clean), stop_reason=stop,
+                          success_on=success_on,
                           pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve)
 
 

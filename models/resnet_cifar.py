@@ -32,17 +32,18 @@ class PadShortcut(nn.Module):
     ``split=True`` (layout v0): half of the zeros before the input channels, half after.
     """
 
-    def __init__(self, extra_channels: int, split: bool = False):
+    def __init__(self, in_channels: int, extra_channels: int, split: bool = False):
         super().__init__()
         self.extra_channels = extra_channels
         self.split = split
+        self.append_zero_copy = not split and extra_channels == in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, ::2, ::2]
         if self.split:
             pad = self.extra_channels // 2
             return F.pad(x, (0, 0, 0, 0, pad, self.extra_channels - pad))
-        if self.extra_channels == x.shape[1]:
+        if self.append_zero_copy:
             return torch.cat((x, x.mul(0)), 1)
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
@@ -57,7 +58,7 @@ class BasicBlock(nn.Module):
         self.conv2 = QuantConv2d(planes, planes, 3, stride=1, padding=1, bias=False, n_bits=n_bits)
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
-            self.shortcut = PadShortcut(planes - in_planes, split=layout == "v0")
+            self.shortcut = PadShortcut(in_planes, planes - in_planes, split=layout == "v0")
         else:
             self.shortcut = nn.Identity()
 
