@@ -241,6 +241,8 @@ def _main(args, explicit: set[str]) -> int:
                                     f"{dest}={getattr(base, dest)}")
                 setattr(args, dest, getattr(base, dest))
         config = resolve_model_config(args, explicit, dataset.num_classes, None)
+        if base is not None:  # the backbone keeps the function it was trained with
+            config.layout = base.layout
         model, output = model_from_checkpoint(ckpt, config, ckpt_path, skip_final=True)
         start_epoch, best_acc = 0, 0.0
     else:

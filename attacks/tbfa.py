@@ -70,7 +70,9 @@ class TBFASets:
     pa: torch.Tensor
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k).tolist() for k in ("src", "rest", "aux")}
+        """The pinned-sets entry; ``pa`` is kept in its order (the public PA-ACC formula counts
+        whole blocks of 100 in that order, see :func:`pa_acc_public`)."""
+        return {k: getattr(self, k).tolist() for k in ("src", "rest", "aux", "pa")}
 
     def to(self, device) -> "TBFASets":
         return TBFASets(*(getattr(self, k).to(device) for k in ("src", "rest", "aux", "pa")))
@@ -96,10 +98,23 @@ def draw_sets(labels: torch.Tensor, source: int, n_src: int, n_aux: int,
                     others[n_aux:])
 
 
+def pa_acc_public(correct: torch.Tensor, block: int = 100) -> float:
+    """PA-ACC as the public T-BFA code computes it: only whole blocks of ``block`` samples of
+    D_pa (in its order) are scored, but the count is divided by all of D_pa, so up to
+    ``block - 1`` samples are never counted (docs/algorithms.md section 7). ``correct`` is the
+    per-sample hit vector in D_pa order."""
+    if len(correct) == 0:
+        return float("nan")
+    scored = (len(correct) // block) * block
+    return 100.0 * int(correct[:scored].sum()) / len(correct)
+
+
 def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
-    """Sets given as index lists (``src``, ``rest``, ``aux``); D_pa is derived. Checks that the
-    indices exist, that D_src and D_rest are of class ``source`` and D_aux is not, and that
-    the sets do not overlap (ValueError with the reason otherwise)."""
+    """Sets given as index lists (``src``, ``rest``, ``aux``, optionally ``pa``). D_pa is every
+    other-class sample outside D_aux; a given ``pa`` must be exactly those, and fixes their
+    order (which only the public PA-ACC formula sees). Checks that the indices exist, that D_src
+    and D_rest are of class ``source`` and D_aux is not, and that the sets do not overlap
+    (ValueError with the reason otherwise)."""
     labels = labels.cpu()
     n = len(labels)
     out = {}
@@ -131,7 +146,15 @@ def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
             raise ValueError(f"pinned sets {a!r} and {b!r} overlap (index {min(common)})")
     mask = labels != source
     mask[out["aux"]] = False
-    return TBFASets(out["src"], out["rest"], out["aux"], mask.nonzero().view(-1))
+    pa = mask.nonzero().view(-1)
+    if entry.get("pa") is not None:
+        given = torch.as_tensor(entry["pa"], dtype=torch.int64).view(-1)
+        if len(given) != len(pa) or not torch.equal(torch.sort(given).values, pa):
+            raise ValueError(f"pinned set 'pa' must hold exactly the {len(pa)} samples outside "
+                             f"the source class and D_aux (it has {len(given)}); drop it to "
+                             f"derive it")
+        pa = given
+    return TBFASets(out["src"], out["rest"], out["aux"], pa)
 
 
 @dataclass
@@ -171,6 +194,7 @@ class TBFAResult:
     asr: float            # % of D_rest classified as t (the paper's ASR)
     asr_src: float        # % of D_src classified as t
     pa_acc: float         # % accuracy on D_pa, every sample counted
+    pa_acc_public: float  # the public formula: whole blocks of 100 of D_pa only (see above)
     test_acc: float       # % accuracy on the whole test set after the attack
     n_flips: int          # iterations (the papers' "# bit-flips")
     hamming: int          # bits that differ from the clean model
@@ -263,11 +287,13 @@ class TBFA:
                 stop = "oscillation"
                 break
         asr_src, asr_rest = asr_pair()
-        pa_acc = data.accuracy(model, output, sets.pa)
+        pa_hits = data.predict(model, output, sets.pa) == data.labels[sets.pa]
+        pa_acc = 100.0 * int(pa_hits.sum()) / len(pa_hits) if len(pa_hits) else float("nan")
         if cfg.curve_every and (not curve or curve[-1]["flips"] != it):
             curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src, "pa_acc": pa_acc})
         return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
-                          pa_acc=pa_acc, test_acc=data.accuracy(model, output), n_flips=it,
+                          pa_acc=pa_acc, pa_acc_public=pa_acc_public(pa_hits),
+                          test_acc=data.accuracy(model, output), n_flips=it,
                           hamming=hamming_distance(model, clean), stop_reason=stop,
                           success_on=success_on,
                           pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve)
@@ -277,7 +303,8 @@ class TBFA:
 # Campaigns: many experiments, one JSON line each, resumable
 # ---------------------------------------------------------------------------------------------
 
-SUMMARY_METRICS = ["clean_acc", "asr", "asr_src", "pa_acc", "test_acc", "n_flips", "hamming"]
+SUMMARY_METRICS = ["clean_acc", "asr", "asr_src", "pa_acc", "pa_acc_public", "test_acc", "n_flips",
+                   "hamming"]
 
 
 @dataclass

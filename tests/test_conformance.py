@@ -125,7 +125,7 @@ def test_tbfa_flips_the_public_bits(run_name, tmp_path):
     sets_file = tmp_path / "sets.json"
     sets_file.write_text(json.dumps({"experiments": [{
         "source": s["source"], "target": s["target"], "rep": 0, "src": s["src_idx"],
-        "rest": s["heldout_idx"], "aux": s["aux_idx"]}]}))
+        "rest": s["heldout_idx"], "aux": s["aux_idx"], "pa": s["rest_idx"]}]}))
     results = tmp_path / "results"
     assert run(attack_tbfa.main, [
         "--checkpoint", conformance_path(model_name, "model_best.pth.tar"),
@@ -152,6 +152,7 @@ def test_tbfa_flips_the_public_bits(run_name, tmp_path):
     assert ours["asr_src"] == pytest.approx(summary["asr_src"], abs=0.01)
     assert ours["asr"] == pytest.approx(summary["asr_heldout"], abs=0.01)
     assert ours["pa_acc"] == pytest.approx(summary["pa_acc"], abs=0.01)
+    assert ours["pa_acc_public"] == pytest.approx(summary["pa_acc_ref_batchwise"], abs=0.01)
     assert ours["test_acc"] == pytest.approx(summary["test_acc_after"], abs=0.01)
     assert ours["pa_acc_clean"] == pytest.approx(ref["initial"]["pa_acc"], abs=0.01)
 

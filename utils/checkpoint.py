@@ -104,6 +104,11 @@ def model_from_checkpoint(ckpt: dict, config: ModelConfig, path: str = "checkpoi
     The checkpoint's stored codebook is used when present (unless ``skip_final``).
     """
     codebook = None if skip_final else ckpt.get("codebook")
+    if config.layout == "v0":
+        logging.getLogger(__name__).info(
+            "%s: written by this tool before its models matched the public code (no 'layout' in "
+            "its config): evaluated with the layout it was trained with (v0: zero channels on "
+            "both sides of the option-A shortcut, adaptive pooling), exactly as before", path)
     try:
         model, output = build_model(config, codebook=codebook)
         load_weights(model, ckpt["state_dict"], skip_final=skip_final)
