@@ -1,4 +1,4 @@
-r"""Stealthy targeted bit-flip attack (T-BFA) campaigns on a trained checkpoint (SPEC section 7).
+r"""Stealthy targeted bit-flip attack (T-BFA) campaigns on a trained checkpoint (docs/algorithms.md section 7).
 
 By default the OCM paper's protocol: CIFAR-10 every class is a source twice (t = s-1, s+1),
 5 repetitions = 100 experiments, |D_src| = |D_aux| = 500; CIFAR-100 and ImageNet classes 0..49,

@@ -10,7 +10,7 @@ Examples:
       --ocm --code_length 1024 --output_act tanh --outdir runs/r50_ocm1024
   torchrun --nproc_per_node=4 main.py --dataset imagenet --data_dir /data/imagenet \
       --arch resnet50_quan --amp --channels-last --outdir runs/r50      # 4 GPUs, one node
-Defaults follow the papers' recipe (SPEC section 4).
+Defaults follow the papers' recipe (docs/algorithms.md section 4).
 
 Several processes (torchrun, DistributedDataParallel): -b/--batch is the global batch (each
 of the W processes takes B/W samples of every step), so a recipe keeps its meaning on any
@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="checkpoint to finetune (ours or published), or its run folder")
     g.add_argument("--outdir", default=None,
                    help="run folder for checkpoints and logs (default: runs/<dataset>_<arch>...)")
-    t = p.add_argument_group("training (defaults: SPEC section 4)")
+    t = p.add_argument_group("training (defaults: docs/algorithms.md section 4)")
     t.add_argument("-e", "--epochs", type=int, default=None,
                    help="epochs (default 160; 60 when finetuning)")
     t.add_argument("-b", "--batch", type=int, default=None,
@@ -121,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def apply_recipe_defaults(args, dataset, finetune: bool, ocm: bool) -> None:
-    """Fill the training flags left unset with the papers' recipe (SPEC section 4)."""
+    """Fill the training flags left unset with the papers' recipe (docs/algorithms.md section 4)."""
     imagenet = dataset.name == "imagenet"
     if args.epochs is None:
         args.epochs = 60 if finetune else 160

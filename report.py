@@ -1,4 +1,4 @@
-r"""Paper-style report from attack result folders: the table of SPEC section 9 (clean accuracy,
+r"""Paper-style report from attack result folders: the table of docs/algorithms.md section 9 (clean accuracy,
 ASR, PA-ACC, # bit-flips for stealthy T-BFA and TA-LBF, mean +- std, published values beside
 ours), the BFA table, and the supplement's figures as PNG (Figure 1: T-BFA ASR against the
 maximum allowed number of bit-flips; Figure 2: PA-ACC against the number of bit-flips; the BFA

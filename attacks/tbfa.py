@@ -1,5 +1,5 @@
 """Stealthy targeted bit-flip attack (T-BFA "type 3", Rakin et al., TPAMI 2021), as evaluated
-in the OCM paper's supplement (SPEC section 7).
+in the OCM paper's supplement (docs/algorithms.md section 7).
 
 Source class ``s`` is pushed to target ``t`` with the progressive bit search
 (:class:`utils.bitsearch.ProgressiveBitSearch`, minimising) on
@@ -30,7 +30,7 @@ from utils.bitsearch import (MINIMIZE, AttackLoss, ProgressiveBitSearch, hamming
 
 from .common import EvalSet
 
-# Paper protocol per data set (SPEC section 7): classes used as sources, |D_src| = |D_aux|.
+# Paper protocol per data set (docs/algorithms.md section 7): classes used as sources, |D_src| = |D_aux|.
 PROTOCOLS = {
     "cifar10": {"classes": 10, "n": 500},
     "cifar100": {"classes": 50, "n": 50},
@@ -80,7 +80,7 @@ class TBFASets:
 
 def draw_sets(labels: torch.Tensor, source: int, n_src: int, n_aux: int,
               seed: int) -> TBFASets:
-    """SPEC section 7: from a random permutation of the test set, D_src = the first ``n_src``
+    """docs/algorithms.md section 7: from a random permutation of the test set, D_src = the first ``n_src``
     samples of class ``source``, D_rest = its last ``n_src`` (disjoint when the class has at
     least ``2 n_src``), D_aux = the first ``n_aux`` samples of the other classes, D_pa = the
     remaining samples of the other classes. Raises ValueError when a class is too small."""
@@ -159,7 +159,7 @@ def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
 
 @dataclass
 class TBFAConfig:
-    """Stop rules and options (SPEC section 7); defaults reproduce the public code.
+    """Stop rules and options (docs/algorithms.md section 7); defaults reproduce the public code.
 
     - ``max_iters``: iteration cap (5000);
     - ``success_threshold``: stop when ASR on D_src or on D_rest exceeds it (% , 99.9);
@@ -322,7 +322,7 @@ class Experiment:
 
 def plan_experiments(labels: torch.Tensor, pairs: list[tuple[int, int]], reps: int,
                      n_src: int, n_aux: int, seed: int) -> list[Experiment]:
-    """The campaign: every pair ``reps`` times, each with its own seeded sets (SPEC 7)."""
+    """The campaign: every pair ``reps`` times, each with its own seeded sets (docs/algorithms.md section 7)."""
     out = []
     for source, target in pairs:
         for rep in range(reps):

@@ -1,4 +1,4 @@
-r"""Time per TA-LBF attack (SPEC section 8): ours against a plain sequential implementation.
+r"""Time per TA-LBF attack (docs/algorithms.md section 8): ours against a plain sequential implementation.
 
 Three variants attack the same samples (same D_aux) of each checkpoint, in the same run:
 

@@ -1,6 +1,6 @@
 r"""T-BFA cost: one progressive-search iteration and one whole experiment, ours against plain.
 
-Part 1, one iteration (SPEC sections 5 and 7) on an 8-bit ResNet-20 with |D_src| = |D_aux| =
+Part 1, one iteration (docs/algorithms.md sections 5 and 7) on an 8-bit ResNet-20 with |D_src| = |D_aux| =
 500 CIFAR-sized images (the paper's CIFAR-10 protocol), timed over several iterations of one
 attack, three ways in the same run:
 

@@ -1,4 +1,4 @@
-"""Quantized networks, their bit-level representation and the OCM output (SPEC sections 1-3).
+"""Quantized networks, their bit-level representation and the OCM output (docs/algorithms.md sections 1-3).
 
 Knows nothing of data, training or attacks.
 """

@@ -45,7 +45,7 @@ class QuantNet:
         return self.get_submodule(self.final_layer_name)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Final layer and output activation (``tanh`` for OCM models, SPEC section 2)."""
+        """Final layer and output activation (``tanh`` for OCM models, docs/algorithms.md section 2)."""
         out = self.final_layer()(features)
         return torch.tanh(out) if self.output_act == "tanh" else out
 

@@ -1,4 +1,4 @@
-"""Bit-level representation of quantized weights (SPEC section 1).
+"""Bit-level representation of quantized weights (docs/algorithms.md section 1).
 
 One home for everything that maps integer weight codes to bits and back, so that training,
 the attacks and the tests agree on one layout:
@@ -10,7 +10,7 @@ the attacks and the tests agree on one layout:
 
 Both cases are written ``q = offset + sum_k bit_k * base[k]`` (offset 0 for N >= 2, 1 for N == 1),
 so the first-order change of a loss from flipping bit k of a weight with gradient g is
-``(1 - 2*bit_k) * base[k] * g`` for every N (SPEC section 5).
+``(1 - 2*bit_k) * base[k] * g`` for every N (docs/algorithms.md section 5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Output code matching (OCM, Ozdenizci & Legenstein, CVPR 2022) and the plain softmax output.
 
-SPEC section 3. An OCM network ends in ``L`` tanh outputs and is trained to match the class's
+docs/algorithms.md section 3. An OCM network ends in ``L`` tanh outputs and is trained to match the class's
 bit string ``S_y`` in {-1, +1}^L (rows of a Sylvester Hadamard matrix) under an L1 loss; a
 prediction picks the class whose code correlates best with the output.
 
@@ -50,7 +50,7 @@ def hadamard(order: int) -> np.ndarray:
 def make_codebook(num_classes: int, code_length: int, seed: int = LEGACY_SEED) -> torch.Tensor:
     """Codebook ``[C, L]`` in {-1, +1}: Hadamard rows without the all-ones row, shuffled.
 
-    The shuffle is the exact legacy procedure of the public code (SPEC section 3):
+    The shuffle is the exact legacy procedure of the public code (docs/algorithms.md section 3):
     ``np.random.seed(seed)`` then ``np.random.shuffle`` of the float32 rows, so ``seed=1``
     re-creates the codebooks of the published checkpoints. It reseeds NumPy's global generator
     (as the public code did); the generator's previous state is restored afterwards.
@@ -90,7 +90,7 @@ class SoftmaxOutput(nn.Module):
 
 
 class OutputCodeMatching(nn.Module):
-    """OCM output: L1 loss to the class code, correlation decoding (SPEC section 3).
+    """OCM output: L1 loss to the class code, correlation decoding (docs/algorithms.md section 3).
 
     ``codebook`` is a ``[C, L]`` tensor in {-1, +1}; build it with :func:`make_codebook`.
     It is a non-persistent buffer: checkpoints store it beside the state dict, so that the
@@ -129,7 +129,7 @@ class OutputCodeMatching(nn.Module):
         return per_bit.mean() if reduction == "mean" else per_bit.mean(dim=1).sum()
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
-        """``log(relu(z . S_c) + 1e-6)`` per class (SPEC section 3)."""
+        """``log(relu(z . S_c) + 1e-6)`` per class (docs/algorithms.md section 3)."""
         return torch.log(F.relu(outputs @ self.codebook.t()) + 1e-6)
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""ResNet for CIFAR-sized inputs (He et al. 2016, section 4.2), quantized (SPEC section 2).
+"""ResNet for CIFAR-sized inputs (He et al. 2016, section 4.2), quantized (docs/algorithms.md section 2).
 
 Three stages of BasicBlocks with widths 16/32/64 and the option-A shortcut (stride-2
 subsampling, then the new channels filled with zeros: no parameters). Depth 6n+2: ResNet-20,

@@ -1,4 +1,4 @@
-"""Pre-activation Wide-ResNet (Zagoruyko & Komodakis 2016) for CIFAR, quantized (SPEC section 2).
+"""Pre-activation Wide-ResNet (Zagoruyko & Komodakis 2016) for CIFAR, quantized (docs/algorithms.md section 2).
 
 Depth 6n+4 with widen factor k (WRN-28-4, WRN-28-8 in the OCM paper). Module names follow the
 published layout: ``conv1``, ``block{1,2,3}.layer.{i}.bn1/conv1/bn2/conv2/convShortcut``,

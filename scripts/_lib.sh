@@ -82,7 +82,7 @@ main_py() {
   run_py main.py "$@"
 }
 
-# Training flags of a model label of the paper's tables (SPEC section 4): vanilla, pc,
+# Training flags of a model label of the paper's tables (docs/algorithms.md section 4): vanilla, pc,
 # ocm<L>, ocm<L>_pc, mixup, manifold_mixup, binarized. PC_LAMBDA sets the clustering strength.
 model_flags() {
   local label="$1" lam="${PC_LAMBDA:-1e-3}" length
@@ -160,7 +160,7 @@ report() {
 }
 
 # paper_pipeline: train every model of $MODELS on $DATASET ($ARCH, $BITS bits, $EPOCHS epochs,
-# the papers' recipe: main.py's defaults, SPEC section 4), attack each with stealthy T-BFA
+# the papers' recipe: main.py's defaults, docs/algorithms.md section 4), attack each with stealthy T-BFA
 # ($TBFA_AVGS repetitions of the protocol's pairs, curves after every flip, plus $TBFA_FLAGS)
 # and stealthy TA-LBF ($TALBF_ATTACKS attacks; 0 skips it), and write the report into
 # $OUT/report. Models live in $OUT/<label>.

@@ -3,7 +3,7 @@
 # ResNet-20 models with and without the defenses: trains what scripts/train_cifar10_defenses.sh
 # trains (8-bit baseline, binarization-aware, piecewise clustering, plus OCM16 here) unless
 # already trained, then runs untargeted BFA (128 attack images labelled by the model, stop at
-# 11 % test accuracy or after 100 iterations; SPEC section 6) and the random-flip baseline
+# 11 % test accuracy or after 100 iterations; docs/algorithms.md section 6) and the random-flip baseline
 # (100 random bits) RUNS times each with seeds 1..RUNS (another attack batch / other random
 # bits each time), and writes the BFA table and the accuracy-against-flips figure into
 # $OUT_ROOT/cifar10_bfa/report.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The OCM repository's ocm_train_cifar10.sh: train 8-bit ResNet-20 models with output code
-# matching on CIFAR-10 (OCM16 and OCM64, SGD 0.1 stepped, 160 epochs, weight decay 1e-4; SPEC
-# section 4), evaluate them with stealthy T-BFA (20 pairs x 5, curves after every flip) and
+# matching on CIFAR-10 (OCM16 and OCM64, SGD 0.1 stepped, 160 epochs, weight decay 1e-4;
+# docs/algorithms.md section 4), evaluate them with stealthy T-BFA (20 pairs x 5, curves after every flip) and
 # stealthy TA-LBF (1000 attacks), and write the report (table with published numbers, Figures
 # 1 and 2) into $OUT_ROOT/cifar10/report. MODELS="vanilla ocm16 ocm64" adds the baseline;
 # scripts/paper_cifar10.sh runs every model of the paper's table.

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # CIFAR-100 models of the OCM paper: train vanilla, piecewise clustering and OCM models (8-bit,
-# SGD 0.1 stepped, 160 epochs, batch 128; SPEC section 4), attack each with stealthy T-BFA
+# SGD 0.1 stepped, 160 epochs, batch 128; docs/algorithms.md section 4), attack each with stealthy T-BFA
 # under the paper's CIFAR-100 protocol (source classes 0..49, t = s +- 1 mod 50, 5 repetitions
 # = 500 experiments, |D_src| = |D_aux| = 50, ASR / PA-ACC curves every CURVE_EVERY = 5 flips,
-# each point an evaluation of ~9,900 test images; SPEC 7) and write the
+# each point an evaluation of ~9,900 test images; docs/algorithms.md section 7) and write the
 # report (table, supplement Figure 1) into $OUT_ROOT/cifar100/report. The supplement reports no
 # TA-LBF numbers for CIFAR-100 (the attack did not succeed on the larger networks), so
 # TALBF_ATTACKS defaults to 0 here.
 #
-# Which network and code lengths: SPEC does not fix them for CIFAR-100. The OCM repository
+# Which network and code lengths: the papers do not fix them for CIFAR-100. The OCM repository
 # offers wrn28_4_quan / wrn28_8_quan for it, and with 100 classes a code needs L >= 128
-# (L - 1 >= C, SPEC 3): the defaults below (ARCH=wrn28_8_quan, OCM128 and OCM256) are our
+# (L - 1 >= C, docs/algorithms.md section 3): the defaults below (ARCH=wrn28_8_quan, OCM128 and OCM256) are our
 # choice; set ARCH and MODELS to match the network you want to compare with.
 #
 # Usage: DATA_DIR=/data OUT_ROOT=/scratch/ocm bash scripts/ocm_train_cifar100.sh   (any directory)

@@ -2,11 +2,11 @@
 # The OCM repository's ocm_train_imagenet.sh, extended to the paper's ImageNet rows: train a
 # vanilla 8-bit ResNet-50 (SGD 0.1 stepped, 100 epochs, batch 256, weight decay 1e-4), finetune
 # it into OCM1024 and OCM2048 models (new final layer, Adam lr 1e-3, 60 epochs, weight decay 0;
-# SPEC section 4), train the piecewise-clustering model from scratch (lambda 5e-4, the
+# docs/algorithms.md section 4), train the piecewise-clustering model from scratch (lambda 5e-4, the
 # supplement's best for ResNet-50, Table 1), attack every model with stealthy T-BFA under the
 # paper's ImageNet protocol (source classes 0..49, t = s +- 1 mod 50, 5 repetitions = 500
 # experiments, |D_src| = |D_aux| = 25, ASR / PA-ACC curves every CURVE_EVERY = 10 flips: each
-# point evaluates PA-ACC on ~50,000 validation images; SPEC 7) and write the report into
+# point evaluates PA-ACC on ~50,000 validation images; docs/algorithms.md section 7) and write the report into
 # $OUT_ROOT/imagenet/report. The supplement reports no TA-LBF numbers on ImageNet (the attack did
 # not converge on ResNet-50), so TALBF_ATTACKS defaults to 0.
 #

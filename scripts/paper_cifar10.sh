@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The OCM paper's CIFAR-10 table (SPEC section 9), end to end: train every model (8-bit
+# The OCM paper's CIFAR-10 table (docs/algorithms.md section 9), end to end: train every model (8-bit
 # ResNet-20: vanilla, piecewise clustering, OCM16, OCM64, OCM16 + PC, mixup, manifold mixup)
-# with the papers' recipe (SGD 0.1, /10 at 50 % and 75 % of 160 epochs, batch 128; SPEC 4),
+# with the papers' recipe (SGD 0.1, /10 at 50 % and 75 % of 160 epochs, batch 128; docs/algorithms.md section 4),
 # attack each with stealthy T-BFA (20 pairs x 5 repetitions, |D_src| = |D_aux| = 500, ASR and
-# PA-ACC after every flip; SPEC 7) and stealthy TA-LBF (1000 attacks; SPEC 8), then write the
+# PA-ACC after every flip; docs/algorithms.md section 7) and stealthy TA-LBF (1000 attacks; docs/algorithms.md section 8), then write the
 # table with the published numbers beside ours and the supplement's Figures 1 and 2 into
 # $OUT_ROOT/cifar10/report (report.py).
 #

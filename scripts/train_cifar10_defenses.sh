@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The BFA repository's training flows (train_CIFAR.sh) for its two defenses, on CIFAR-10 with
 # ResNet-20: an 8-bit quantization-aware baseline, binarization-aware training (resnet20_bin,
-# 1-bit weights) and piecewise weight clustering (8-bit, lambda 1e-3; SPEC section 4), with the
+# 1-bit weights) and piecewise weight clustering (8-bit, lambda 1e-3; docs/algorithms.md section 4), with the
 # BFA repository's recipe: SGD momentum 0.9, lr 0.1 divided by 10 at epochs 80 and 120 of 160,
 # batch 128, weight decay 3e-4. Models go to $OUT_ROOT/cifar10_bfa/<label>; scripts/bfa_cifar10.sh
 # attacks them.

@@ -1,4 +1,4 @@
-"""Bit layout (SPEC section 1): two's complement round trips and flips for every code."""
+"""Bit layout (docs/algorithms.md section 1): two's complement round trips and flips for every code."""
 
 import pytest
 import torch

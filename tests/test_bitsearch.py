@@ -1,4 +1,4 @@
-"""The shared bit search (SPEC section 5) against slow obvious versions."""
+"""The shared bit search (docs/algorithms.md section 5) against slow obvious versions."""
 
 import pytest
 import torch

@@ -53,7 +53,7 @@ def test_training_outputs(trained):
                                     "output_act": "linear", "ocm": False, "code_length": None,
                                     "codebook_seed": 1}
     assert ckpt["dataset"] == "cifar10" and ckpt["normalization"]["mean"][0] == 0.4914
-    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 5e-4  # SPEC 4 default
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 5e-4  # docs/algorithms.md section 4 default
 
 
 def test_interrupt_and_resume_is_exact(trained, data_dir, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""OCM (SPEC section 3): codebook test vector, distances, loss and decoding rule."""
+"""OCM (docs/algorithms.md section 3): codebook test vector, distances, loss and decoding rule."""
 
 import itertools
 

@@ -1,5 +1,5 @@
 """--pretrained: torchvision's ImageNet weights from the torch hub cache, quantized after
-training (SPEC sections 1 and 2). The weights here are a randomly initialised torchvision
+training (docs/algorithms.md sections 1 and 2). The weights here are a randomly initialised torchvision
 ResNet-18 saved into a temporary hub cache; the network is never touched."""
 
 import json
@@ -79,7 +79,7 @@ def test_pretrained_weights_are_quantized_torchvision_weights(hub_cache):
         q = layer.weight.detach()
         assert torch.equal(q, q.round()) and int(q.abs().max()) == 127
         assert float((q * step - w).abs().max()) <= step / 2 * (1 + 1e-4), name
-    # the classifier is torchvision's fc, quantized (SPEC section 1)
+    # the classifier is torchvision's fc, quantized (docs/algorithms.md section 1)
     fc = hub_cache["fc.weight"]
     fc_step = fc.abs().max() / 127
     assert torch.equal(target.model.linear.weight.detach(),

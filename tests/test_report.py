@@ -1,5 +1,5 @@
 """The report generator (utils/report.py, report.py) on fixture result folders: table values,
-published columns, figures, missing and corrupt results (SPEC section 9)."""
+published columns, figures, missing and corrupt results (docs/algorithms.md section 9)."""
 
 import csv
 import json
@@ -84,7 +84,7 @@ def test_table_has_mean_and_sample_std_and_published_values(results):
     assert v["tbfa_asr_mean"] == pytest.approx(90.0) and v["tbfa_asr_std"] == pytest.approx(10.0)
     assert v["tbfa_pa_acc_mean"] == pytest.approx(60.0)
     assert v["clean_acc_mean"] == pytest.approx(90.0) and v["clean_acc_std"] == 0.0
-    # TA-LBF: ASR over all 3 attacks, PA-ACC and flips over the 2 successful ones (SPEC 8)
+    # TA-LBF: ASR over all 3 attacks, PA-ACC and flips over the 2 successful ones (docs/algorithms.md section 8)
     assert v["talbf_n"] == 3 and v["talbf_successes"] == 2
     assert v["talbf_asr_mean"] == pytest.approx(200 / 3)
     assert v["talbf_asr_std"] == pytest.approx(math.sqrt(((100 - 200 / 3) ** 2 * 2
@@ -95,7 +95,7 @@ def test_table_has_mean_and_sample_std_and_published_values(results):
     assert o["tbfa_n_flips_mean"] == pytest.approx(20.0)
     assert o["tbfa_n_flips_std"] == pytest.approx(math.sqrt(200.0))
     assert math.isnan(o["talbf_asr_mean"])
-    # published values of SPEC section 9 beside ours
+    # published values of docs/algorithms.md section 9 beside ours
     assert v["tbfa_pa_acc_paper"] == 84.38 and v["tbfa_n_flips_paper"] == ""
     assert o["tbfa_n_flips_paper"] == 95.7 and o["talbf_pa_acc_paper"] == 86.5
 

@@ -86,7 +86,7 @@ def test_paper_cifar10_runs_every_row_of_the_table(tmp_path):
     trains = {os.path.basename(flag(a, "--outdir")): a for n, a, _ in commands if n == "main.py"}
     assert list(trains) == ["vanilla", "pc", "ocm16", "ocm64", "ocm16_pc", "mixup",
                             "manifold_mixup"]
-    for label, argv in trains.items():  # the papers' recipe: main.py's defaults (SPEC 4)
+    for label, argv in trains.items():  # the papers' recipe: main.py's defaults (docs/algorithms.md section 4)
         assert flag(argv, "--dataset") == "cifar10" and flag(argv, "-e") == "160"
         assert flag(argv, "--arch") == "resnet20_quan" and flag(argv, "--bits") == "8"
         assert ("--ocm" in argv) == label.startswith("ocm")

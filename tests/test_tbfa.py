@@ -1,4 +1,4 @@
-"""Stealthy T-BFA (SPEC section 7): sets, stop rules, campaigns, resume, the script."""
+"""Stealthy T-BFA (docs/algorithms.md section 7): sets, stop rules, campaigns, resume, the script."""
 
 import json
 import os

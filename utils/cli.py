@@ -201,7 +201,7 @@ class AttackTarget:
 
 def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
     """Build the attacked model from ``--checkpoint``/``--outdir`` or ``--pretrained``, load its
-    weights, move it to ``device`` and put it in integer mode (SPEC section 1)."""
+    weights, move it to ``device`` and put it in integer mode (docs/algorithms.md section 1)."""
     from models import to_integer
     from models.factory import build_model
     from models.loading import load_weights

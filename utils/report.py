@@ -1,19 +1,19 @@
-"""The paper's table and the supplement's figures from attack result folders (SPEC sections 6-9).
+"""The paper's table and the supplement's figures from attack result folders (docs/algorithms.md sections 6-9).
 
 A *model folder* is a training run folder (``main.py --outdir``) holding the attack results the
 attack scripts write beside the checkpoint by default:
 
 - ``attack_tbfa/results.jsonl`` (and ``results.rank<r>.jsonl`` of a multi-process campaign not
-  yet merged): stealthy T-BFA, one line per experiment (SPEC 7); with
+  yet merged): stealthy T-BFA, one line per experiment (docs/algorithms.md section 7); with
   ``--curve-every 1`` each line has ``curve`` = [{flips, asr, asr_src, pa_acc}, ...];
-- ``attack_talbf/results.jsonl``: stealthy TA-LBF, one line per attacked sample (SPEC 8);
+- ``attack_talbf/results.jsonl``: stealthy TA-LBF, one line per attacked sample (docs/algorithms.md section 8);
 - any folder below it with ``profile.csv`` and ``summary.json``: one untargeted BFA or
-  random-flip run (SPEC 6), e.g. ``attack_bfa/``, ``attack_bfa_random/`` or
+  random-flip run (docs/algorithms.md section 6), e.g. ``attack_bfa/``, ``attack_bfa_random/`` or
   ``attack_bfa/seed1/``.
 
 :func:`load_model` reads one folder (read-only: a corrupt line is reported with its file and
 line number and skipped, never rewritten); :func:`table_rows` gives one row per model (mean and
-sample std over experiments, published values of SPEC 9 beside ours); :func:`asr_budget_curve`
+sample std over experiments, published values of docs/algorithms.md section 9 beside ours); :func:`asr_budget_curve`
 is the supplement's Figure 1 statistic and :func:`write_report` writes everything::
 
     from utils.report import load_model, write_report, PUBLISHED
@@ -38,7 +38,7 @@ from .results import mean_std
 
 log = logging.getLogger(__name__)
 
-# SPEC section 9: 8-bit ResNet-20 on CIFAR-10, from the supplement (sections 5 and 6). Keys are
+# docs/algorithms.md section 9: 8-bit ResNet-20 on CIFAR-10, from the supplement (sections 5 and 6). Keys are
 # the model labels the scripts use; a metric the paper does not give is absent.
 PUBLISHED = {
     "cifar10": {
@@ -263,7 +263,7 @@ def read_models_file(path: str) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The table (SPEC section 9)
+# The table (docs/algorithms.md section 9)
 # ---------------------------------------------------------------------------------------------
 
 def table_rows(models: list[ModelResults], published: dict | None = None) -> list[dict]:
@@ -271,7 +271,7 @@ def table_rows(models: list[ModelResults], published: dict | None = None) -> lis
     every metric of T-BFA and TA-LBF, ``<key>_paper`` where ``published`` has the value.
 
     T-BFA: mean and sample std over experiments. TA-LBF: ASR over every attack, PA-ACC and
-    # bit-flips over the successful ones (SPEC 8)."""
+    # bit-flips over the successful ones (docs/algorithms.md section 8)."""
     rows = []
     for m in models:
         row = {"model": m.label, "name": m.name}
@@ -533,7 +533,7 @@ class Report:
 def write_report(models: list[ModelResults], out_dir: str, published: dict | None = None,
                  band: float = 0.25, max_flips: int | None = None, title: str = "",
                  figures: bool = True, attacks: tuple = ATTACKS) -> Report:
-    """Write ``table.md``/``table.csv`` (SPEC 9 layout; when ``attacks`` has tbfa or talbf),
+    """Write ``table.md``/``table.csv`` (docs/algorithms.md section 9 layout; when ``attacks`` has tbfa or talbf),
     ``bfa_table.md``/``.csv`` when there are BFA runs, the figures as PNG and ``report.md`` (all
     of it, plus what was missing)."""
     if not models:
@@ -586,7 +586,7 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
     md = [f"# {title or 'Bit-flip attack results'}", "",
           "Mean ± sample standard deviation over experiments (T-BFA) or attacks (TA-LBF: ASR "
           "over all attacks, PA-ACC and # bit-flips over the successful ones)."
-          + (" `paper`: the published value (SPEC section 9, 8-bit ResNet-20 on CIFAR-10)."
+          + (" `paper`: the published value (docs/algorithms.md section 9, 8-bit ResNet-20 on CIFAR-10)."
              if published else ""),
           "More bit-flips and a lower PA-ACC at the end of the attack mean a more robust model.",
           ""] + ([table, ""] if stealthy else [])

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC section 4).
+"""Learning-rate schedules (docs/algorithms.md section 4).
 
 - ``step``: the reference rule: ``lr`` while ``epoch <= 0.5 E``, ``lr/10`` while
   ``epoch <= 0.75 E``, ``lr/100`` after (epochs counted from 0).

@@ -42,7 +42,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def autocast(device: torch.device, enabled: bool):
     """bfloat16 autocast on ``device`` when ``enabled`` (``--amp``), else a no-op context.
 
-    The quantized layers compute their quantized weights in float32 inside it (SPEC section 1
+    The quantized layers compute their quantized weights in float32 inside it (docs/algorithms.md section 1
     stays exact); convolutions and matrix products run in bfloat16.
     """
     if not enabled:
@@ -66,7 +66,7 @@ def _sum_over_ranks(meter: Meter, loader) -> Meter:
 
 @dataclass
 class MixupConfig:
-    """Input mixup (Zhang et al. 2018) or manifold mixup (Verma et al. 2019), SPEC section 4."""
+    """Input mixup (Zhang et al. 2018) or manifold mixup (Verma et al. 2019), docs/algorithms.md section 4."""
 
     alpha: float
     manifold: bool = False
