@@ -62,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--plain-search", action="store_true",
                    help="score every trial flip with a full forward pass (same flips, slower; "
                         "default: re-run the network from the flipped layer on)")
+    a.add_argument("--max_bits_per_layer", type=int, default=32,
+                   help="most bits per layer the multi-bit retry flips together when no single "
+                        "flip raises the loss (default: 32; 0: no bound, as the public code)")
     a.add_argument("--random_bfa", action="store_true",
                    help="random-flip baseline: a uniformly chosen layer, weight and bit per "
                         "iteration")
@@ -74,6 +77,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--pretrained)")
     a.add_argument("--test_batch", type=int, default=None,
                    help="evaluation batch size (default: 256; 128 on ImageNet)")
+    pub = p.add_argument_group("public-code behaviours (attacks/bfa.py lists the differences)")
+    pub.add_argument("--public_binary_mask", action="store_true",
+                     help="binarized layers: choose their candidate bits with the public code's "
+                          "inverted 1-bit gradient mask (flips that lower the loss to first "
+                          "order)")
+    pub.add_argument("--public_random_stream", action="store_true",
+                     help="--random_bfa: draw with Python's random seeded by --seed, as the "
+                          "public code (same seed, same bits)")
+    pub.add_argument("--augment_attack_batch", action="store_true",
+                     help="apply the public training augmentation to the attack batch (horizontal "
+                          "flip, then a random crop with 4-pixel zero padding; 32x32 data sets)")
     # The BFA repository's spellings of the same settings (BFA_*.sh pass these).
     s = p.add_argument_group("BFA repository spellings")
     s.add_argument("--resume", dest="checkpoint", default=argparse.SUPPRESS, metavar="CKPT",
@@ -98,6 +112,9 @@ def check_numbers(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
+    if args.max_bits_per_layer < 0:
+        raise UserError(f"--max_bits_per_layer must be at least 1 (or 0: no bound), got "
+                        f"{args.max_bits_per_layer}")
     if args.break_acc is not None and math.isnan(args.break_acc):
         raise UserError("--break_acc must be a number (a test accuracy in %)")
 
@@ -111,6 +128,25 @@ def apply_defaults(args, dataset) -> None:
         args.break_acc = BREAK_ACC.get(dataset.name, 100.0 / dataset.num_classes + 1.0)
     if args.test_batch is None:
         args.test_batch = 128 if imagenet else 256
+
+
+def augment_like_public_training(images: torch.Tensor, generator: torch.Generator,
+                                 padding: int = 4) -> torch.Tensor:
+    """The public training transform on uint8 images ``[N, 3, H, W]``: ``RandomHorizontalFlip``
+    then ``RandomCrop(H, padding=4)`` (zero padding), one draw per image from ``generator``.
+
+    The public BFA takes its attack batch from its training loader, so its attack images carry
+    this augmentation (``--augment_attack_batch``)."""
+    n, _, h, w = images.shape
+    out = images.clone()
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    padded = torch.nn.functional.pad(out, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    for i in range(n):
+        out[i] = padded[i, :, top[i]:top[i] + h, left[i]:left[i] + w]
+    return out
 
 
 def default_results_dir(args, source: str) -> str:
@@ -141,6 +177,12 @@ def main(argv=None) -> int:
     if len(attack_x) == 0 or len(test_y) == 0:
         raise UserError(f"{dataset.name} in {args.data_dir} has no "
                         f"{'training' if len(attack_x) == 0 else 'test'} images to attack with")
+    if args.augment_attack_batch:
+        if dataset.name == "imagenet":
+            raise UserError("--augment_attack_batch needs a 32x32 data set: the public ImageNet "
+                            "augmentation (RandomResizedCrop) needs the original images")
+        attack_x = augment_like_public_training(
+            attack_x, torch.Generator().manual_seed(args.seed))
     results = args.results or default_results_dir(args, target.source)
     args.results = results
     if os.path.exists(results) and not os.path.isdir(results):
@@ -149,10 +191,13 @@ def main(argv=None) -> int:
                        batch_size=args.test_batch)
     try:
         if args.random_bfa:
-            attack = RandomFlips(target.model, target.output, seed=args.seed)
+            attack = RandomFlips(target.model, target.output, seed=args.seed,
+                                 python_random=args.public_random_stream)
         else:
             attack = BFA(target.model, target.output, k_top=args.k_top,
-                         incremental=not args.plain_search)
+                         incremental=not args.plain_search,
+                         max_bits_per_layer=args.max_bits_per_layer or None,
+                         public_binary_mask=args.public_binary_mask)
     except ValueError as e:
         raise UserError(str(e)) from None
 

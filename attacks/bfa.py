@@ -10,6 +10,58 @@ Both attacks work on a model in integer mode (:func:`models.to_integer`), flip b
 quantized weights in place and report every flip as a :class:`ProfileRow`. The bit search
 itself is :class:`utils.bitsearch.ProgressiveBitSearch`, shared with the other attacks.
 
+Against the public BFA repository (elliothe/BFA ``attack/BFA.py``, ``attack/random_attack.py``,
+``attack/data_conversion.py`` and the attack loop ``perform_attack`` of its ``main.py``):
+
+Same: the attack batch is labelled once, before the first flip, with the model's own
+predictions (``model(data).max(1)``; no label leak); every iteration re-runs forward and backward
+on that batch for ``dLoss/dq`` (cross-entropy, mean over the batch; eval mode; integer weights
+``q`` times the frozen step); per layer the candidates are the ``k_top`` weights with the
+largest ``|g|`` (default all), each bit scored by its first-order change
+``(1 - 2*bit) * b_w * g`` and only bits that raise the loss allowed (the public
+``b_bin XOR sign(g * b_w)`` mask); a layer with no such bit flips nothing (its trial loss is the
+clean one: it never wins); each layer's candidate is tried alone and the layer with the highest
+attack loss wins (the first one on a tie, module order); while no layer raises the loss, the
+top-2, top-3, ... bits of every layer are tried together (``n_bits2flip``); the full test split is
+evaluated after every iteration and the attack stops at ``break_acc`` (11 % CIFAR-10, 0.2 %
+ImageNet) or after ``n_iter`` iterations; the Hamming distance is counted against the clean
+codes; the random baseline picks a quantized layer, a weight and a bit uniformly.
+
+Different (deliberate, each with the option that selects the public behaviour):
+
+1. The multi-bit retry stops at ``max_bits_per_layer = 32`` bits per layer and then keeps the
+   best flip found even though it does not raise the loss (``MAX_BITS_PER_LAYER``); the public
+   loop has no bound (it runs until the loss rises, or until ``topk`` fails). Public:
+   ``max_bits_per_layer=None`` (``--max_bits_per_layer 0``), which stops only when the loss rises
+   or every layer already proposes all its admissible bits (from there the public code repeats
+   the same trials).
+2. When a layer has fewer admissible bits than the retry asks for, the public ``topk`` fills the
+   rest with masked (zero-score) bits, which ones depending on ``topk``'s tie order; we flip
+   only the admissible ones. Not reproducible exactly, so no option.
+3. Binarized layers: the public 1-bit ``b_w`` is ``[-1]`` while its bit conversion makes bit 1
+   mean +1 (``int2bin(w) = w/2 + 0.5``), so its gradient mask selects, per 1-bit layer, the
+   flips that *lower* the loss to first order (the weight with the largest ``|g|`` among them);
+   the layer ranking by the real loss is unchanged. Ours scores 1-bit layers like the others
+   (bit 1 means -1, ``b_w = [-2]``). Public: ``public_binary_mask=True``
+   (``--public_binary_mask``).
+4. When no layer has any admissible bit the public loop never ends; ours flips nothing that
+   iteration (``SearchStep.flips`` empty).
+5. A NaN trial loss never wins here; the public ``max`` over a dict with NaN depends on the
+   layer order.
+6. Exactly-zero binarized codes (only with :func:`models.quantization.use_public_sign`) are
+   written as -1 before the first flip (the public BFA writes -1 over them when it rewrites
+   their layer, its random flip reads them as -1 without writing the others).
+7. The random baseline draws from its own ``torch.Generator``; the public one from Python's
+   ``random`` seeded with ``--manualSeed``. Public stream: ``RandomFlips(python_random=True)``
+   (``--public_random_stream``): the same ``random.choice`` calls in the same order, so the same
+   seed flips the same bits.
+8. Run-level (``attack_bfa.py``): the attack batch is a seeded random draw of un-augmented
+   training images; the public one is the first batch of its shuffled training loader, which
+   applies the training augmentation (random crop with 4-pixel padding and horizontal flip on
+   CIFAR). Public: ``--augment_attack_batch``. The public ``break_acc`` exists only for CIFAR-10
+   and ImageNet (other data sets raise a NameError after the first iteration); ours uses
+   chance + 1 point there.
+
 Example::
 
     from models import to_integer
@@ -25,6 +77,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -33,8 +86,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models import quant_layers
-from utils.bitsearch import (MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep, hamming_distance,
-                             random_flip, snapshot)
+from models.quantization import settle_zero_codes
+from utils.bitsearch import (MAXIMIZE, AttackLoss, Flip, ProgressiveBitSearch, SearchStep,
+                             hamming_distance, random_flip, snapshot)
 from utils.data import normalize_images
 
 from .common import EvalSet
@@ -180,10 +234,11 @@ class _FlipAttack:
         self.model.eval()
         x = self.prepare(attack_x, eval_set)
         y = self.label(x)
-        clean_codes = snapshot(self.model)
         clean_acc = eval_set.accuracy(self.model, self.output)
         with torch.inference_mode():
             clean_loss = float(self.loss(x, y))
+        settle_zero_codes(self.model)  # difference 6 of the module docstring
+        clean_codes = snapshot(self.model)
         result = AttackResult(self.name, clean_acc, clean_loss, clean_acc, clean_loss,
                               attack_images=len(x), test_images=len(eval_set))
         self.result = result
@@ -233,8 +288,10 @@ class BFA(_FlipAttack):
             :class:`models.OutputCodeMatching`); its ``loss`` is the attack loss.
         k_top: only the ``k_top`` weights per layer with the largest ``|dL/dq|`` are
             candidates (default None: all weights).
-        max_bits_per_layer: bound of the multi-bit retry (default 32; the public code has
-            none).
+        max_bits_per_layer: bound of the multi-bit retry (default 32; None: no bound, as the
+            public code; module docstring, difference 1).
+        public_binary_mask: choose the candidates of 1-bit layers with the public code's
+            inverted mask (module docstring, difference 3).
 
     Example::
 
@@ -247,19 +304,23 @@ class BFA(_FlipAttack):
     name = "bfa"
 
     def __init__(self, model: nn.Module, output: nn.Module, k_top: int | None = None,
-                 max_bits_per_layer: int = MAX_BITS_PER_LAYER, incremental: bool = True):
+                 max_bits_per_layer: int | None = MAX_BITS_PER_LAYER, incremental: bool = True,
+                 public_binary_mask: bool = False):
         super().__init__(model, output)
         if k_top is not None and k_top < 1:
             raise ValueError(f"k_top must be at least 1 (or None for all weights), got {k_top}")
-        if max_bits_per_layer < 1:
-            raise ValueError(f"max_bits_per_layer must be at least 1, got {max_bits_per_layer}")
+        if max_bits_per_layer is not None and max_bits_per_layer < 1:
+            raise ValueError(f"max_bits_per_layer must be at least 1 (or None: no bound), got "
+                             f"{max_bits_per_layer}")
         self.k_top = k_top
         self.search = ProgressiveBitSearch(model, MAXIMIZE, k_top=k_top, multi_bit_retry=True,
                                            max_bits_per_layer=max_bits_per_layer,
-                                           skip_inadmissible=True, incremental=incremental)
+                                           skip_inadmissible=True, incremental=incremental,
+                                           invert_binary=public_binary_mask)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
         """One progressive-search iteration on ``(x, y)``; ``y`` are the model's predictions."""
+        settle_zero_codes(self.model)
 
         def gradient_loss():
             loss = self.loss(x, y)
@@ -279,22 +340,43 @@ class RandomFlips(_FlipAttack):
         seed: seed of the flips' own ``torch.Generator`` (default 0), ignored when
             ``generator`` is given.
         generator: a CPU ``torch.Generator`` to draw from instead.
+        python_random: draw like the public code instead: ``random.choice`` of a layer, of a
+            weight index, of a bit (counted from the LSB), from ``random.Random(seed)``
+            (module docstring, difference 7).
     """
 
     name = "random"
 
     def __init__(self, model: nn.Module, output: nn.Module, seed: int = 0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, python_random: bool = False):
         super().__init__(model, output)
         self.generator = generator if generator is not None else \
             torch.Generator().manual_seed(seed)
+        self.python_rng = random.Random(seed) if python_random else None
+
+    def _python_flip(self) -> Flip:
+        """The public ``random_flip_one_bit``'s draws: module, weight, bit (LSB = 0)."""
+        rng = self.python_rng
+        layers = quant_layers(self.model)
+        name = rng.choice([n for n, _ in layers])
+        layer = dict(layers)[name]
+        index = rng.choice(range(layer.weight.numel()))
+        bit = layer.n_bits - 1 - rng.choice(range(layer.n_bits))  # ours counts from the MSB
+        flat = layer.weight.data.view(-1)
+        before = int(layer._bit_codes(flat[index]))
+        layer.flip_bit(index, bit)
+        return Flip(name, index, bit, before, int(flat[index].round()))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
         """Flip one random bit; the losses on ``(x, y)`` before and after are reported."""
         self.model.eval()
+        settle_zero_codes(self.model)
         with torch.inference_mode():
             before = float(self.loss(x, y))
-        flip = random_flip(self.model, self.generator)
+        if self.python_rng is not None:
+            flip = self._python_flip()
+        else:
+            flip = random_flip(self.model, self.generator)
         with torch.inference_mode():
             after = float(self.loss(x, y))
         return SearchStep([flip], before, after, True, 1)

@@ -3,6 +3,16 @@
 torchvision's ResNet and MobileNet-V2 are subclassed and every Conv2d/Linear is swapped for its
 quantized twin, so the state-dict names stay torchvision's, except the ResNet classifier, which
 is ``linear`` (not ``fc``) as in the published OCM checkpoints.
+
+The BFA repository (elliothe/BFA) defines ``resnet18_quan`` / ``resnet34_quan``
+(``models/quan_resnet_imagenet.py``) and ``mobilenet_v2_quan`` (``quan_mobilenet_imagenet.py``)
+as copies of torchvision's definitions with quantized layers: the same modules, names, order of
+operations (``out += identity``; ``x + conv(x)``), pooling (``AdaptiveAvgPool2d((1, 1))``,
+``adaptive_avg_pool2d(x, 1)``), the quantized 1x1 downsample convolution and the
+``classifier.1`` after ``Dropout(0.2)``; only its ResNet classifier is ``fc``
+(:mod:`models.loading` renames it). Both layouts are therefore one function here
+(tests/test_conformance_bfa.py checks it against a functional transcription of the public code).
+(Its quantized ``resnet50`` is not among the names its ``models/__init__.py`` exports.)
 """
 
 from __future__ import annotations

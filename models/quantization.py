@@ -5,7 +5,7 @@ Every Conv2d and Linear of a model is one of these. A layer has two modes:
 - *training mode* (default): the weight is a float parameter; every forward recomputes the
   symmetric per-layer step ``max|W| / half_lvls`` and uses ``round(clamp(W)/step) * step``;
   the backward pass is the straight-through estimator (the gradient reaches ``W`` unchanged).
-  With ``n_bits == 1`` the layer is binarized: ``sign(W) * mean|W|`` (sign(0) = +1).
+  With ``n_bits == 1`` the layer is binarized: ``sign(W) * mean|W|`` (sign(0) = +1, see below).
 - *integer mode* (:meth:`QuantLayer.to_integer`, used by the attacks): the weight parameter is
   replaced once by its integer code ``q``, the step is frozen, and the forward uses ``q * step``.
   Gradients with respect to the weight parameter are then ``dLoss/dq``. Bit flips act on ``q``
@@ -15,6 +15,26 @@ The state dict carries ``weight``, ``bias``, ``step_size`` (a 0-d tensor) and ``
 [N, 1], the bit values as floats), exactly as the public code's checkpoints do (it assigns the
 0-d ``max|W| / half_lvls`` to ``step_size`` at every forward), so either side loads the other's
 files.
+
+Binarized layers and the BFA repository (elliothe/BFA). Its README trains binarized networks
+with the binarization block at the end of its ``models/quantization.py`` uncommented; that block
+is the public binarized layer here: step ``mean|W|`` (recomputed every forward), forward
+``torch.sign(W) * step`` for convolutions and linear layers alike, backward ``grad / step``
+through ``sign`` times the ``* step`` of the forward (the straight-through estimator: ``W`` gets
+the gradient of the binarized weight, up to rounding of ``(g * step) / step``; ours passes it
+unchanged), and ``__reset_weight__`` stores ``sign(W)`` as the integer weight. Its
+``models/binarization.py`` is imported by no model of the repository (its ``quan_Linear``
+multiplies by the step twice in the float forward); it is not the public function and is not
+mirrored. Differences:
+
+- *deliberate*: ``torch.sign(0) = 0`` gives a third level, 0, that one bit cannot hold (the
+  public bit conversion reads it as -1: ``int2bin(0) = 0.5`` truncated to bit 0); ours maps an
+  exactly-zero weight to +1, so every code is +1 or -1. :func:`use_public_sign` selects the
+  public ``torch.sign`` on a model's binarized layers (float forward and integer codes; a zero
+  code is then read and flipped as the public BFA reads it, as -1). Only exact zeros differ.
+- ``b_w``: the public 1-bit layers store ``[-1]``, ours ``[-2]`` (:mod:`models.bits`: bit 1 means
+  -1, flipping it changes the code by -2 or +2). The public BFA's use of its ``[-1]`` is in
+  :mod:`attacks.bfa` (``public_binary_mask``).
 """
 
 from __future__ import annotations
@@ -41,24 +61,30 @@ class _QuantizeSTE(torch.autograd.Function):
 
 
 class _BinarizeSTE(torch.autograd.Function):
-    """``sign(w) * scale`` forward (sign(0) = +1), identity backward.
+    """``sign(w) * scale`` forward (sign(0) = +1; ``torch.sign``, sign(0) = 0, when
+    ``public_sign``), identity backward.
 
     This is the public binarization code's ``sign`` with gradient ``1/mean|W|`` multiplied by the
     detached ``mean|W|`` scale: the product passes the gradient to ``W`` unchanged.
     """
 
     @staticmethod
-    def forward(ctx, weight, scale):
+    def forward(ctx, weight, scale, public_sign=False):
+        if public_sign:
+            return torch.sign(weight) * scale
         return torch.where(weight >= 0, scale, -scale)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None
+        return grad_output, None, None
 
 
-def _integer_codes(weight: torch.Tensor, step: torch.Tensor, n_bits: int) -> torch.Tensor:
+def _integer_codes(weight: torch.Tensor, step: torch.Tensor, n_bits: int,
+                   public_sign: bool = False) -> torch.Tensor:
     """Float tensor of the integer codes of ``weight`` for a given step (no gradient)."""
     if n_bits == 1:
+        if public_sign:
+            return torch.sign(weight)
         return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
     half = bitlib.half_levels(n_bits)
     return torch.round(torch.clamp(weight / step, -half, half))
@@ -70,6 +96,9 @@ class QuantLayer:
     n_bits: int
     integer_mode: bool
     weight: nn.Parameter
+    # Binarized layers only: code of an exactly-zero weight 0 (torch.sign, the public code)
+    # instead of +1. Set with use_public_sign(); see the module docstring.
+    public_sign: bool = False
 
     def _init_quant(self, n_bits: int) -> None:
         self.n_bits = bitlib.check_bits(n_bits)
@@ -108,7 +137,7 @@ class QuantLayer:
         step = self.compute_step()
         self.step_size.copy_(step)
         if self.n_bits == 1:
-            return _BinarizeSTE.apply(self.weight, step)
+            return _BinarizeSTE.apply(self.weight, step, self.public_sign)
         return _QuantizeSTE.apply(self.weight, step, bitlib.half_levels(self.n_bits))
 
     # -- integer mode --------------------------------------------------------------------------
@@ -119,7 +148,7 @@ class QuantLayer:
             return
         step = self.compute_step()
         self.step_size.copy_(step)
-        self.weight.copy_(_integer_codes(self.weight, step, self.n_bits))
+        self.weight.copy_(_integer_codes(self.weight, step, self.n_bits, self.public_sign))
         self.integer_mode = True
 
     @torch.no_grad()
@@ -135,7 +164,8 @@ class QuantLayer:
         """The integer codes as an int64 tensor (computed on the fly outside integer mode)."""
         if self.integer_mode:
             return self.weight.detach().round().to(torch.int64)
-        return _integer_codes(self.weight, self.compute_step(), self.n_bits).to(torch.int64)
+        return _integer_codes(self.weight, self.compute_step(), self.n_bits,
+                              self.public_sign).to(torch.int64)
 
     def _require_integer_mode(self) -> None:
         if not self.integer_mode:
@@ -158,8 +188,16 @@ class QuantLayer:
     def read_bit(self, index: int, bit: int) -> int:
         """Bit ``bit`` (0 = MSB) of the weight at flat index ``index``."""
         self._require_integer_mode()
-        code = self.weight.detach().reshape(-1)[index].round().to(torch.int64)
+        code = self._bit_codes(self.weight.detach().reshape(-1)[index])
         return int(bitlib.int_to_bits(code, self.n_bits)[bit])
+
+    def _bit_codes(self, values: torch.Tensor) -> torch.Tensor:
+        """int64 codes of stored weights as the bits see them: a binarized 0 (public sign) is
+        read as -1, like the public ``int2bin(0) = 0.5`` truncated to bit 0."""
+        codes = values.round().to(torch.int64)
+        if self.n_bits == 1:
+            codes = torch.where(codes == 0, -1, codes)
+        return codes
 
     @torch.no_grad()
     def flip_bit(self, index, bit) -> None:
@@ -167,7 +205,7 @@ class QuantLayer:
         self._require_integer_mode()
         flat = self.weight.view(-1)
         index = torch.as_tensor(index, device=flat.device, dtype=torch.int64)
-        codes = flat[index].round().to(torch.int64)
+        codes = self._bit_codes(flat[index])
         flat[index] = bitlib.flip_bits(codes, bit, self.n_bits).to(flat.dtype)
 
     def extra_repr(self) -> str:
@@ -214,6 +252,35 @@ def to_float(model: nn.Module) -> nn.Module:
     for _, layer in quant_layers(model):
         layer.to_float()
     return model
+
+
+def use_public_sign(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Binarized layers of ``model`` use the public ``torch.sign`` (sign(0) = 0) instead of
+    sign(0) = +1 (module docstring). Call it before :func:`to_integer`; returns the model."""
+    for name, layer in quant_layers(model):
+        if layer.n_bits != 1:
+            continue
+        if layer.integer_mode:
+            raise RuntimeError(f"layer {name} is already in integer mode: choose the sign "
+                               f"before models.to_integer(model)")
+        layer.public_sign = bool(enabled)
+    return model
+
+
+@torch.no_grad()
+def settle_zero_codes(model: nn.Module) -> int:
+    """Write -1 over every 0 code of the binarized layers (integer mode; they exist only with
+    :func:`use_public_sign`): the value the public BFA writes when it rewrites such a layer
+    (``bin2int(int2bin(0))``). Returns how many codes changed."""
+    changed = 0
+    for _, layer in quant_layers(model):
+        if layer.n_bits == 1 and layer.integer_mode:
+            zero = layer.weight == 0
+            n = int(zero.sum())
+            if n:
+                layer.weight.masked_fill_(zero, -1.0)
+                changed += n
+    return changed
 
 
 def int_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -86,7 +86,8 @@ def _register_all() -> None:
     register_model("resnet20_bin", partial(CifarResNet, 20), "cifar", fixed_bits=1,
                    description="binarized ResNet-20 (binarization-aware training)")
     register_model("vgg11_bn_quan", partial(CifarVGG, 11), "cifar",
-                   description="VGG-11 with BatchNorm for CIFAR")
+                   description="VGG-11 with BatchNorm for CIFAR, the BFA repository's "
+                               "three-layer classifier (layout v0: one linear layer)")
     for k in (4, 8):
         register_model(f"wrn28_{k}_quan", partial(WideResNet, 28, k), "cifar",
                        description=f"pre-activation Wide-ResNet-28-{k}")

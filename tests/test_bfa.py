@@ -348,6 +348,36 @@ def test_attack_bfa_random(data_dir, checkpoint, tmp_path):
     assert not (tmp_path / "attack_bfa").exists()
 
 
+def test_attack_bfa_public_behaviour_flags(data_dir, checkpoint, tmp_path, monkeypatch):
+    """The flags that select the public code's behaviours reach the attack objects."""
+    seen = {}
+    real_bfa_init, real_random_init = BFA.__init__, RandomFlips.__init__
+
+    def bfa_init(self, *args, **kwargs):
+        seen["bfa"] = kwargs
+        real_bfa_init(self, *args, **kwargs)
+
+    def random_init(self, *args, **kwargs):
+        seen["random"] = kwargs
+        real_random_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(BFA, "__init__", bfa_init)
+    monkeypatch.setattr(RandomFlips, "__init__", random_init)
+    base = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "1",
+            "--break_acc", "-1", *COMMON]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "a"),
+                                        "--max_bits_per_layer", "0", "--public_binary_mask",
+                                        "--augment_attack_batch"]) == 0
+    assert seen["bfa"]["max_bits_per_layer"] is None and seen["bfa"]["public_binary_mask"]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "b")]) == 0
+    assert seen["bfa"]["max_bits_per_layer"] == 32 and not seen["bfa"]["public_binary_mask"]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "c"), "--random_bfa",
+                                        "--public_random_stream"]) == 0
+    assert seen["random"]["python_random"]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "d"),
+                                        "--max_bits_per_layer", "-1"]) == 2
+
+
 def test_attack_bfa_interrupted_keeps_what_was_done(data_dir, checkpoint, tmp_path,
                                                     monkeypatch):
     real_step, calls = BFA.step, []

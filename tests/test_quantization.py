@@ -120,6 +120,30 @@ def test_binarized_layer():
     assert torch.allclose(layer(x), x.sum(1, keepdim=True) * scale)
 
 
+def test_public_sign_option_and_zero_codes():
+    """use_public_sign: torch.sign (0 for 0) in the float forward and the codes; a 0 code is
+    read as -1 by the bits (the public int2bin) and settle_zero_codes writes -1 over it."""
+    from models.quantization import settle_zero_codes, use_public_sign
+
+    model = torch.nn.Sequential(QuantLinear(4, 1, bias=False, n_bits=1),
+                                QuantLinear(1, 1, bias=False, n_bits=8))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, -0.25, 0.0, 0.25]]))
+    plus = model[0].quantized_weight().detach()
+    use_public_sign(model)
+    assert not model[1].public_sign  # multi-bit layers are untouched
+    assert torch.equal(model[0].quantized_weight().detach(),
+                       torch.tensor([[0.25, -0.25, 0.0, 0.25]]))
+    assert plus[0, 2] == 0.25
+    to_integer(model)
+    with pytest.raises(RuntimeError, match="integer mode"):
+        use_public_sign(model)
+    assert model[0].int_weight().tolist() == [[1, -1, 0, 1]]
+    assert model[0].read_bit(2, 0) == 1  # read as -1 (bit 1)
+    assert settle_zero_codes(model) == 1
+    assert model[0].int_weight().tolist() == [[1, -1, -1, 1]]
+
+
 def test_zero_weights_do_not_give_nan():
     layer = QuantLinear(3, 2, n_bits=8)
     with torch.no_grad():

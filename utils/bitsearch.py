@@ -178,7 +178,15 @@ class ProgressiveBitSearch:
 
     ``multi_bit_retry`` (BFA, SPEC section 6): when no layer's candidate improves on the current
     loss, retry with the top-2 bits per layer flipped together, then 3, ... up to
-    ``max_bits_per_layer`` (then the best found is kept).
+    ``max_bits_per_layer`` (then the best found is kept). ``max_bits_per_layer=None`` retries
+    without a bound, as the public BFA code, until the loss improves or every layer already
+    proposes all the bits that move the loss the attack's way (from there on the public code
+    repeats the same trials until its ``topk`` is asked for more entries than there are).
+
+    ``invert_binary`` (the public BFA code's binarized layers, see :mod:`attacks.bfa`): the
+    candidates of 1-bit layers are chosen in the opposite direction (the bits that move the
+    loss furthest *against* the attack, to first order); the layers are still ranked by the
+    attack loss in the attack's direction. Other layers are unaffected.
 
     ``skip_inadmissible``: a layer with no bit pointing the attack's way proposes nothing (the
     public BFA code flips no bit there); by default it proposes its arbitrary bit and competes
@@ -192,8 +200,9 @@ class ProgressiveBitSearch:
     """
 
     def __init__(self, model: nn.Module, direction: int, k_top: int | None = None,
-                 multi_bit_retry: bool = False, max_bits_per_layer: int = 32,
-                 skip_inadmissible: bool = False, incremental: bool = True):
+                 multi_bit_retry: bool = False, max_bits_per_layer: int | None = 32,
+                 skip_inadmissible: bool = False, incremental: bool = True,
+                 invert_binary: bool = False):
         if direction not in (MAXIMIZE, MINIMIZE):
             raise ValueError("direction must be MAXIMIZE (+1) or MINIMIZE (-1)")
         self.model = model
@@ -203,6 +212,7 @@ class ProgressiveBitSearch:
         self.max_bits_per_layer = max_bits_per_layer
         self.skip_inadmissible = skip_inadmissible
         self.incremental = incremental
+        self.invert_binary = invert_binary
         self.layers = quant_layers(model)
         if not self.layers:
             raise ValueError("the model has no quantized layers to attack")
@@ -295,14 +305,18 @@ class ProgressiveBitSearch:
                     return attack_loss.loss_fn(engine.rerun(name)).detach()
                 return torch.as_tensor(attack_loss()).detach()
 
+        unbounded = self.max_bits_per_layer is None
         n_bits = 1
         while True:
             cands, losses = [], []
             for name, layer in self.layers:
+                direction = self.direction
+                if self.invert_binary and layer.n_bits == 1:
+                    direction = -direction
                 if n_bits == 1 and not self.skip_inadmissible and self.k_top is None:
-                    cand = _single_candidate(name, layer, self.direction)
+                    cand = _single_candidate(name, layer, direction)
                 else:
-                    cand = layer_candidate(name, layer, self.direction, n_bits, self.k_top)
+                    cand = layer_candidate(name, layer, direction, n_bits, self.k_top)
                     if self.skip_inadmissible and not cand.admissible:
                         continue
                 flat = layer.weight.data.view(-1)
@@ -322,7 +336,14 @@ class ProgressiveBitSearch:
             all_admissible = all(bool(c.admissible) for c in cands) and \
                 len(cands) == len(self.layers)
             improves = self._better(best_loss, current)
-            if (not self.multi_bit_retry or improves or n_bits >= self.max_bits_per_layer):
+            if not self.multi_bit_retry or improves:
+                break
+            if unbounded:
+                # Every layer already proposes all its admissible bits: more bits would repeat
+                # the same trials for ever (the public code loops until topk fails).
+                if all(len(c.indices) < n_bits for c in cands):
+                    break
+            elif n_bits >= self.max_bits_per_layer:
                 break
             n_bits += 1
         flips = _apply(best_cand)
