@@ -18,16 +18,13 @@ Accepts
 layers store ``[-1]`` where ours store ``[-2]``, see :mod:`models.bits`). Mismatches raise
 ValueError with a one-line explanation (bits, output size, architecture).
 
-Reading a BFA-repository *file* needs more than this module: its checkpoint also pickles a
-``utils.RecorderMeter`` object; :func:`torch_load_foreign` reads such a file with a stand-in
-for classes that cannot be imported here.
+Reading a BFA-repository *file* is :func:`utils.checkpoint.load_checkpoint`'s job: its
+checkpoint also pickles a ``utils.RecorderMeter`` object, read as an inert stand-in.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
-import types
 
 import torch
 import torch.nn as nn
@@ -70,36 +67,6 @@ def rename_bfa_cifar_resnet(state_dict: dict) -> dict:
                 break
         out[key] = value
     return out
-
-
-class _Foreign:
-    """Stand-in for a class of another code base met while unpickling (its state is kept)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
-
-
-class _ForeignUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (AttributeError, ImportError):
-            return type(name, (_Foreign,), {"__module__": module})
-
-
-_FOREIGN_PICKLE = types.SimpleNamespace(Unpickler=_ForeignUnpickler, load=pickle.load,
-                                        __name__="pickle")
-
-
-def torch_load_foreign(path, map_location="cpu"):
-    """``torch.load`` of a file written by another code base (full unpickling: trusted files
-    only); classes it cannot import (e.g. the BFA repository's ``utils.RecorderMeter``) become
-    inert stand-ins instead of failing the whole load."""
-    return torch.load(path, map_location=map_location, weights_only=False,
-                      pickle_module=_FOREIGN_PICKLE)
 
 
 def adapt_state_dict(state_dict: dict, model: nn.Module, skip_final: bool = False) -> dict:

@@ -92,7 +92,13 @@ class CifarResNet(QuantNet, nn.Module):
                 in_planes = planes
             self.add_module(f"layer{stage}", nn.Sequential(*layers))
         self.linear = QuantLinear(widths[-1], num_outputs, n_bits=n_bits)
-        kaiming_init(self)
+        if layout == "v0":
+            kaiming_init(self)
+        else:  # the public initialisation: He-normal by fan-out for the convolutions only; the
+            # linear layer keeps PyTorch's default
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

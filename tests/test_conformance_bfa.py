@@ -33,7 +33,8 @@ import attack_bfa
 from attacks.bfa import BFA, RandomFlips
 from models import get_model, quant_layers, to_integer
 from models.base import QuantNet
-from models.loading import load_weights, torch_load_foreign
+from models.loading import load_weights
+from utils.checkpoint import torch_load_foreign
 from models.ocm import SoftmaxOutput
 from models.quantization import QuantConv2d, QuantLinear, use_public_sign
 from utils.regularizers import piecewise_clustering
@@ -418,6 +419,12 @@ def test_bfa_checkpoint_file_with_its_recorder_object(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), ref_bfa_cifar_resnet(sd, x, 20, 8))
+    # the scripts' path: load_checkpoint falls back to the foreign unpickler
+    from models.factory import ModelConfig
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    model, _ = model_from_checkpoint(load_checkpoint(str(path)), ModelConfig("resnet20_quan", 10))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref_bfa_cifar_resnet(sd, x, 20, 8))
 
 
 # ---------------------------------------------------------------------------------------------

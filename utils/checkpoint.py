@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import tempfile
+import types
 
 import torch
 
@@ -71,9 +72,39 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return obj
 
 
+class _Foreign:
+    """Stand-in for a class of another code base met while unpickling (its state is kept)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+class _ForeignUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (AttributeError, ImportError):
+            return type(name, (_Foreign,), {"__module__": module})
+
+
+_FOREIGN_PICKLE = types.SimpleNamespace(Unpickler=_ForeignUnpickler, load=pickle.load,
+                                        __name__="pickle")
+
+
+def torch_load_foreign(path, map_location="cpu"):
+    """``torch.load`` of a file written by another code base (full unpickling: trusted files
+    only); classes it cannot import (e.g. the BFA repository's ``utils.RecorderMeter``) become
+    inert stand-ins instead of failing the whole load."""
+    return torch.load(path, map_location=map_location, weights_only=False,
+                      pickle_module=_FOREIGN_PICKLE)
+
+
 def _load_full(path, map_location):
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch_load_foreign(path, map_location)
     except Exception as e:  # any failure here means the file is unusable
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
 
