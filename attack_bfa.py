@@ -5,7 +5,8 @@ predictions. Each iteration flips the bit(s) the progressive bit search finds (o
 bit with --random_bfa) and evaluates the whole test split; the attack stops when the test
 accuracy falls to --break_acc or after --n_iter iterations. Each flipped bit is appended to
 <results>/profile.csv as soon as its iteration ends; <results>/summary.json and TensorBoard
-scalars in <results>/tb complete the record (a new run in the same folder replaces them).
+scalars in <results>/tb complete the record (a folder holding an earlier run is refused
+unless --overwrite is given).
 
 Examples:
   python attack_bfa.py --checkpoint runs/r20/model_best.pth.tar --data_dir data
@@ -22,8 +23,8 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
+import shutil
 import sys
 import time
 
@@ -32,8 +33,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attacks.bfa import BFA, PROFILE_FIELDS, RandomFlips
 from attacks.common import EvalSet
-from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
-                       load_attack_target, run, setup_logging)
+from utils.cli import (add_attack_model_args, add_runtime_args, check_number, check_output_dir,
+                       check_runtime_args, device_spec, explicit_dests, load_attack_target, run,
+                       setup_logging)
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -77,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--pretrained)")
     a.add_argument("--test_batch", type=int, default=None,
                    help="evaluation batch size (default: 256; 128 on ImageNet)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --results (without it such a folder is "
+                        "refused)")
     pub = p.add_argument_group("public-code behaviours (attacks/bfa.py lists the differences)")
     pub.add_argument("--public_binary_mask", action="store_true",
                      help="binarized layers: choose their candidate bits with the public code's "
@@ -106,17 +111,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a run writes into its results folder (--overwrite replaces an earlier run's).
+RESULT_FILES = ("profile.csv", "summary.json", "attack.log")
+
+
 def check_numbers(args) -> None:
-    """Reject impossible numeric flags before anything is loaded or written."""
+    """Reject impossible numeric flags and paths before anything is loaded or written."""
     for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1, got {value}")
+        check_number(getattr(args, flag), f"--{flag}", minimum=1)
     if args.max_bits_per_layer < 0:
         raise UserError(f"--max_bits_per_layer must be at least 1 (or 0: no bound), got "
                         f"{args.max_bits_per_layer}")
-    if args.break_acc is not None and math.isnan(args.break_acc):
-        raise UserError("--break_acc must be a number (a test accuracy in %)")
+    check_number(args.break_acc, "--break_acc", minimum=0, maximum=100)
+    check_runtime_args(args)
+    if args.results:
+        check_output_dir(args.results, "--results")
+
+
+def check_results_folder(results: str, overwrite: bool) -> None:
+    """A finished run's results are never replaced without ``--overwrite``."""
+    present = [f for f in RESULT_FILES if os.path.exists(os.path.join(results, f))]
+    if present and not overwrite:
+        raise UserError(f"--results {results} already holds an attack run "
+                        f"({', '.join(present)}): choose another --results folder, or add "
+                        f"--overwrite to replace it")
 
 
 def apply_defaults(args, dataset) -> None:
@@ -185,8 +203,8 @@ def main(argv=None) -> int:
             attack_x, torch.Generator().manual_seed(args.seed))
     results = args.results or default_results_dir(args, target.source)
     args.results = results
-    if os.path.exists(results) and not os.path.isdir(results):
-        raise UserError(f"--results {results} is a file, not a folder: give a folder path")
+    check_output_dir(results, "--results")
+    check_results_folder(results, args.overwrite)
     eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
                        batch_size=args.test_batch)
     try:
@@ -202,6 +220,8 @@ def main(argv=None) -> int:
         raise UserError(str(e)) from None
 
     # 2. The attack, recorded as it goes.
+    if args.overwrite:
+        clear_results_folder(results)
     os.makedirs(results, exist_ok=True)
     setup_logging(os.path.join(results, "attack.log"))
     config = target.config
@@ -211,6 +231,15 @@ def main(argv=None) -> int:
              "%s", "random bit-flips" if args.random_bfa else "BFA", target.source, model_desc,
              dataset.name, len(attack_x), len(test_y), device)
     return attack_and_record(args, argv, attack, attack_x, eval_set, target, results)
+
+
+def clear_results_folder(results: str) -> None:
+    """``--overwrite``: remove what an earlier run wrote there (nothing else)."""
+    for name in RESULT_FILES:
+        if os.path.exists(os.path.join(results, name)):
+            os.remove(os.path.join(results, name))
+    if os.path.isdir(os.path.join(results, "tb")):
+        shutil.rmtree(os.path.join(results, "tb"))
 
 
 def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -> int:

@@ -30,8 +30,9 @@ from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_si
                           plan_experiments, plan_pinned, protocol_pairs, run_campaign)
 from utils.campaign import CampaignResults, start_campaign_folder
 from utils.distributed import cleanup, init_distributed, rank, world_size
-from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
-                       load_attack_target, run)
+from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
+                       check_output_dir, check_output_file, check_runtime_args, device_spec,
+                       explicit_dests, load_attack_target, run)
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -85,7 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--curve-every", type=int, default=0, metavar="K",
                    help="store ASR and PA-ACC every K flips (supplement Figures 1 and 2)")
     a.add_argument("--results", default=None,
-                   help="results folder (default: <checkpoint folder>/attack_tbfa)")
+                   help="results folder (default: <checkpoint folder>/attack_tbfa); the same "
+                        "command again continues the campaign in it")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --results (a campaign with other "
+                        "settings, or files of another tool) instead of refusing the folder")
     a.add_argument("--test_batch", "-b", "--batch", dest="test_batch", type=int, default=500,
                    help="evaluation batch size (500)")
     add_runtime_args(p)
@@ -100,6 +105,9 @@ def parse_pairs(text: str, num_classes: int) -> list[tuple[int, int]]:
             s, t = (int(v) for v in item.split(":"))
         except ValueError:
             raise UserError(f"--pairs takes source:target pairs like 3:5,1:2; got {item!r}") from None
+        if (s, t) in pairs:
+            raise UserError(f"--pairs names {s}:{t} twice: give each pair once (--avgs sets "
+                            f"the repetitions)")
         pairs.append((s, t))
     return pairs
 
@@ -120,13 +128,20 @@ def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     explicit = explicit_dests(parser, argv)
-    for name, minimum in (("iters", 1), ("avgs", 1), ("test_batch", 1), ("curve_every", 0)):
-        if getattr(args, name) < minimum:
-            raise UserError(f"--{name.replace('_every', '-every')} must be at least {minimum}, "
-                            f"got {getattr(args, name)}")
-    for name in ("n_src", "n_aux"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for flag, value, minimum in (("--iters", args.iters, 1), ("--avgs", args.avgs, 1),
+                                 ("--test_batch", args.test_batch, 1),
+                                 ("--curve-every", args.curve_every, 0),
+                                 ("--n-src", args.n_src, 1), ("--n-aux", args.n_aux, 1),
+                                 ("--source_start", args.source_start, 0),
+                                 ("--source_end", args.source_end, 1)):
+        check_number(value, flag, minimum=minimum)
+    check_runtime_args(args)
+    if args.sets:
+        check_input_file(args.sets, "--sets")
+    if args.save_sets:
+        check_output_file(args.save_sets, "--save-sets")
+    if args.results:
+        check_output_dir(args.results, "--results")
     device = init_distributed(resolve_device(device_spec(args)))
     try:
         return _main(args, explicit, device)
@@ -185,10 +200,11 @@ def _main(args, explicit, device) -> int:
                 "oscillation_by_layer": args.oscillation_by_layer,
                 "stop_on_src_only": args.stop_on_src_only, "iters": args.iters,
                 "sets_file": os.path.abspath(args.sets) if args.sets else None}
-    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS)
+    check_output_dir(results_dir, "--results")
+    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
 
     # Everything is valid: from here on, files are written.
-    main_rank = start_campaign_folder(results_dir, campaign_file, campaign)
+    main_rank = start_campaign_folder(results_dir, campaign_file, campaign, args.overwrite)
     if args.save_sets and main_rank:
         with open(args.save_sets, "w") as f:
             json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,

@@ -22,11 +22,11 @@ per process, running statistics of rank 0).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -36,8 +36,9 @@ import torch.nn as nn
 from utils import distributed
 from utils.checkpoint import (checkpoint_config, load_checkpoint, make_checkpoint,
                               model_from_checkpoint, save_checkpoint)
-from utils.cli import (add_data_args, add_model_args, add_runtime_args, device_spec,
-                       explicit_dests, resolve_dataset, resolve_model_config, run, setup_logging)
+from utils.cli import (add_data_args, add_model_args, add_runtime_args, check_number,
+                       check_output_dir, check_runtime_args, device_spec, explicit_dests,
+                       resolve_dataset, resolve_model_config, run, setup_logging)
 from utils.data import build_loaders
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -47,9 +48,12 @@ from utils.training import MixupConfig, build_optimizer, evaluate, train_one_epo
 log = logging.getLogger("main")
 
 # Flags whose value a resumed run takes from the checkpoint unless given again.
+# (Not the run folder: a resumed run writes next to the checkpoint it was given.)
 TRAINING_FLAGS = ("epochs", "batch", "opt", "lr", "momentum", "nesterov", "schedule", "gammas",
                   "warmup", "weight_decay", "clustering", "lambda_coeff", "mixup", "mixup_alpha",
-                  "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir", "outdir", "amp")
+                  "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir", "amp")
+# What a training run writes into its folder (--overwrite replaces a finished run's).
+RUN_FILES = ("checkpoint.pth.tar", "model_best.pth.tar", "log.csv", "args.json", "train.log")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,7 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--ft_path", default=None,
                    help="checkpoint to finetune (ours or published), or its run folder")
     g.add_argument("--outdir", default=None,
-                   help="run folder for checkpoints and logs (default: runs/<dataset>_<arch>...)")
+                   help="run folder for checkpoints and logs (default: runs/<dataset>_<arch>...;"
+                        " with --resume: the checkpoint's folder)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the training run already in --outdir (without it such a "
+                        "folder is refused)")
     t = p.add_argument_group("training (defaults: docs/algorithms.md section 4)")
     t.add_argument("-e", "--epochs", type=int, default=None,
                    help="epochs (default 160; 60 when finetuning)")
@@ -137,10 +145,17 @@ def apply_recipe_defaults(args, dataset, finetune: bool, ocm: bool) -> None:
 
 def validate_training_args(args) -> tuple[LRSchedule, MixupConfig | None]:
     for name in ("epochs", "batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+        check_number(getattr(args, name), f"--{name}", minimum=1)
+    check_number(args.test_batch, "--test_batch", minimum=1)
+    check_number(args.lr, "--lr", above=0)
+    check_number(args.momentum, "--momentum", minimum=0)
+    check_number(args.weight_decay, "-wd/--weight-decay", minimum=0)
+    check_number(args.warmup, "--warmup", minimum=0)
+    check_number(args.lambda_coeff, "--lambda_coeff", minimum=0)
+    check_number(args.mixup_alpha, "--mixup-alpha", above=0)
+    check_number(args.manifold_mixup_alpha, "--manifold-mixup-alpha", above=0)
+    for gamma in args.gammas or []:
+        check_number(gamma, "--gammas", above=0)
     if args.mixup and args.manifold_mixup:
         raise UserError("choose one of --mixup and --manifold-mixup")
     try:
@@ -157,6 +172,36 @@ def validate_training_args(args) -> tuple[LRSchedule, MixupConfig | None]:
     return schedule, mixup
 
 
+def check_new_run_folder(outdir: str, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless ``--overwrite``."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(outdir, f))]
+    if not present or overwrite:
+        return
+    detail = ", ".join(present)
+    ckpt = os.path.join(outdir, "checkpoint.pth.tar")
+    if os.path.exists(ckpt):
+        try:
+            state = load_checkpoint(ckpt)
+            epochs = (state.get("args") or {}).get("epochs")
+            detail = (f"epoch {state.get('epoch')}" + (f" of {epochs}" if epochs else "")
+                      + f", best test accuracy {state.get('best_acc', 0):.2f}%")
+        except UserError:
+            pass
+    raise UserError(f"--outdir {outdir} already holds a training run ({detail}): continue it "
+                    f"with --resume {ckpt}, choose another --outdir, or add --overwrite to "
+                    f"replace it")
+
+
+def clear_run_folder(outdir: str) -> None:
+    """``--overwrite``: remove what an earlier run wrote (and nothing else of the folder)."""
+    for name in RUN_FILES:
+        path = os.path.join(outdir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    if os.path.isdir(os.path.join(outdir, "tb")):
+        shutil.rmtree(os.path.join(outdir, "tb"))
+
+
 def default_outdir(dataset, config) -> str:
     name = f"{dataset.name}_{config.arch}_{config.bits}bit"
     if config.ocm:
@@ -171,20 +216,8 @@ def main(argv=None) -> int:
     explicit = explicit_dests(parser, argv)
     try:
         return _main(args, explicit)
-    except UserError as e:
-        if distributed.is_main():
-            _note_error_in_outdir(args, e)
-        raise
     finally:
         distributed.cleanup()
-
-
-def _note_error_in_outdir(args, error) -> None:
-    """Leave one log line in an existing run folder (and write nothing else there)."""
-    outdir = args.outdir
-    if outdir and os.path.isdir(outdir):
-        with open(os.path.join(outdir, "train.log"), "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {' '.join(str(error).split())}\n")
 
 
 def _checkpoint_path(value: str, outdir: str | None, default_name: str, flag: str) -> str:
@@ -196,6 +229,7 @@ def _checkpoint_path(value: str, outdir: str | None, default_name: str, flag: st
 
 
 def _main(args, explicit: set[str]) -> int:
+    check_runtime_args(args)
     modes = [m for m in ("eval", "resume") if getattr(args, m) is not None]
     if args.finetune:
         modes.append("finetune")
@@ -266,6 +300,20 @@ def _main(args, explicit: set[str]) -> int:
 
     apply_recipe_defaults(args, dataset, args.finetune, config.ocm)
     schedule, mixup = validate_training_args(args)
+    if args.resume is not None:
+        stored_opt = (ckpt.get("args") or {}).get("opt")
+        if stored_opt and args.opt != stored_opt:
+            raise UserError(f"{ckpt_path} was trained with --opt {stored_opt}; its optimizer "
+                            f"state cannot continue as --opt {args.opt}: drop --opt (or start "
+                            f"a new run)")
+    outdir = args.outdir or (os.path.dirname(ckpt_path) or "." if args.resume is not None
+                             else default_outdir(dataset, config))
+    check_output_dir(outdir, "--outdir")
+    same_run = (args.resume is not None and os.path.isdir(outdir)
+                and os.path.samefile(os.path.dirname(ckpt_path) or ".", outdir))
+    if not same_run:
+        check_new_run_folder(outdir, args.overwrite)
+    history = list(ckpt.get("history") or []) if (ckpt and args.resume is not None) else []
     if args.resume is not None and start_epoch >= args.epochs:
         raise UserError(f"{ckpt_path} already finished {start_epoch} of {args.epochs} epochs: "
                         f"raise -e/--epochs to train longer")
@@ -286,12 +334,13 @@ def _main(args, explicit: set[str]) -> int:
             raise UserError(f"{ckpt_path}: its optimizer state does not fit --opt {args.opt} "
                             f"({e}); resume with the run's own optimizer") from None
 
-    outdir = args.outdir or (os.path.dirname(ckpt_path) if args.resume is not None
-                             else default_outdir(dataset, config))
     args.outdir = outdir
     train_model = wrap_for_training(model, device, args.compile)
+    if not same_run and args.overwrite and distributed.is_main():
+        clear_run_folder(outdir)
     return train(args, model, output, config, dataset, optimizer, schedule, mixup,
-                 train_loader, test_loader, start_epoch, best_acc, outdir, train_model)
+                 train_loader, test_loader, start_epoch, best_acc, outdir, train_model,
+                 history)
 
 
 def wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
@@ -328,18 +377,71 @@ def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
     return 0
 
 
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
+              "best_acc", "seconds"]
+TB_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+def _write_log_csv(path: str, rows: list[dict]) -> None:
+    """``log.csv`` holding exactly ``rows`` (written next to it, then renamed: atomic)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        out.writeheader()
+        out.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rows_of_old_log(path: str, epochs: int) -> list[dict]:
+    """The rows of the first ``epochs`` epochs of an existing ``log.csv`` (checkpoints written
+    before the history was stored in them)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit()
+                and int(r["epoch"]) <= epochs]
+
+
+def _log_tb(writer, row: dict) -> None:
+    for key in TB_KEYS:
+        writer.add_scalar(key.replace("_", "/", 1) if "_" in key else key, float(row[key]),
+                          int(row["epoch"]))
+
+
+def _log_epoch(row: dict, epochs: int, note: str = "") -> None:
+    log.info("epoch %3d/%d  lr %.2e  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% "
+             "(best %.2f%%)  %.1fs%s", int(row["epoch"]), epochs, float(row["lr"]),
+             float(row["train_loss"]), float(row["train_acc"]), float(row["test_loss"]),
+             float(row["test_acc"]), float(row["best_acc"]), float(row["seconds"]), note)
+
+
 def train(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
-          test_loader, start_epoch, best_acc, outdir, train_model=None) -> int:
+          test_loader, start_epoch, best_acc, outdir, train_model=None, history=None) -> int:
     """The epoch loop. ``train_model`` is what the training step calls (``model`` wrapped by
-    :func:`wrap_for_training`); only rank 0 writes files, every rank trains and evaluates."""
+    :func:`wrap_for_training`); only rank 0 writes files, every rank trains and evaluates.
+
+    ``history`` holds the log rows of the ``start_epoch`` finished epochs (stored in every
+    checkpoint): a resumed run rewrites ``log.csv`` and the last TensorBoard point from it, so
+    a kill at any moment, between the checkpoint writes included, loses no row and leaves no
+    duplicate, and removes the temporary files such a kill left behind."""
     train_model = model if train_model is None else train_model
+    history = list(history or [])
     if not distributed.is_main():
         return _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup,
                            train_loader, test_loader, start_epoch, best_acc, outdir,
-                           train_model, None)
+                           train_model, None, history)
     from torch.utils.tensorboard import SummaryWriter
 
     os.makedirs(outdir, exist_ok=True)
+    for name in os.listdir(outdir):  # left by a kill during an atomic write
+        if (name.startswith(".tmp-") and name.endswith(".pth.tar")) or name == "log.csv.tmp":
+            os.remove(os.path.join(outdir, name))
+    csv_path = os.path.join(outdir, "log.csv")
+    if start_epoch and not history:
+        history = _rows_of_old_log(csv_path, start_epoch)
+    _write_log_csv(csv_path, history)
     setup_logging(os.path.join(outdir, "train.log"))
     with open(os.path.join(outdir, "args.json"), "w") as f:
         json.dump({"argv": sys.argv, **vars(args), "model_config": config.to_dict(),
@@ -350,79 +452,76 @@ def train(args, model, output, config, dataset, optimizer, schedule, mixup, trai
              train_loader.dataset_size, test_loader.dataset_size, next(model.parameters()).device,
              f" x {world} processes ({args.batch // world} images each per step)"
              if world > 1 else "", start_epoch)
-    writer = SummaryWriter(os.path.join(outdir, "tb"), purge_step=start_epoch)
+    # Events at steps >= start_epoch are dropped, then the last finished epoch's point is
+    # written again from the history (a kill may have come before or after it was written).
+    writer = SummaryWriter(os.path.join(outdir, "tb"), purge_step=start_epoch or None)
+    if start_epoch and history:
+        _log_tb(writer, history[-1])
+        _log_epoch(history[-1], args.epochs, "  (from the checkpoint)")
     try:
         return _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup,
                            train_loader, test_loader, start_epoch, best_acc, outdir,
-                           train_model, writer)
+                           train_model, writer, history)
     finally:
         writer.close()
 
 
 def _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
-                test_loader, start_epoch, best_acc, outdir, train_model, writer) -> int:
+                test_loader, start_epoch, best_acc, outdir, train_model, writer, history) -> int:
     main_proc = distributed.is_main()
     csv_path = os.path.join(outdir, "log.csv")
-    fields = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
-              "best_acc", "seconds"]
-    new_csv = not os.path.exists(csv_path) or start_epoch == 0
     ckpt_file = os.path.join(outdir, "checkpoint.pth.tar")
     best_file = os.path.join(outdir, "model_best.pth.tar")
     stored_args = {k: v for k, v in vars(args).items() if k in TRAINING_FLAGS or k == "dataset"}
     lambda_coeff = args.lambda_coeff if args.clustering else 0.0
-    epoch = start_epoch
+    finished = start_epoch  # epochs whose checkpoint is on disk
     try:
-        with (open(csv_path, "w" if new_csv else "a", newline="") if main_proc
-              else contextlib.nullcontext()) as fcsv:
-            out_csv = csv.DictWriter(fcsv, fieldnames=fields) if main_proc else None
-            if main_proc and new_csv:
-                out_csv.writeheader()
-            for epoch in range(start_epoch, args.epochs):
-                t0 = time.time()
-                # Everything random in an epoch derives from (seed, epoch): exact resume.
-                torch.manual_seed(args.seed * 1_000_003 + epoch)
-                train_loader.set_epoch(epoch)
-                try:
-                    tr = train_one_epoch(train_model, output, train_loader, optimizer, schedule,
-                                         epoch, lambda_coeff=lambda_coeff, mixup=mixup,
-                                         seed=args.seed, progress=args.progress and main_proc,
-                                         amp=args.amp)
-                except Exception as e:
-                    if args.compile and _is_compile_error(e):
-                        raise UserError(f"--compile failed on this machine ({type(e).__name__}: "
-                                        f"{_first_line(e)}); train without --compile") from None
-                    raise
-                te = evaluate(model, output, test_loader)
-                is_best = te["top1"] > best_acc
-                best_acc = max(best_acc, te["top1"])
-                row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": round(tr["loss"], 6),
-                       "train_acc": round(tr["top1"], 4), "test_loss": round(te["loss"], 6),
-                       "test_acc": round(te["top1"], 4), "test_top5": round(te["top5"], 4),
-                       "best_acc": round(best_acc, 4), "seconds": round(time.time() - t0, 2)}
-                if not main_proc:
-                    continue
-                state = make_checkpoint(model, config, output, dataset.name, dataset.mean,
-                                        dataset.std, epoch=epoch + 1, best_acc=best_acc,
-                                        test_acc=te["top1"], optimizer=optimizer.state_dict(),
-                                        args=stored_args)
-                save_checkpoint(state, ckpt_file)
-                if is_best:
-                    save_checkpoint(state, best_file)
-                out_csv.writerow(row)
-                fcsv.flush()
-                for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
-                    writer.add_scalar(key.replace("_", "/", 1) if "_" in key else key,
-                                      row[key], epoch + 1)
-                writer.flush()
-                log.info("epoch %3d/%d  lr %.2e  train loss %.4f acc %.2f%%  test loss %.4f "
-                         "acc %.2f%% (best %.2f%%)  %.1fs", epoch + 1, args.epochs, tr["lr"],
-                         tr["loss"], tr["top1"], te["loss"], te["top1"], best_acc, row["seconds"])
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.time()
+            # Everything random in an epoch derives from (seed, epoch): exact resume.
+            torch.manual_seed(args.seed * 1_000_003 + epoch)
+            train_loader.set_epoch(epoch)
+            try:
+                tr = train_one_epoch(train_model, output, train_loader, optimizer, schedule,
+                                     epoch, lambda_coeff=lambda_coeff, mixup=mixup,
+                                     seed=args.seed, progress=args.progress and main_proc,
+                                     amp=args.amp)
+            except Exception as e:
+                if args.compile and _is_compile_error(e):
+                    raise UserError(f"--compile failed on this machine ({type(e).__name__}: "
+                                    f"{_first_line(e)}); train without --compile") from None
+                raise
+            te = evaluate(model, output, test_loader)
+            is_best = te["top1"] > best_acc
+            best_acc = max(best_acc, te["top1"])
+            row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": round(tr["loss"], 6),
+                   "train_acc": round(tr["top1"], 4), "test_loss": round(te["loss"], 6),
+                   "test_acc": round(te["top1"], 4), "test_top5": round(te["top5"], 4),
+                   "best_acc": round(best_acc, 4), "seconds": round(time.time() - t0, 2)}
+            history.append(row)
+            if not main_proc:
+                finished = epoch + 1
+                continue
+            state = make_checkpoint(model, config, output, dataset.name, dataset.mean,
+                                    dataset.std, epoch=epoch + 1, best_acc=best_acc,
+                                    test_acc=te["top1"], optimizer=optimizer.state_dict(),
+                                    args=stored_args, history=history)
+            # model_best first: a kill between the two writes leaves checkpoint.pth.tar one
+            # epoch behind, and the resumed run redoes that epoch and writes both again.
+            if is_best:
+                save_checkpoint(state, best_file)
+            save_checkpoint(state, ckpt_file)
+            finished = epoch + 1
+            with open(csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+            _log_tb(writer, row)
+            writer.flush()
+            _log_epoch(row, args.epochs)
     except KeyboardInterrupt:
-        done = epoch  # epochs completed and saved
         if main_proc:
             launcher = "torchrun ... main.py" if distributed.is_distributed() else "python main.py"
-            log.info("interrupted during epoch %d; %s holds the %d finished epoch(s): continue "
-                     "with  %s --resume %s", epoch + 1, ckpt_file, done, launcher, ckpt_file)
+            log.info("interrupted; %s holds %d finished epoch(s) of %d: continue with  %s "
+                     "--resume %s", ckpt_file, finished, args.epochs, launcher, ckpt_file)
         return 130
     except FloatingPointError as e:
         raise UserError(str(e)) from None

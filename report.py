@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from utils.cli import run, setup_logging
+from utils.cli import check_input_file, check_number, check_output_dir, run, setup_logging
 from utils.errors import UserError
 from utils.report import (ATTACKS, PUBLISHED, datasets_of, load_model, parse_model_specs,
                           read_models_file, write_report)
@@ -62,10 +62,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    if args.band < 0:
-        raise UserError(f"--band must not be negative, got {args.band:g}")
-    if args.max_flips is not None and args.max_flips < 1:
-        raise UserError(f"--max-flips must be at least 1, got {args.max_flips}")
+    check_number(args.band, "--band", minimum=0)
+    check_number(args.max_flips, "--max-flips", minimum=1)
+    check_output_dir(args.out, "--out")
+    if args.models_file:
+        check_input_file(args.models_file, "--models-file")
     pairs = parse_model_specs(args.models)
     if args.models_file:
         pairs += read_models_file(args.models_file)

@@ -109,6 +109,15 @@ def pa_acc_public(correct: torch.Tensor, block: int = 100) -> float:
     return 100.0 * int(correct[:scored].sum()) / len(correct)
 
 
+def _index_list(values, name: str) -> torch.Tensor:
+    """A list of integer test-set positions (a float such as 3.5 or true is refused, never
+    truncated)."""
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"pinned set {name!r} must be a list of integer test-set indices")
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
     """Sets given as index lists (``src``, ``rest``, ``aux``, optionally ``pa``). D_pa is every
     other-class sample outside D_aux; a given ``pa`` must be exactly those, and fixes their
@@ -121,7 +130,7 @@ def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
     for name in ("src", "rest", "aux"):
         if name not in entry:
             raise ValueError(f"pinned sets lack {name!r}")
-        idx = torch.as_tensor(entry[name], dtype=torch.int64).view(-1)
+        idx = _index_list(entry[name], name)
         if len(idx) == 0:
             raise ValueError(f"pinned set {name!r} is empty")
         bad = idx[(idx < 0) | (idx >= n)]
@@ -148,7 +157,7 @@ def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
     mask[out["aux"]] = False
     pa = mask.nonzero().view(-1)
     if entry.get("pa") is not None:
-        given = torch.as_tensor(entry["pa"], dtype=torch.int64).view(-1)
+        given = _index_list(entry["pa"], "pa")
         if len(given) != len(pa) or not torch.equal(torch.sort(given).values, pa):
             raise ValueError(f"pinned set 'pa' must hold exactly the {len(pa)} samples outside "
                              f"the source class and D_aux (it has {len(given)}); drop it to "
@@ -334,18 +343,28 @@ def plan_experiments(labels: torch.Tensor, pairs: list[tuple[int, int]], reps: i
 
 def plan_pinned(labels: torch.Tensor, entries: list[dict]) -> list[Experiment]:
     """Experiments from a pinned-sets file (see :func:`pinned_sets`)."""
-    out = []
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("'experiments' must be a non-empty list")
+    out, keys = [], set()
     for i, e in enumerate(entries):
-        try:
-            source, target = int(e["source"]), int(e["target"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"pinned experiment {i} needs integer 'source' and 'target'") from None
+        if not isinstance(e, dict):
+            raise ValueError(f"pinned experiment {i} is not an object")
+        values = [e.get("source"), e.get("target"), e.get("rep", i)]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"pinned experiment {i} needs integer 'source' and 'target' (and "
+                             f"'rep', when given) of at least 0")
+        source, target, rep = values
         try:
             sets = pinned_sets(e, labels, source)
         except ValueError as err:
             raise ValueError(f"pinned experiment {i} (source {source}, target {target}): "
                              f"{err}") from None
-        out.append(Experiment(source, target, int(e.get("rep", i)), sets))
+        experiment = Experiment(source, target, rep, sets)
+        if experiment.key in keys:
+            raise ValueError(f"pinned experiment {i} repeats {experiment.key} (source, target "
+                             f"and rep): give each experiment a different 'rep'")
+        keys.add(experiment.key)
+        out.append(experiment)
     return out
 
 

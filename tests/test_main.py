@@ -51,7 +51,7 @@ def test_training_outputs(trained):
     assert ckpt["epoch"] == 3
     assert ckpt["model_config"] == {"arch": "resnet20_quan", "num_classes": 10, "bits": 8,
                                     "output_act": "linear", "ocm": False, "code_length": None,
-                                    "codebook_seed": 1}
+                                    "codebook_seed": 1, "layout": "public"}
     assert ckpt["dataset"] == "cifar10" and ckpt["normalization"]["mean"][0] == 0.4914
     assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 5e-4  # docs/algorithms.md section 4 default
 
@@ -117,7 +117,7 @@ def test_finetune_to_ocm(trained, data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one line, exit status 2, nothing written to an existing outdir but a log line
+# Bad input: one line, exit status 2, nothing written
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -167,6 +167,21 @@ def bad_input_cases(data_dir, trained, tmp):
         "no_such_device": (["--device", "cuda:7", *d], "cuda"),
         "bad_schedule": (["--schedule", "fast", *d], "--schedule"),
         "zero_epochs": (["-e", "0", *d], "--epochs"),
+        "negative_wd_adam": (["-wd", "-1", "--opt", "adam", *d], "--weight-decay"),
+        "negative_momentum": (["--momentum", "-1", *d], "--momentum"),
+        "nan_lr": (["--lr", "nan", *d], "--lr"),
+        "inf_lr": (["--lr", "inf", *d], "--lr"),
+        "negative_warmup": (["--warmup", "-2", *d], "--warmup"),
+        "zero_code_length": (["--ocm", "--code_length", "0", "--output_act", "tanh", *d],
+                             "power of two"),
+        "negative_lambda": (["--clustering", "-lam", "-1", *d], "--lambda_coeff"),
+        "zero_mixup_alpha": (["--mixup", "--mixup-alpha", "0", *d], "--mixup-alpha"),
+        "negative_gamma": (["--schedule", "2", "--gammas", "-1", *d], "--gammas"),
+        "zero_test_batch": (["--test_batch", "0", *d], "--test_batch"),
+        "negative_seed": (["--seed", "-1", *d], "--seed"),
+        "negative_workers": (["--workers", "-1", *d], "--workers"),
+        "resume_other_optimizer": (["--resume", str(trained / "checkpoint.pth.tar"), "--opt",
+                                    "adam"], "--opt sgd"),
     }
 
 
@@ -176,7 +191,10 @@ CASES = ["unknown_dataset", "unknown_arch", "missing_data", "incomplete_data",
          "eval_missing", "eval_truncated", "eval_not_checkpoint", "resume_missing",
          "finetune_missing", "finetune_no_path", "eval_bits_mismatch", "eval_arch_mismatch",
          "eval_classes_mismatch", "eval_ocm_mismatch", "bits_too_high", "bits_zero",
-         "no_such_device", "bad_schedule", "zero_epochs"]
+         "no_such_device", "bad_schedule", "zero_epochs", "negative_wd_adam",
+         "negative_momentum", "nan_lr", "inf_lr", "negative_warmup", "zero_code_length",
+         "negative_lambda", "zero_mixup_alpha", "negative_gamma", "zero_test_batch",
+         "negative_seed", "negative_workers", "resume_other_optimizer"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -193,9 +211,7 @@ def test_bad_input(case, data_dir, trained, tmp_path, outdir, capsys):
     assert err.startswith("error: ") and "\n" not in err, err
     assert expected.lower() in err.lower(), err
     assert "Traceback" not in err
-    assert sorted(os.listdir(outdir)) == ["keep.txt", "train.log"]
-    log_lines = (outdir / "train.log").read_text().strip().splitlines()
-    assert len(log_lines) == 1 and "error:" in log_lines[0]
+    assert sorted(os.listdir(outdir)) == ["keep.txt"]  # nothing written, nothing changed
 
 
 def test_checkpoint_for_other_architecture_without_metadata(trained, data_dir, tmp_path, capsys):
@@ -256,3 +272,139 @@ def test_compile_failure_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error: --compile failed on this machine")
     assert "without --compile" in err[0]
     assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def test_outdir_under_a_file_or_a_file(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for outdir, expected in ((blocker / "run", "is a file"), (blocker, "is a file")):
+        rc = run(main.main, COMMON + ["--data_dir", data_dir, "--outdir", str(outdir)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error: ") and expected in err, err
+    assert blocker.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_finished_run_is_never_replaced_without_overwrite(trained, data_dir, capsys, tmp_path):
+    before = _snapshot(trained)
+    rc = run(main.main, train_args(data_dir, trained, epochs=1))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "already holds a training run" in err and "--overwrite" in err, err
+    assert "epoch 3 of 3" in err and "--resume" in err
+    assert _snapshot(trained) == before
+    # --overwrite replaces it (on a copy: the module's run stays intact for other tests)
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    (copy / "notes.txt").write_text("mine")
+    assert run(main.main, train_args(data_dir, copy, epochs=1, extra=["--overwrite"])) == 0
+    assert load_checkpoint(str(copy / "checkpoint.pth.tar"))["epoch"] == 1
+    assert len(read_csv_rows(copy / "log.csv")) == 1
+    assert (copy / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_resume_writes_next_to_the_given_checkpoint(trained, data_dir, tmp_path):
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved)
+    ckpt = load_checkpoint(str(moved / "checkpoint.pth.tar"))
+    ckpt["epoch"] = 2  # pretend the run stopped after two epochs
+    ckpt["history"] = ckpt["history"][:2]
+    save_checkpoint(ckpt, str(moved / "checkpoint.pth.tar"))
+    before = _snapshot(trained)
+    assert run(main.main, ["--resume", str(moved / "checkpoint.pth.tar"), "--data_dir",
+                           data_dir, "--no-progress"]) == 0
+    assert load_checkpoint(str(moved / "checkpoint.pth.tar"))["epoch"] == 3
+    assert _snapshot(trained) == before  # the folder the checkpoint came from is untouched
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing of ours catches it."""
+
+
+def _kill_at(monkeypatch, point, epoch_to_kill=2):
+    """Make the run die at ``point`` of epoch ``epoch_to_kill`` (1-based)."""
+    real_save = main.save_checkpoint
+
+    def save(state, path):
+        name = os.path.basename(path)
+        if state["epoch"] == epoch_to_kill:
+            if point == f"during {name}":  # the temporary file is written, never renamed
+                with open(os.path.join(os.path.dirname(path), ".tmp-abc.pth.tar"), "wb") as f:
+                    f.write(b"partial")
+                raise Killed
+            real_save(state, path)
+            if point == f"after {name}":
+                raise Killed
+            return
+        real_save(state, path)
+
+    monkeypatch.setattr(main, "save_checkpoint", save)
+
+
+KILL_POINTS = ["during model_best.pth.tar", "after model_best.pth.tar",
+               "during checkpoint.pth.tar", "after checkpoint.pth.tar"]
+
+
+def _improving_accuracy(mp):
+    """Every epoch a new best (test accuracy 50 + epoch), so that each epoch writes both
+    checkpoints and the kill points are reached."""
+    real_train, real_eval, seen = main.train_one_epoch, main.evaluate, {}
+
+    def train_one_epoch(*args, **kwargs):
+        seen["epoch"] = args[5]
+        return real_train(*args, **kwargs)
+
+    def evaluate(*args, **kwargs):
+        result = real_eval(*args, **kwargs)
+        result["top1"] = 50.0 + seen["epoch"]
+        return result
+
+    mp.setattr(main, "train_one_epoch", train_one_epoch)
+    mp.setattr(main, "evaluate", evaluate)
+
+
+@pytest.fixture(scope="module")
+def improving_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("improving")
+    with pytest.MonkeyPatch.context() as mp:
+        _improving_accuracy(mp)
+        assert run(main.main, train_args(data_dir, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_at_any_checkpoint_write_then_resume_equals_uninterrupted(
+        point, improving_run, data_dir, tmp_path, monkeypatch):
+    """kill -9 during or between the two checkpoint writes of epoch 2, then --resume: the same
+    checkpoint, model_best and log.csv as the uninterrupted run, no temporary file left."""
+    _improving_accuracy(monkeypatch)
+    _kill_at(monkeypatch, point)
+    with pytest.raises(Killed):
+        run(main.main, train_args(data_dir, tmp_path))
+    monkeypatch.undo()  # the process is gone; a new one resumes
+    _improving_accuracy(monkeypatch)
+    assert run(main.main, ["--resume", str(tmp_path / "checkpoint.pth.tar"), "--data_dir",
+                           data_dir, "--no-progress"]) == 0
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        a = load_checkpoint(str(improving_run / name))
+        b = load_checkpoint(str(tmp_path / name))
+        assert (a["epoch"], a["best_acc"]) == (b["epoch"], b["best_acc"]) == (3, 52.0), name
+        for k, v in a["state_dict"].items():
+            assert torch.equal(v, b["state_dict"][k]), (name, k)
+
+    def strip(row):  # all but the seconds column
+        return row.split(",")[:-1]
+    assert [strip(r) for r in read_csv_rows(tmp_path / "log.csv")] == \
+        [strip(r) for r in read_csv_rows(improving_run / "log.csv")]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp") or n.endswith(".tmp")]

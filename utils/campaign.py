@@ -75,14 +75,20 @@ def merge_results(results_dir: str) -> list[dict]:
     return records
 
 
-def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict) -> bool:
-    """Create the folder, log to ``attack.log`` (rank r > 0: ``attack.rank<r>.log``) and, on
-    rank 0, record the campaign's settings. Returns True on rank 0 (the one that reports)."""
+def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
+                          overwrite: bool = False) -> bool:
+    """Create the folder (``overwrite``: first remove what a campaign wrote there), log to
+    ``attack.log`` (rank r > 0: ``attack.rank<r>.log``) and, on rank 0, record the campaign's
+    settings. Returns True on rank 0 (the one that reports)."""
     from .cli import setup_logging
-    from .results import write_campaign
+    from .results import clear_campaign, write_campaign
 
-    os.makedirs(results_dir, exist_ok=True)
     main_rank = dist.is_main()
+    if overwrite:
+        if main_rank:
+            clear_campaign(results_dir)
+        dist.barrier()
+    os.makedirs(results_dir, exist_ok=True)
     setup_logging(os.path.join(results_dir, "attack.log" if main_rank
                                else f"attack.rank{dist.rank()}.log"))
     if main_rank:

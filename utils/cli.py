@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -94,6 +95,83 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return given
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks of user input, made before anything is written (each failure: one UserError line)
+# ---------------------------------------------------------------------------------------------
+
+def check_number(value, flag: str, minimum=None, maximum=None, above=None) -> None:
+    """``value`` must be a finite number with ``minimum <= value <= maximum`` and
+    ``value > above`` (each bound optional); ``None`` (flag not given) passes."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise UserError(f"{flag} must be at least {minimum:g}, got {value:g}")
+    if above is not None and value <= above:
+        raise UserError(f"{flag} must be greater than {above:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise UserError(f"{flag} must be at most {maximum:g}, got {value:g}")
+
+
+def _blocking_file(path: str) -> str | None:
+    """The first existing non-folder among ``path`` and its parents, if any."""
+    probe = os.path.abspath(path)
+    while True:
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return None
+        probe = parent
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """``path`` can be (or already is) a folder this run writes into."""
+    blocker = _blocking_file(path)
+    if blocker == os.path.abspath(path):
+        raise UserError(f"{flag} {path} is a file, not a folder: give a folder path")
+    if blocker is not None:
+        raise UserError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {existing}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """``path`` is a file this run writes: not a folder, in a folder that exists."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    blocker = _blocking_file(folder)
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {folder}")
+
+
+def check_input_file(path: str, flag: str) -> None:
+    """``path`` is an existing, readable file."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: give the file inside it")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{flag} {path}: no permission to read it")
+
+
+def check_runtime_args(args) -> None:
+    """The flags of :func:`add_runtime_args` and :func:`add_data_args`."""
+    check_number(getattr(args, "seed", None), "--seed", minimum=0, maximum=2 ** 32 - 1)
+    check_number(getattr(args, "workers", None), "--workers", minimum=0)
+    check_number(getattr(args, "codebook_seed", None), "--codebook_seed", minimum=0,
+                 maximum=2 ** 32 - 1)
+
+
 def resolve_dataset(args, stored: str | None):
     """The data set's info: ``--dataset``, else the checkpoint's, else cifar10."""
     return get_dataset_info(args.dataset or stored or "cifar10")
@@ -126,7 +204,8 @@ def resolve_model_config(args, explicit: set[str], num_classes_default: int,
         bits=args.bits if args.bits is not None else default_bits(arch),
         output_act=args.output_act or "linear",
         ocm=ocm,
-        code_length=(args.code_length or DEFAULT_CODE_LENGTH) if ocm else None,
+        code_length=(DEFAULT_CODE_LENGTH if args.code_length is None else args.code_length)
+        if ocm else None,
         codebook_seed=args.codebook_seed,
     )
     try:

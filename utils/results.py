@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +118,66 @@ def default_results_dir(source: str, pretrained: bool, name: str) -> str:
     return os.path.join(base, name)
 
 
-def check_campaign(results_dir: str, campaign: dict, keys) -> str:
-    """Refuse a results folder that holds a campaign with other settings; returns the path of
-    its ``campaign.json`` (written by :func:`write_campaign` once everything is valid)."""
+# What a campaign writes into its results folder (``--overwrite`` removes these, nothing else).
+CAMPAIGN_FILES = ("campaign.json", "results.jsonl", "summary.csv", "attack.log")
+CAMPAIGN_PATTERNS = (r"results\.rank\d+\.jsonl", r"attack\.rank\d+\.log", r"results\.jsonl\.tmp")
+
+
+def _campaign_leftovers(results_dir: str) -> list[str]:
+    if not os.path.isdir(results_dir):
+        return []
+    return sorted(n for n in os.listdir(results_dir)
+                  if n in CAMPAIGN_FILES or n == "tb"
+                  or any(re.fullmatch(p, n) for p in CAMPAIGN_PATTERNS))
+
+
+def _same_setting(key: str, before, now) -> bool:
+    if key == "config" and isinstance(before, dict) and isinstance(now, dict):
+        from models.factory import ModelConfig  # a config stored before a field existed
+        return ModelConfig.from_dict(before).to_dict() == now
+    return before == now
+
+
+def check_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = False) -> str:
+    """Refuse a results folder that holds a campaign with other settings, or results this
+    tool's campaigns did not write (no ``campaign.json``), unless ``overwrite``: then what a
+    campaign writes is removed from it. Returns the path of its ``campaign.json`` (written by
+    :func:`write_campaign` once everything is valid)."""
     from .errors import UserError
 
     path = os.path.join(results_dir, "campaign.json")
+    leftovers = _campaign_leftovers(results_dir)
+    problem = None
     if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-        diff = [k for k in keys if before.get(k) != campaign.get(k)]
-        if diff:
-            raise UserError(f"{results_dir} holds a campaign with other settings "
-                            f"({', '.join(diff)} differ): use another --results folder")
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            before, problem = None, f"an unreadable campaign.json ({type(e).__name__})"
+        if before is not None:
+            diff = [k for k in keys if not _same_setting(k, before.get(k), campaign.get(k))]
+            if diff:
+                problem = f"a campaign with other settings ({', '.join(diff)} differ)"
+    elif any(n.startswith("results") for n in leftovers):
+        problem = "results without a campaign.json (not written by this tool's campaigns)"
+    if problem is None:
+        return path
+    if not overwrite:
+        raise UserError(f"{results_dir} holds {problem}: use another --results folder, or add "
+                        f"--overwrite to replace them")
     return path
+
+
+def clear_campaign(results_dir: str) -> None:
+    """``--overwrite``: remove what a campaign writes into ``results_dir`` (nothing else)."""
+    import shutil
+
+    for name in _campaign_leftovers(results_dir):
+        target = os.path.join(results_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        else:
+            os.remove(target)
 
 
 def write_campaign(path: str, campaign: dict) -> None:
