@@ -378,6 +378,20 @@ def test_attack_bfa_public_behaviour_flags(data_dir, checkpoint, tmp_path, monke
                                         "--max_bits_per_layer", "-1"]) == 2
 
 
+def test_attack_bfa_refuses_a_finished_run_without_overwrite(data_dir, checkpoint, tmp_path,
+                                                            capsys):
+    argv = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "1",
+            "--results", str(tmp_path / "r"), "--no-progress", "--device", "cpu"]
+    assert run(attack_bfa.main, argv) == 0
+    before = (tmp_path / "r" / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert run(attack_bfa.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds an attack run" in err and "--overwrite" in err
+    assert (tmp_path / "r" / "summary.json").read_bytes() == before
+    assert run(attack_bfa.main, argv + ["--overwrite"]) == 0
+
+
 def test_attack_bfa_interrupted_keeps_what_was_done(data_dir, checkpoint, tmp_path,
                                                     monkeypatch):
     real_step, calls = BFA.step, []
@@ -417,12 +431,21 @@ def bad_cases(data_dir, checkpoint, tmp):
         "missing data": ["--checkpoint", checkpoint, "--data_dir", missing_data],
         "results is a file": ["--checkpoint", checkpoint, "--data_dir", data_dir, "--results",
                               str(a_file)],
+        "results under a file": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                 "--results", str(a_file / "r")],
+        "negative seed": ["--checkpoint", checkpoint, "--data_dir", data_dir, "--seed", "-1"],
+        "nan break_acc": ["--checkpoint", checkpoint, "--data_dir", data_dir, "--break_acc",
+                          "nan"],
+        "break_acc above 100": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                "--break_acc", "150"],
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "n_iter 0", "attack_sample_size 0",
                                   "k_top 0", "test_batch 0", "arch mismatch", "bits mismatch",
-                                  "no model", "missing data", "results is a file"])
+                                  "no model", "missing data", "results is a file",
+                                  "results under a file", "negative seed", "nan break_acc",
+                                  "break_acc above 100"])
 def test_attack_bfa_bad_input(case, data_dir, checkpoint, tmp_path, capsys):
     argv = bad_cases(data_dir, checkpoint, tmp_path)[case]
     if "--results" not in argv:

@@ -227,12 +227,24 @@ def test_script_refuses_other_campaign_in_same_folder(digits_checkpoints, tmp_pa
     rc = run(attack_tbfa.main, script(ckpt, tmp_path, "--pairs", "1:2", "--avgs", "1",
                                       "--iters", "3", "--n-src", "5"))
     assert rc == 2 and "other settings" in capsys.readouterr().err
+    # --overwrite replaces the campaign (and only the campaign's files)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run(attack_tbfa.main, script(ckpt, tmp_path, "--pairs", "1:2", "--avgs", "1",
+                                        "--iters", "3", "--n-src", "5", "--overwrite")) == 0
+    records = JsonlResults(str(tmp_path / "results.jsonl")).records
+    assert len(records) == 1 and records[0]["n_src"] == 5
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "flags_mismatch", "class_out_of_range",
                                   "source_equals_target", "iters_zero", "set_too_large",
                                   "pinned_out_of_range", "pinned_overlap", "pinned_wrong_class",
-                                  "pinned_missing_file", "bad_pairs"])
+                                  "pinned_missing_file", "bad_pairs", "results_is_a_file",
+                                  "results_under_a_file", "sets_is_a_folder",
+                                  "save_sets_missing_folder", "save_sets_onto_folder",
+                                  "pinned_fractional", "pinned_repeated", "pairs_repeated",
+                                  "negative_seed", "negative_curve", "foreign_results",
+                                  "pinned_not_json", "pinned_pa_wrong"])
 def test_script_bad_input(case, digits_checkpoints, digits_test, tmp_path, capsys):
     ckpt = digits_checkpoints["vanilla"]
     labels = digits_test.labels
@@ -245,6 +257,13 @@ def test_script_bad_input(case, digits_checkpoints, digits_test, tmp_path, capsy
         return ["--sets", str(path)]
 
     base = {"source": 3, "target": 5, "src": src[:5], "rest": src[5:10], "aux": aux[:5]}
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    repeated = tmp_path / "repeated.json"
+    repeated.write_text(json.dumps({"experiments": [{**base, "rep": 0}, {**base, "rep": 0}]}))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.jsonl").write_text('{"id": 1, "value": 2}\n')
     cases = {
         "missing_ckpt": (["--checkpoint", str(tmp_path / "none.pth.tar")], "not found"),
         "flags_mismatch": (["--bits", "4"], "--bits 4"),
@@ -257,13 +276,30 @@ def test_script_bad_input(case, digits_checkpoints, digits_test, tmp_path, capsy
         "pinned_wrong_class": (pinned({**base, "src": aux[:3]}), "not the source class"),
         "pinned_missing_file": (["--sets", str(tmp_path / "nope.json")], "not found"),
         "bad_pairs": (["--pairs", "3-5"], "source:target"),
+        "results_is_a_file": (["--results", str(a_file)], "is a file"),
+        "results_under_a_file": (["--results", str(a_file / "r")], "is a file"),
+        "sets_is_a_folder": (["--sets", str(tmp_path)], "is a folder"),
+        "save_sets_missing_folder": (["--pairs", "3:5", "--save-sets",
+                                      str(tmp_path / "nowhere" / "s.json")], "does not exist"),
+        "save_sets_onto_folder": (["--pairs", "3:5", "--save-sets", str(tmp_path)],
+                                  "is a folder"),
+        "pinned_fractional": (pinned({**base, "aux": [aux[0] + 0.5]}), "integer"),
+        "pinned_repeated": (["--sets", str(repeated)], "repeats"),
+        "pairs_repeated": (["--pairs", "3:5,3:5"], "twice"),
+        "negative_seed": (["--pairs", "3:5", "--seed", "-1"], "--seed"),
+        "negative_curve": (["--pairs", "3:5", "--curve-every", "-1"], "--curve-every"),
+        "foreign_results": (["--pairs", "3:5", "--results", str(foreign)], "--overwrite"),
+        "pinned_not_json": (["--sets", str(a_file)], "not a pinned-sets file"),
+        "pinned_pa_wrong": (pinned({**base, "pa": aux[:3]}), "'pa'"),
     }
     extra, expected = cases[case]
     args = script(ckpt, tmp_path / "results", *extra)
     if case == "missing_ckpt":
         args = args[2:]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     rc = run(attack_tbfa.main, args)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
     assert expected.lower() in err.lower(), err
     assert not (tmp_path / "results").exists()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -159,7 +159,7 @@ def check_input_file(path: str, flag: str) -> None:
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: give the file inside it")
     if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
+        raise UserError(f"{flag} {path}: file not found")
     if not os.access(path, os.R_OK):
         raise UserError(f"{flag} {path}: no permission to read it")
 
