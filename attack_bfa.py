@@ -129,12 +129,20 @@ def check_numbers(args) -> None:
 
 
 def check_results_folder(results: str, overwrite: bool) -> None:
-    """A finished run's results are never replaced without ``--overwrite``."""
-    present = [f for f in RESULT_FILES if os.path.exists(os.path.join(results, f))]
-    if present and not overwrite:
-        raise UserError(f"--results {results} already holds an attack run "
-                        f"({', '.join(present)}): choose another --results folder, or add "
-                        f"--overwrite to replace it")
+    """A finished run's results (a ``summary.json`` of a run that was not interrupted) are
+    never replaced without ``--overwrite``; an interrupted or killed run's are."""
+    summary = os.path.join(results, "summary.json")
+    if overwrite or not os.path.exists(summary):
+        return
+    try:
+        with open(summary) as f:
+            stopped_by = json.load(f).get("stopped_by")
+    except (OSError, ValueError, AttributeError):
+        stopped_by = None
+    if stopped_by != "interrupted":
+        raise UserError(f"--results {results} already holds an attack run (summary.json, "
+                        f"stopped by {stopped_by or 'unknown'}): choose another --results "
+                        f"folder, or add --overwrite to replace it")
 
 
 def apply_defaults(args, dataset) -> None:
@@ -219,9 +227,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    # 2. The attack, recorded as it goes.
-    if args.overwrite:
-        clear_results_folder(results)
+    # 2. The attack, recorded as it goes (replacing an interrupted run, or with --overwrite).
+    clear_results_folder(results)
     os.makedirs(results, exist_ok=True)
     setup_logging(os.path.join(results, "attack.log"))
     config = target.config

@@ -177,6 +177,8 @@ def check_new_run_folder(outdir: str, overwrite: bool) -> None:
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(outdir, f))]
     if not present or overwrite:
         return
+    if not {"checkpoint.pth.tar", "model_best.pth.tar"} & set(present) and _own_args(outdir):
+        return  # a run of ours killed before its first epoch ended: nothing to lose
     detail = ", ".join(present)
     ckpt = os.path.join(outdir, "checkpoint.pth.tar")
     if os.path.exists(ckpt):
@@ -192,8 +194,17 @@ def check_new_run_folder(outdir: str, overwrite: bool) -> None:
                     f"replace it")
 
 
+def _own_args(outdir: str) -> bool:
+    try:
+        with open(os.path.join(outdir, "args.json")) as f:
+            return "model_config" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def clear_run_folder(outdir: str) -> None:
-    """``--overwrite``: remove what an earlier run wrote (and nothing else of the folder)."""
+    """Before a new run: remove what an earlier run wrote there (``--overwrite``, or a run of
+    ours that never finished an epoch), and nothing else of the folder."""
     for name in RUN_FILES:
         path = os.path.join(outdir, name)
         if os.path.exists(path):
@@ -336,7 +347,7 @@ def _main(args, explicit: set[str]) -> int:
 
     args.outdir = outdir
     train_model = wrap_for_training(model, device, args.compile)
-    if not same_run and args.overwrite and distributed.is_main():
+    if not same_run and distributed.is_main():  # what passed check_new_run_folder may go
         clear_run_folder(outdir)
     return train(args, model, output, config, dataset, optimizer, schedule, mixup,
                  train_loader, test_loader, start_epoch, best_acc, outdir, train_model,

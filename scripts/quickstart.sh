@@ -24,7 +24,8 @@ ATTACK="${ATTACK:-1}"
 TALBF_ATTACKS="${TALBF_ATTACKS:-5}"
 
 RECIPE=(--dataset digits --arch resnet20_quan --bits 8 -e "$EPOCHS" -b 64 --opt adam --lr 2e-3
-        --schedule cosine -wd 1e-4 --device "$DEVICE" --seed "$SEED" --no-progress)
+        --schedule cosine -wd 1e-4 --device "$DEVICE" --seed "$SEED" --no-progress
+        --overwrite)  # the demo trains afresh each time
 start=$(date +%s)
 
 echo "== 1/2  vanilla 8-bit ResNet-20 on digits =="
