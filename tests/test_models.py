@@ -98,24 +98,18 @@ def published_state_dict(model):
     return {"module." + k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_load_published_layout_resnet20_ocm():
-    torch.manual_seed(1)
-    src, _ = build_model(ModelConfig("resnet20_quan", 10, 8, "tanh", True, 16))
-    src.eval()
-    x = torch.randn(2, 3, 32, 32)
-    src(x)  # refresh step_size entries
-    sd = published_state_dict(src)
-    assert "module.linear.b_w" in sd and sd["module.linear.b_w"].shape == (8, 1)
-    dst, _ = build_model(ModelConfig("resnet20_quan", 10, 8, "tanh", True, 16))
-    load_weights(dst, sd)
-    dst.eval()
-    assert torch.equal(dst(x), src(x))
+# The public checkpoint layout against the public function: tests/test_conformance.py.
 
-
-def test_load_without_quant_entries():
-    src = get_model("resnet20_quan", 10)
+def test_load_without_quant_entries_computes_the_same():
+    """torchvision-style state dicts have no step_size / b_w: the step is recomputed from the
+    weights, so the loaded model computes what the source model computes."""
+    torch.manual_seed(2)
+    src = get_model("resnet20_quan", 10).eval()
     sd = {k: v for k, v in src.state_dict().items() if not k.endswith(("step_size", "b_w"))}
-    load_weights(get_model("resnet20_quan", 10), sd)
+    dst = load_weights(get_model("resnet20_quan", 10), sd).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
 
 
 def test_load_errors_are_explicit():
