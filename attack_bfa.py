@@ -122,7 +122,7 @@ def check_numbers(args) -> None:
     if args.max_bits_per_layer < 0:
         raise UserError(f"--max_bits_per_layer must be at least 1 (or 0: no bound), got "
                         f"{args.max_bits_per_layer}")
-    check_number(args.break_acc, "--break_acc", minimum=0, maximum=100)
+    check_number(args.break_acc, "--break_acc", maximum=100)  # negative: never stop early
     check_runtime_args(args)
     if args.results:
         check_output_dir(args.results, "--results")
