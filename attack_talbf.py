@@ -13,7 +13,10 @@ Examples:
   python attack_talbf.py --checkpoint runs/r20_ocm16/model_best.pth.tar --data_dir data
   python attack_talbf.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
       --bits 8 --ocm --code_length 16 --output_act tanh --attack_info cifar_attack_info.txt
-  python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar --n-attacks 10
+  python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar --n-attacks 10 \
+      --save-attacks attacks.jsonl     # the attacks with their D_aux, to repeat them exactly
+  python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar \
+      --attacks-file attacks.jsonl     # one JSON object per line: target, idx, aux_idx
   torchrun --nproc_per_node=4 attack_talbf.py --checkpoint ckpt.pth.tar --device cuda
       # the attacks shared among 4 GPUs; resume with any number of processes
 """
@@ -30,9 +33,11 @@ import torch
 from tqdm import tqdm
 
 from attacks.common import EvalSet
-from attacks.talbf import (TALBF, TALBFConfig, attack_list_digest, check_attack_info,
-                           format_attack_info, generate_attack_list, read_attack_info,
-                           run_campaign, summary_rows)
+from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
+                           check_attack_info, format_attack_info, generate_attack_list,
+                           items_from_pinned, read_attack_info, run_campaign, summary_rows,
+                           with_drawn_aux)
+from utils.attacks_file import check_attacks, read_attacks_file, write_attacks_file
 from utils.campaign import CampaignResults, start_campaign_folder
 from utils.distributed import cleanup, init_distributed, rank, world_size
 from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
@@ -90,6 +95,13 @@ def get_args_parser() -> argparse.ArgumentParser:
           "gamma runs per batch (0 = all of one k; speed only)")
     _flag(a, ["--k-batch", "--k_batch"], "k_batch", int, d.k_batch,
           "k values per batch (0 = all; speed only, >1 pays off on a GPU)")
+    a.add_argument("--numerics", choices=NUMERICS, default="public",
+                   help="floating-point behaviour: 'public' (default) as the public code: "
+                        "sphere projection and its dual in float64, a try whose target "
+                        "probability underflows in log(softmax) ends in NaN, success and "
+                        "PA-ACC decided by softmax + topk (OCM: 2 sigmoid(2z) - 1); "
+                        "'stable': float32, a log-softmax that never underflows, the model's "
+                        "own decoding")
     lst = p.add_argument_group("attack list")
     lst.add_argument("--attack_info", "--attack-info", default=None, metavar="FILE",
                      help="the public list format: one 'target_class test_index' per line "
@@ -101,6 +113,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="generate the list from correctly classified source samples only")
     lst.add_argument("--save-attack-info", default=None, metavar="FILE",
                      help="write the list used, in the public format")
+    lst.add_argument("--attacks-file", "--attacks_file", dest="attacks_file", default=None,
+                     metavar="FILE",
+                     help="attacks with pinned D_aux, run in file order: JSON lines, one "
+                          'object per attack, {"target": T, "idx": I, "aux_idx": [...]} '
+                          "(--n_aux test indices, in the order to use; the attacked image "
+                          "is appended after them). Replaces --attack_info and the generated "
+                          "list")
+    lst.add_argument("--save-attacks", "--save_attacks", dest="save_attacks", default=None,
+                     metavar="FILE",
+                     help="write the attacks of this run with their D_aux in the "
+                          "--attacks-file format, to repeat the run exactly")
     lst.add_argument("--results", default=None,
                      help="results folder (default: <checkpoint folder>/attack_talbf)")
     lst.add_argument("--test_batch", "-b", "--batch", dest="test_batch", type=int, default=500,
@@ -137,7 +160,7 @@ def talbf_config(args) -> TALBFConfig:
         elif v <= 0:
             what = {"init_k": "a bit budget k", "init_gamma": "a trade-off gamma"}.get(f, flag)
             raise UserError(f"{flag} must be positive ({what} of {v:g} makes no sense)")
-    return TALBFConfig(**values).validate()
+    return TALBFConfig(**values).with_numerics(getattr(args, "numerics", "public")).validate()
 
 
 def main(argv=None) -> int:
@@ -157,7 +180,24 @@ def _main(argv=None) -> int:
         raise UserError(f"--n-attacks must be at least 1, got {args.n_attacks}")
     if args.test_batch < 1:
         raise UserError(f"--test_batch must be at least 1, got {args.test_batch}")
-    info_text = None
+    info_text = pinned = None
+    if args.attacks_file:
+        if args.attack_info:
+            raise UserError("give either --attacks-file or --attack_info, not both")
+        if args.correct_only:
+            raise UserError("--correct-only selects sources of a generated list; it does not "
+                            "apply to --attacks-file")
+        try:
+            pinned = read_attacks_file(args.attacks_file, n_aux=cfg.n_aux)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    for flag, path in (("--save-attacks", args.save_attacks),
+                       ("--save-attack-info", args.save_attack_info)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
+        if path and os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; give a file name")
     if args.attack_info:
         try:
             with open(args.attack_info) as f:
@@ -189,7 +229,16 @@ def _main(argv=None) -> int:
 
     data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
     del images
-    if info_text is not None:
+    if pinned is not None:
+        try:
+            check_attacks(pinned, len(labels), labels, mcfg.num_classes,
+                          name=args.attacks_file)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        items = items_from_pinned(pinned)
+        items = items[:args.n_attacks] if args.n_attacks is not None else items
+        attack_list = {"attacks_file": os.path.abspath(args.attacks_file)}
+    elif info_text is not None:
         try:
             items = check_attack_info(entries, labels, mcfg.num_classes,
                                       name=args.attack_info)
@@ -198,7 +247,7 @@ def _main(argv=None) -> int:
         items = items[:args.n_attacks] if args.n_attacks is not None else items
         attack_list = {"file": os.path.abspath(args.attack_info)}
     attack = TALBF.from_model(target.model, target.output, data, cfg)  # features, once
-    if info_text is None:
+    if info_text is None and pinned is None:
         eligible = attack.clean_correct if args.correct_only else None
         try:
             items = generate_attack_list(labels, mcfg.num_classes, args.n_attacks or 1000,
@@ -222,6 +271,8 @@ def _main(argv=None) -> int:
     if args.save_attack_info and main_rank:
         with open(args.save_attack_info, "w") as f:
             f.write(format_attack_info(items))
+    if args.save_attacks and main_rank:
+        write_attacks_file(args.save_attacks, with_drawn_aux(attack, items, args.seed))
     results = CampaignResults(results_dir)  # this process's share when run under torchrun
     todo = results.share(items)
     log.info("TA-LBF on %s (%s, %d-bit%s): clean test accuracy %.2f%% (final layer on the cached "

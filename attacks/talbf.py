@@ -19,7 +19,21 @@ Everything runs as tensor code on the device of the cached features. The runs of
 its ``gamma`` values are independent: they run as one batched computation (a leading batch
 dimension), finished runs leave the batch, and once a run succeeds the runs after it in the
 published order are dropped (they cannot be the first success). Gradients are written out
-analytically (the layer is linear in ``b``) instead of going through autograd. Example::
+analytically (the layer is linear in ``b``) instead of going through autograd, term by term
+and in the public code's order of operations; by default the public code's floating-point
+behaviour is reproduced too (float64 sphere projection, NaN when the target probability
+underflows in ``log(softmax)``, its decoding: :class:`TALBFConfig`, ``numerics``).
+
+Runs that do not meet the stop test are chaotic once the penalties saturate (rho reaches its
+maximum near outer iteration 1318 with the defaults): a difference in the last float32 bit
+grows to O(0.1) in ``b`` within a few hundred iterations, so where such a run ends depends on
+the order of every floating-point operation and on the CPU's kernels, for the public code as
+for this one (the public code agrees with itself on 81 of 97 tries of the conformance runs
+when PyTorch's AVX2 kernels replace its AVX-512 ones; see tests/test_conformance_talbf.py).
+
+D_aux of an attack can be pinned (``aux`` of :meth:`TALBF.run`, ``AttackItem.aux``, the
+JSON-lines attacks file of :mod:`utils.attacks_file`); the attacked image is appended after
+D_aux in the order given, as the public code does. Example::
 
     from attacks.common import EvalSet
     from attacks.talbf import TALBF, TALBFConfig
@@ -38,7 +52,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -54,6 +68,9 @@ log = logging.getLogger(__name__)
 _NORM_FLOOR = 2.2204e-16
 # torch.nn.BCELoss clamps the denominator of its gradient at this value (see _bce_factor).
 _BCE_EPS = 1e-12
+# TALBFConfig fields of the public code's floating-point behaviour (TALBFConfig.with_numerics).
+NUMERICS_FIELDS = ("sphere_float64", "log_prob_nan", "public_decode")
+NUMERICS = ("public", "stable")
 
 
 @dataclass
@@ -74,8 +91,25 @@ class TALBFConfig:
       index exceeds ``min_ext_iters`` (*quirk*: the public test is ``ext_iter > 100``);
     - ``gamma_batch`` (0): how many gamma runs of one k share a batch (0 = all of them, 1 =
       one run at a time); ``k_batch`` (1): how many k values share a batch (0 = all; above 1
-      the whole gamma range of each k is batched). They change the speed, not the result:
-      runs after the first success in the search order are dropped.
+      the whole gamma range of each k is batched). They change the speed, and the rounding
+      of the batched matrix products: a run that meets the stop test ends the same way, one
+      that does not (NaN, or all ``ext_max_iters``) may end elsewhere, as on another CPU. Runs
+      after the first success in the search order are dropped.
+
+    The public code's floating-point behaviour (all on by default; ``numerics="stable"`` of
+    :meth:`with_numerics` turns all three off):
+
+    - ``sphere_float64``: the sphere projection y2 and its dual z2 are float64, as the public
+      code's NumPy projection promotes them (its shift vector ``1/2 * np.ones`` is float64); the
+      loss sees them rounded to float32, the z2 update and the stop test use float64;
+    - ``log_prob_nan``: the attacked sample's loss is ``-log(softmax(z)[t])`` in float32, as the
+      public code writes it: when the target probability underflows (``1/p`` overflows, p below
+      about 2**-128) its gradient is NaN and the run ends in NaN; otherwise the gradient is the
+      stable ``softmax - onehot`` (vanilla models only);
+    - ``public_decode``: predictions (success of x_s, PA-ACC, clean accuracy) as the public
+      TA-LBF script decides them: the top-1 of ``softmax(z)`` (``torch.topk``, its tie rule);
+      for OCM of ``softmax(log(relu((2 sigmoid(2z) - 1) . C^T) + 1e-6))``. Off: the model's own
+      decoding (``output.predict`` of tanh(z); ties to the lowest class).
     """
 
     init_k: float = 5.0
@@ -97,6 +131,9 @@ class TALBFConfig:
     min_ext_iters: int = 100
     gamma_batch: int = 0
     k_batch: int = 1
+    sphere_float64: bool = True
+    log_prob_nan: bool = True
+    public_decode: bool = True
 
     def validate(self) -> "TALBFConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -113,7 +150,25 @@ class TALBFConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if not self.stop_threshold >= 0:
             raise ValueError(f"stop_threshold must be >= 0, got {self.stop_threshold!r}")
+        for name in NUMERICS_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         return self
+
+    def with_numerics(self, numerics: str) -> "TALBFConfig":
+        """A copy with the floating-point behaviour ``"public"`` (the public code's, the
+        default) or ``"stable"`` (float32 throughout, a log-softmax that never underflows, the
+        model's own decoding)."""
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+        on = numerics == "public"
+        return replace(self, **{name: on for name in NUMERICS_FIELDS})
+
+    @property
+    def numerics(self) -> str:
+        """``public``, ``stable`` or ``mixed`` (see :meth:`with_numerics`)."""
+        flags = {getattr(self, name) for name in NUMERICS_FIELDS}
+        return "mixed" if len(flags) > 1 else ("public" if flags.pop() else "stable")
 
     def k_values(self) -> list[float]:
         """The bit budgets in search order: ``init_k * 2**i`` (public code: floats)."""
@@ -153,10 +208,11 @@ def project_box(x: torch.Tensor) -> torch.Tensor:
 def project_sphere(x: torch.Tensor) -> torch.Tensor:
     """Closest point of the sphere centred at (1/2, ..., 1/2) with radius sqrt(n)/2 (n = size of
     the last dimension), which holds every binary vector: ``1/2 + sqrt(n)/2 * v/||v||`` with
-    ``v = x - 1/2``."""
+    ``v = x - 1/2``, evaluated as the public code does, ``(n**0.5 * v) / (2 ||v||) + 1/2``, in
+    the dtype of ``x``."""
     v = x - 0.5
-    radius = math.sqrt(x.shape[-1]) / 2.0
-    return v * (radius / torch.linalg.vector_norm(v, dim=-1, keepdim=True)) + 0.5
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v.mul(x.shape[-1] ** 0.5).div_(2.0 * norm).add_(0.5)
 
 
 def project_positive(x: torch.Tensor) -> torch.Tensor:
@@ -248,6 +304,12 @@ class ADMMRun:
     bits: torch.Tensor | None = field(default=None, repr=False)      # rounded, [out, in, N]
     relaxed: torch.Tensor | None = field(default=None, repr=False)   # b before rounding, same
 
+    def summary(self) -> dict:
+        """The try as a record: ``k``, ``gamma``, ``status``, ``outer_iters``, ``success``,
+        ``n_flips`` (None for a NaN run)."""
+        return {"k": self.k, "gamma": self.gamma, "status": self.status,
+                "outer_iters": self.iters, "success": self.success, "n_flips": self.n_flips}
+
 
 @dataclass
 class TALBFResult:
@@ -264,9 +326,10 @@ class TALBFResult:
     outer_iters: int | None
     runs: int                  # runs of the search order decided (tried, in order)
     nan_runs: int              # of which failed with NaN
-    aux: list = field(default_factory=list)
+    aux: list = field(default_factory=list)     # D_aux in the order used (x_s after them)
     flips: list = field(default_factory=list)   # [row, col, bit] of every changed bit
     codes: torch.Tensor | None = field(default=None, repr=False)  # new integer codes
+    tries: list = field(default_factory=list)   # ADMMRun.summary() of every decided run
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "codes"}
@@ -322,9 +385,21 @@ class TALBF:
         return int(self.output.num_classes)
 
     def predict(self, features: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
-        """Classes of ``features`` with the model's own decoding rule (``output.predict``)."""
+        """Classes of ``features`` with the layer's ``codes`` (default: the clean ones): the
+        public TA-LBF script's decoding (``config.public_decode``, see :class:`TALBFConfig`)
+        or the model's own (``output.predict``)."""
         with torch.no_grad():
-            return self.output.predict(self.layer.outputs(features, codes))
+            if not self.config.public_decode:
+                return self.output.predict(self.layer.outputs(features, codes))
+            layer = self.layer
+            codes = layer.codes if codes is None else codes
+            z = F.linear(features, codes.to(features.dtype) * layer.step, layer.bias)
+            if self.ocm:
+                # 2 sigmoid(2z) - 1 is tanh(z), rounded otherwise (the public attack's form)
+                out = 2.0 * torch.sigmoid(2.0 * z) - 1.0
+                book = self.output.codebook.to(out)
+                z = torch.log(F.relu(torch.matmul(out, book.t())) + 1e-6)
+            return torch.softmax(z, dim=1).topk(1, dim=1).indices.view(-1)
 
     def clean_accuracy(self) -> float:
         """% of the test set the clean layer classifies correctly (on the cached features)."""
@@ -364,13 +439,14 @@ class TALBF:
         aux = aux.to(self.device)
         problem = _Problem(self, index, target, aux)
         order = cfg.search_order()
-        winner, decided, nan_runs = None, 0, 0
+        winner, decided, nan_runs, tries = None, 0, 0, []
         for start, end in cfg.batches():
             for r in self.admm(problem, order[start:end]):
                 if r.status == "skipped":  # only after a success
                     break
                 decided += 1
                 nan_runs += r.status == "nan"
+                tries.append(r.summary())
                 if r.success:
                     winner = r
                     break
@@ -382,14 +458,14 @@ class TALBF:
         pa_clean = _percent(self.clean_correct[keep])
         if winner is None:
             return TALBFResult(index, target, source, False, None, None, None, None, pa_clean,
-                               False, None, decided, nan_runs, aux.tolist())
+                               False, None, decided, nan_runs, aux.tolist(), tries=tries)
         codes = self.layer.codes_from_bits(winner.bits)
         pred = self.predict(self.features, codes)
         pa = _percent((pred == self.labels)[keep])
         changed = (winner.bits != self.layer.bits()).nonzero().tolist()
         return TALBFResult(index, target, source, True, winner.k, winner.gamma, winner.n_flips,
                            pa, pa_clean, winner.status == "converged", winner.iters, decided,
-                           nan_runs, aux.tolist(), changed, codes)
+                           nan_runs, aux.tolist(), changed, codes, tries)
 
     # -- lp-box ADMM, batched over runs --------------------------------------------------------
     def admm(self, problem: "_Problem", runs: list[tuple[float, float]]) -> list[ADMMRun]:
@@ -416,28 +492,29 @@ class TALBF:
         layer_bits = layer.bits()
         b = b0.expand(G, n).clone()
         z1 = torch.zeros(G, n, device=dev)
-        z2 = torch.zeros(G, n, device=dev)
+        # y2 and z2 in float64 with sphere_float64 (the public code's NumPy promotion)
+        sdt = torch.float64 if cfg.sphere_float64 else torch.float32
+        z2 = torch.zeros(G, n, device=dev, dtype=sdt)
         z3 = torch.zeros(G, device=dev)
         rho1, rho2, rho3 = cfg.rho1, cfg.rho2, cfg.rho3
         lr = cfg.inn_lr
         active = list(range(G))   # row r of the working tensors is run active[r]
         best = G                  # smallest index of a successful run so far
         for ext in range(cfg.ext_max_iters):
-            # Projections onto the box, the sphere and the positive slack (SPEC 8).
-            y1 = torch.add(b, z1, alpha=1.0 / rho1).clamp_(0.0, 1.0)
-            y2 = project_sphere(torch.add(b, z2, alpha=1.0 / rho2))
+            # Projections onto the box, the sphere and the positive slack (SPEC 8), each
+            # expression in the public code's order of operations.
+            y1 = (b + z1 / rho1).clamp_(0.0, 1.0)
+            y2 = project_sphere(b.to(sdt) + z2 / rho2)
+            y2f, z2f = y2.float(), z2.float()   # as the loss sees them (no copy in float32)
             d = b - b0
-            y3 = (ks - z3 / rho3 - _sqnorm(d)).clamp_(min=0.0)
+            y3 = (ks - _sqnorm(d) - z3 / rho3).clamp_(min=0.0)
             # Gradient steps on b with y, z, rho fixed. The augmented Lagrangian's gradient is
             #   dF/db + z1 + z2 + rho1 (b-y1) + rho2 (b-y2) + 2 (z3 + rho3 (|b-b0|^2-k+y3)) (b-b0)
-            # and a step b -= lr * grad is written as b*(1 - lr(rho1+rho2)) + c - lr*dF/db
-            # + cA*(b-b0) with c and cA fixed for the inner loop (cA also needs |b-b0|^2).
-            c = torch.add(z1, z2).add_(y1, alpha=-rho1).add_(y2, alpha=-rho2).mul_(-lr)
-            keep_b = 1.0 - lr * (rho1 + rho2)
-            cA0 = (-2.0 * lr) * (z3 + rho3 * (y3 - ks))           # [G]
+            # (dF/db analytic: the layer is linear in b).
+            zz = torch.add(z1, z2f)
+            A0 = z3 + rho3 * (y3 - ks)                                 # [G]
             for _ in range(cfg.inn_max_iters):
                 d = b - b0
-                cA = torch.add(cA0, _sqnorm(d), alpha=-2.0 * lr * rho3)
                 # W = step * (offset + sum_k b_k base[k]), as the integer layer computes it
                 W = torch.matmul(base, b.view(-1, nb, m)).view(-1, out_f, in_f)
                 if offset:
@@ -447,28 +524,35 @@ class TALBF:
                 # this size is much faster on the CPU, and dF/dW = dF/dz^T @ X needs no copy.
                 zt = torch.matmul(W, Xt).add_(bias)
                 gW = torch.matmul(problem.grad_zt(zt, roww, ycodew), X)   # [G, out, in]
-                new = torch.add(c, b, alpha=keep_b)
-                new.addcmul_(d, cA.unsqueeze(1))
-                new.view(-1, nb, m).addcmul_(gW.view(-1, 1, m), sbase_col, value=-lr)
-                b = new
+                # the gradient term by term, then b - lr * grad, as autograd and the public
+                # step compute it: each penalty acts on a difference (b - y), so near the
+                # fixed point the rounding error is relative to the step, not to b
+                A = torch.add(A0, _sqnorm(d), alpha=rho3).mul_(2.0)
+                g = zz.clone()
+                g.view(-1, nb, m).addcmul_(gW.view(-1, 1, m), sbase_col)
+                g.add_((b - y1).mul_(rho1))
+                g.add_((b - y2f).mul_(rho2))
+                g.add_(d.mul_(A.unsqueeze(1)))
+                b = b - g.mul_(lr)
             # Dual and penalty updates, then the stop rule (public order).
             # b.sum is NaN when b holds a NaN (or both infinities): an exact check only then.
             nan = ~torch.isfinite(b.sum(dim=1))
             d = b - b0
             r1 = b - y1
-            r2 = b - y2
-            z1.add_(r1, alpha=rho1)
-            z2.add_(r2, alpha=rho2)
+            r2 = b.to(sdt) - y2
+            z1.add_(r1 * rho1)
+            z2.add_(r2 * rho2)
             z3 = z3 + rho3 * (_sqnorm(d) - ks + y3)
             rho1 = min(cfg.rho_fact * rho1, cfg.max_rho1)
             rho2 = min(cfg.rho_fact * rho2, cfg.max_rho2)
             rho3 = min(cfg.rho_fact * rho3, cfg.max_rho3)
             last = ext == cfg.ext_max_iters - 1
             if ext > cfg.min_ext_iters:  # *quirk*: the public test is ``ext_iter > 100``
+                # max(|b-y1|, |b-y2|) / |b| <= threshold, each ratio in its own dtype
                 norm_b = torch.linalg.vector_norm(b, dim=1).clamp_(min=_NORM_FLOOR)
-                crit = torch.maximum(torch.linalg.vector_norm(r1, dim=1),
-                                     torch.linalg.vector_norm(r2, dim=1)) / norm_b
-                done = crit <= cfg.stop_threshold
+                done = ((torch.linalg.vector_norm(r1, dim=1) / norm_b <= cfg.stop_threshold)
+                        & (torch.linalg.vector_norm(r2, dim=1) / norm_b.to(sdt)
+                           <= cfg.stop_threshold))
                 flags = torch.stack([nan, done]).tolist()
             else:
                 flags = [nan.tolist(), [False] * len(active)]
@@ -528,6 +612,7 @@ class _Problem:
     def __init__(self, attack: TALBF, index: int, target: int, aux: torch.Tensor):
         self.target = int(target)
         self.ocm = attack.ocm
+        self.log_prob_nan = attack.config.log_prob_nan and not self.ocm
         rows = torch.cat([aux, torch.tensor([index], device=aux.device)])
         self.x = attack.features[rows]                                    # [B, in]
         self.x_s = self.x[-1:]
@@ -554,9 +639,11 @@ class _Problem:
     def grad_zt(self, zt: torch.Tensor, roww: torch.Tensor, ycodew: torch.Tensor) -> torch.Tensor:
         """dF/dz for the batch of transposed logits ``zt`` ``[G, out, B]`` (same layout).
 
-        Vanilla: ``-log softmax(z_s)[t] + gamma * CE(z_aux, y)`` gives ``w * (softmax(z) - y)``
-        (computed stably; the public code's ``log(softmax(.))`` would give inf/NaN when the
-        target probability underflows, ours does not).
+        Vanilla: ``-log softmax(z_s)[t] + gamma * CE(z_aux, y)`` gives ``w * (softmax(z) - y)``.
+        With ``log_prob_nan`` (the public code's ``-log(softmax(z_s))[t]`` in float32), a run
+        whose target probability p_t underflows so far that ``1/p_t`` overflows gets a NaN
+        gradient, as autograd gives the public code (``-1/p_t = -inf`` times ``p_t``): the run
+        ends in NaN at the end of that outer iteration. Without it, the gradient stays finite.
         OCM: ``BCE(sigmoid(2z), c)`` gives ``w * (p - c) * s / max(s, 1e-12)`` with
         ``s = p (1 - p)`` (*quirk*: ``torch.nn.BCELoss`` clamps its gradient's denominator at
         1e-12, so an output saturated in float32 passes no gradient, as in the public code).
@@ -565,7 +652,13 @@ class _Problem:
             p = torch.sigmoid(2.0 * zt)
             s = p * (1.0 - p)
             return (p * roww - ycodew) * (s / s.clamp(min=_BCE_EPS))
-        return torch.addcmul(-ycodew, torch.softmax(zt, dim=1), roww)
+        p = torch.softmax(zt, dim=1)
+        g = torch.addcmul(-ycodew, p, roww)
+        if self.log_prob_nan:
+            pt = p[:, self.target, -1]                                     # [G]
+            trap = torch.where(torch.isinf(pt.reciprocal()), float("nan"), 0.0)
+            g.add_(trap.view(-1, 1, 1))  # NaN for those runs, unchanged otherwise (no sync)
+        return g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,15 +667,37 @@ class _Problem:
 
 @dataclass(frozen=True)
 class AttackItem:
-    """One line of an attack list: its position, the target class and the test index."""
+    """One line of an attack list: its position, the target class, the test index and, when
+    pinned (an attacks file), D_aux in the order to use (``aux``; None: drawn per attack from
+    the campaign seed, :func:`aux_seed`)."""
 
     pos: int
     target: int
     index: int
+    aux: tuple[int, ...] | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.pos}-t{self.target}-i{self.index}"
+        """Unique within a campaign: the position, target and index, plus a digest of a pinned
+        D_aux (the same image with another D_aux is another attack)."""
+        key = f"{self.pos}-t{self.target}-i{self.index}"
+        if self.aux is not None:
+            key += "-a" + hashlib.sha256(",".join(map(str, self.aux)).encode()).hexdigest()[:8]
+        return key
+
+
+def items_from_pinned(attacks) -> list[AttackItem]:
+    """Attack items of :func:`utils.attacks_file.parse_attacks` output, in file order."""
+    return [AttackItem(pos, a.target, a.idx, tuple(a.aux_idx)) for pos, a in enumerate(attacks)]
+
+
+def with_drawn_aux(attack: "TALBF", items: list[AttackItem], seed: int) -> list[AttackItem]:
+    """``items`` with D_aux pinned: a pinned one kept, the others drawn as a campaign with
+    ``seed`` draws them (:func:`aux_seed`), so that saving them repeats the campaign exactly."""
+    return [it if it.aux is not None else
+            AttackItem(it.pos, it.target, it.index,
+                       tuple(attack.draw_aux(it.index, aux_seed(seed, it)).tolist()))
+            for it in items]
 
 
 def _as_int(text: str) -> int | None:
@@ -671,7 +786,11 @@ def format_attack_info(items: list[AttackItem]) -> str:
 
 
 def attack_list_digest(items: list[AttackItem]) -> str:
-    return hashlib.sha256(format_attack_info(items).encode()).hexdigest()
+    """SHA-256 of the list: of its public format, plus every pinned D_aux."""
+    text = format_attack_info(items)
+    if any(it.aux is not None for it in items):
+        text += "".join(f"{it.pos}:{','.join(map(str, it.aux or ()))}\n" for it in items)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def aux_seed(seed: int, item: AttackItem) -> int:
@@ -691,16 +810,18 @@ def run_campaign(attack: TALBF, items: list[AttackItem], results, seed: int,
     for item in items:
         if item.key in done:
             continue
-        s = aux_seed(seed, item)
+        s = aux_seed(seed, item) if item.aux is None else None
         t0 = time.time()
-        res = attack.run(item.index, item.target, seed=s)
+        aux = None if item.aux is None else torch.tensor(item.aux, dtype=torch.int64)
+        res = attack.run(item.index, item.target, aux=aux, seed=s or 0)
         record = {"key": item.key, "pos": item.pos, "target": item.target,
                   "index": item.index, "source": res.source, "success": res.success,
                   "asr": 100.0 if res.success else 0.0, "k": res.k, "gamma": res.gamma,
                   "n_flips": res.n_flips, "pa_acc": res.pa_acc, "pa_acc_clean": res.pa_acc_clean,
                   "converged": res.converged, "outer_iters": res.outer_iters,
                   "runs": res.runs, "nan_runs": res.nan_runs, "clean_acc": clean_acc,
-                  "aux_seed": s, "flips": res.flips, "seconds": round(time.time() - t0, 3)}
+                  "aux_seed": s, "aux_idx": res.aux, "flips": res.flips, "tries": res.tries,
+                  "seconds": round(time.time() - t0, 3)}
         results.append(record)
         new.append(record)
         if on_result is not None:
