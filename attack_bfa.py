@@ -1,4 +1,4 @@
-r"""Untargeted bit-flip attack (BFA) on a quantized model, or the random-flip baseline (SPEC 6).
+r"""Untargeted bit-flip attack (BFA) on a quantized model, or the random-flip baseline (docs/algorithms.md section 6).
 
 The attack batch is --attack_sample_size training images labelled with the model's own
 predictions. Each iteration flips the bit(s) the progressive bit search finds (or one random

@@ -1,4 +1,4 @@
-r"""Stealthy TA-LBF campaigns on a trained checkpoint (Bai et al., ICLR 2021; SPEC section 8).
+r"""Stealthy TA-LBF campaigns on a trained checkpoint (Bai et al., ICLR 2021; docs/algorithms.md section 8).
 
 Each attack flips bits of the final layer so that one test sample is classified as a target
 class, searching the bit budget k (5, 10, ... 6 values) and the trade-off gamma (100, 50, ...
@@ -40,8 +40,9 @@ from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
 from utils.attacks_file import check_attacks, read_attacks_file, write_attacks_file
 from utils.campaign import CampaignResults, start_campaign_folder
 from utils.distributed import cleanup, init_distributed, rank, world_size
-from utils.cli import (add_attack_model_args, add_runtime_args, device_spec, explicit_dests,
-                       load_attack_target, run)
+from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
+                       check_output_dir, check_output_file, check_runtime_args, device_spec,
+                       explicit_dests, load_attack_target, run)
 from utils.data import load_split_tensors
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -66,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
     d = TALBFConfig()
-    a = p.add_argument_group("TA-LBF search and lp-box ADMM (defaults: SPEC section 8)")
+    a = p.add_argument_group("TA-LBF search and lp-box ADMM (defaults: docs/algorithms.md section 8)")
     _flag(a, ["--init-k", "--init_k"], "init_k", float, d.init_k, "first bit budget k")
     _flag(a, ["--init-lam", "--init_lam", "--init-gamma", "--init_gamma"], "init_gamma", float,
           d.init_gamma, "first trade-off gamma (lambda in the public code)")
@@ -124,6 +125,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      metavar="FILE",
                      help="write the attacks of this run with their D_aux in the "
                           "--attacks-file format, to repeat the run exactly")
+    lst.add_argument("--overwrite", action="store_true",
+                     help="replace the results already in --results (a campaign with other "
+                          "settings, or files of another tool) instead of refusing the folder")
     lst.add_argument("--results", default=None,
                      help="results folder (default: <checkpoint folder>/attack_talbf)")
     lst.add_argument("--test_batch", "-b", "--batch", dest="test_batch", type=int, default=500,
@@ -176,10 +180,18 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     explicit = explicit_dests(parser, argv)
     cfg = talbf_config(args)
-    if args.n_attacks is not None and args.n_attacks < 1:
-        raise UserError(f"--n-attacks must be at least 1, got {args.n_attacks}")
-    if args.test_batch < 1:
-        raise UserError(f"--test_batch must be at least 1, got {args.test_batch}")
+    check_number(args.n_attacks, "--n-attacks", minimum=1)
+    check_number(args.test_batch, "--test_batch", minimum=1)
+    check_runtime_args(args)
+    for flag, path in (("--attacks-file", args.attacks_file), ("--attack_info", args.attack_info)):
+        if path:
+            check_input_file(path, flag)
+    for flag, path in (("--save-attacks", args.save_attacks),
+                       ("--save-attack-info", args.save_attack_info)):
+        if path:
+            check_output_file(path, flag)
+    if args.results:
+        check_output_dir(args.results, "--results")
     info_text = pinned = None
     if args.attacks_file:
         if args.attack_info:
@@ -264,10 +276,11 @@ def _main(argv=None) -> int:
     campaign = {"source": target.source, "dataset": info.name, "config": mcfg.to_dict(),
                 "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
                 "seed": args.seed, "attack_list": attack_list}
-    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS)
+    check_output_dir(results_dir, "--results")
+    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
 
     # Everything is valid: from here on, files are written.
-    main_rank = start_campaign_folder(results_dir, campaign_file, campaign)
+    main_rank = start_campaign_folder(results_dir, campaign_file, campaign, args.overwrite)
     if args.save_attack_info and main_rank:
         with open(args.save_attack_info, "w") as f:
             f.write(format_attack_info(items))

@@ -1,4 +1,4 @@
-"""Untargeted bit-flip attack (BFA) and the random-flip baseline (SPEC sections 5 and 6).
+"""Untargeted bit-flip attack (BFA) and the random-flip baseline (docs/algorithms.md sections 5 and 6).
 
 - Rakin, He, Fan, "Bit-Flip Attack: Crushing Neural Network with Progressive Bit Search",
   ICCV 2019 (the progressive bit search);
@@ -106,7 +106,7 @@ PROFILE_FIELDS = ("iteration", "flip", "layer", "index", "bit", "before", "after
 
 @dataclass
 class ProfileRow:
-    """One flipped bit of the attack profile (SPEC section 6).
+    """One flipped bit of the attack profile (docs/algorithms.md section 6).
 
     ``accuracy``, ``loss`` and ``hamming`` are measured after the whole iteration, so the rows
     of one multi-bit iteration share them (as in the public code).
@@ -116,7 +116,7 @@ class ProfileRow:
     flip: int             # running count of flipped bits (the public code's "bit-flip idx")
     layer: str            # module name of the quantized layer
     index: int            # flat index of the weight in that layer
-    bit: int              # flipped bit, 0 = MSB (SPEC section 1)
+    bit: int              # flipped bit, 0 = MSB (docs/algorithms.md section 1)
     before: int           # integer code before the flip
     after: int            # integer code after the flip
     accuracy: float       # test accuracy (%) after the iteration
@@ -192,7 +192,7 @@ class _FlipAttack:
 
     @torch.no_grad()  # not inference_mode: the labels enter the autograd graph of the search
     def label(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's own predictions: the attack batch's labels (no label leak, SPEC 6)."""
+        """The model's own predictions: the attack batch's labels (no label leak, docs/algorithms.md section 6)."""
         self.model.eval()
         return self.output.predict(self.model(x))
 
@@ -273,7 +273,7 @@ class _FlipAttack:
 
 
 class BFA(_FlipAttack):
-    """Untargeted bit-flip attack with progressive bit search (SPEC sections 5 and 6).
+    """Untargeted bit-flip attack with progressive bit search (docs/algorithms.md sections 5 and 6).
 
     Rakin et al., ICCV 2019; He et al., CVPR 2020. Each iteration backpropagates the attack
     loss on the attack batch, lets every quantized layer propose the bit with the largest
@@ -331,7 +331,7 @@ class BFA(_FlipAttack):
 
 
 class RandomFlips(_FlipAttack):
-    """Random-flip baseline (He et al., CVPR 2020; SPEC section 6): each iteration flips one
+    """Random-flip baseline (He et al., CVPR 2020; docs/algorithms.md section 6): each iteration flips one
     bit chosen uniformly (a quantized layer, a weight in it, a bit), reported like :class:`BFA`.
 
     Args:

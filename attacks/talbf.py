@@ -1,6 +1,6 @@
 """Stealthy TA-LBF (Bai et al., "Targeted attack against deep neural networks via flipping
 limited weight bits", ICLR 2021), with the OCM paper's reformulation (supplement section 3);
-SPEC section 8.
+docs/algorithms.md section 8.
 
 One test sample ``x_s`` (true class ``s``) is pushed to a target class ``t`` by changing bits of
 the final layer only, under a budget of ``k`` flipped bits. The bits of the final layer are
@@ -75,7 +75,7 @@ NUMERICS = ("public", "stable")
 
 @dataclass
 class TALBFConfig:
-    """Every constant of SPEC section 8 (defaults: the public implementations' values).
+    """Every constant of docs/algorithms.md section 8 (defaults: the public implementations' values).
 
     - ``init_k`` (5): first bit budget; doubled ``max_search_k`` (6) times at most;
     - ``init_gamma`` (100): first trade-off gamma (``--init-lam``); halved, ``max_search_gamma``
@@ -197,7 +197,7 @@ class TALBFConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# lp-box projections (Wu & Ghanem; SPEC section 8), along the last dimension
+# lp-box projections (Wu & Ghanem; docs/algorithms.md section 8), along the last dimension
 # ---------------------------------------------------------------------------------------------
 
 def project_box(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +274,7 @@ class FinalLayer:
 @torch.inference_mode()
 def compute_features(model: nn.Module, data, batch_size: int | None = None) -> torch.Tensor:
     """Penultimate features of every sample of ``data`` (an :class:`attacks.common.EvalSet`),
-    computed once with the integer model in eval mode (SPEC section 8)."""
+    computed once with the integer model in eval mode (docs/algorithms.md section 8)."""
     model.eval()
     bs = batch_size or data.batch_size
     out = [model.forward_features(data.inputs(slice(i, i + bs))).float()
@@ -341,7 +341,7 @@ class TALBFResult:
 # ---------------------------------------------------------------------------------------------
 
 class TALBF:
-    """Stealthy TA-LBF on the final layer (see module docstring; SPEC section 8).
+    """Stealthy TA-LBF on the final layer (see module docstring; docs/algorithms.md section 8).
 
     ``features``: penultimate features of the whole test set ``[N, in]`` (see
     :func:`compute_features`), ``labels`` their classes; ``layer``: the attacked
@@ -501,7 +501,7 @@ class TALBF:
         active = list(range(G))   # row r of the working tensors is run active[r]
         best = G                  # smallest index of a successful run so far
         for ext in range(cfg.ext_max_iters):
-            # Projections onto the box, the sphere and the positive slack (SPEC 8), each
+            # Projections onto the box, the sphere and the positive slack (docs/algorithms.md section 8), each
             # expression in the public code's order of operations.
             y1 = (b + z1 / rho1).clamp_(0.0, 1.0)
             y2 = project_sphere(b.to(sdt) + z2 / rho2)
@@ -662,7 +662,7 @@ class _Problem:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attack lists (SPEC section 8 protocol) and campaigns
+# Attack lists (docs/algorithms.md section 8 protocol) and campaigns
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -758,7 +758,7 @@ def parse_attack_info(text: str, labels: torch.Tensor, num_classes: int,
 
 def generate_attack_list(labels: torch.Tensor, num_classes: int, n_attacks: int,
                          seed: int, eligible: torch.Tensor | None = None) -> list[AttackItem]:
-    """The protocol's list (SPEC section 8): attack ``i`` targets class ``i mod C``; the sources
+    """The protocol's list (docs/algorithms.md section 8): attack ``i`` targets class ``i mod C``; the sources
     of each target are distinct test samples of other classes, drawn from a permutation seeded
     by ``(seed, target)``. Every class is the target equally often when ``n_attacks`` is a
     multiple of C, and a shorter list is a prefix of a longer one (a campaign can be extended).
@@ -833,7 +833,7 @@ SUMMARY_METRICS = ["pa_acc", "n_flips", "pa_acc_clean", "k", "gamma", "outer_ite
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
-    """ASR over every attack; the other metrics averaged over the successful ones (SPEC 8)."""
+    """ASR over every attack; the other metrics averaged over the successful ones (docs/algorithms.md section 8)."""
     from utils.results import mean_std, summarize
 
     m, s = mean_std([r["asr"] for r in records])

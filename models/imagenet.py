@@ -1,4 +1,4 @@
-"""ImageNet networks built on torchvision's definitions with quantized layers (SPEC section 2).
+"""ImageNet networks built on torchvision's definitions with quantized layers (docs/algorithms.md section 2).
 
 torchvision's ResNet and MobileNet-V2 are subclassed and every Conv2d/Linear is swapped for its
 quantized twin, so the state-dict names stay torchvision's, except the ResNet classifier, which

@@ -1,4 +1,4 @@
-"""Loading state dicts written in other layouts into the registry's models (SPEC section 2).
+"""Loading state dicts written in other layouts into the registry's models (docs/algorithms.md section 2).
 
 Accepts
 

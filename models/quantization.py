@@ -1,4 +1,4 @@
-"""Quantized Conv2d and Linear layers (SPEC section 1).
+"""Quantized Conv2d and Linear layers (docs/algorithms.md section 1).
 
 Every Conv2d and Linear of a model is one of these. A layer has two modes:
 
@@ -52,7 +52,7 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, step, half_lvls):
         # One new tensor and three in-place passes. round(clamp(v)) == clamp(round(v)) because
-        # the bounds are integers, so the codes are those of SPEC section 1 bit for bit.
+        # the bounds are integers, so the codes are those of docs/algorithms.md section 1 bit for bit.
         return torch.div(weight, step).round_().clamp_(-half_lvls, half_lvls).mul_(step)
 
     @staticmethod
@@ -214,7 +214,7 @@ class QuantLayer:
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
-    """``nn.Conv2d`` with N-bit weights (SPEC section 1); same arguments plus ``n_bits``."""
+    """``nn.Conv2d`` with N-bit weights (docs/algorithms.md section 1); same arguments plus ``n_bits``."""
 
     def __init__(self, *args, n_bits: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
@@ -225,7 +225,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 
 
 class QuantLinear(QuantLayer, nn.Linear):
-    """``nn.Linear`` with N-bit weights (SPEC section 1); same arguments plus ``n_bits``."""
+    """``nn.Linear`` with N-bit weights (docs/algorithms.md section 1); same arguments plus ``n_bits``."""
 
     def __init__(self, *args, n_bits: int = 8, **kwargs):
         super().__init__(*args, **kwargs)
@@ -241,7 +241,7 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
 
 
 def to_integer(model: nn.Module) -> nn.Module:
-    """Put every quantized layer of ``model`` in integer mode (SPEC section 1); returns it."""
+    """Put every quantized layer of ``model`` in integer mode (docs/algorithms.md section 1); returns it."""
     for _, layer in quant_layers(model):
         layer.to_integer()
     return model

@@ -1,4 +1,4 @@
-"""Model registry: ``--arch`` names to constructors (SPEC section 2).
+"""Model registry: ``--arch`` names to constructors (docs/algorithms.md section 2).
 
 Every entry builds a network from ``(num_outputs, n_bits, output_act)``; variants of a family
 are registered as parameters of one class, never as copies. Like torchvision's

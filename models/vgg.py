@@ -1,4 +1,4 @@
-"""VGG with BatchNorm for CIFAR-sized inputs, quantized (SPEC section 2: ``vgg11_bn_quan``).
+"""VGG with BatchNorm for CIFAR-sized inputs, quantized (docs/algorithms.md section 2: ``vgg11_bn_quan``).
 
 ``layout="public"`` (the default) is the BFA repository's ``vgg11_bn_quan``
 (elliothe/BFA ``models/quan_vgg_cifar.py``), with its state-dict names:

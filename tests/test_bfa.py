@@ -1,4 +1,4 @@
-"""Untargeted BFA and the random-flip baseline (SPEC sections 5 and 6): the library API on a
+"""Untargeted BFA and the random-flip baseline (docs/algorithms.md sections 5 and 6): the library API on a
 small untrained ResNet-20, and attack_bfa.py end to end on tiny CIFAR-format data."""
 
 import csv
@@ -114,7 +114,7 @@ def test_k_top_restricts_candidates_to_largest_gradients():
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-bit retry (SPEC 6): when no single flip raises the loss, 2, 3, ... bits per layer
+# Multi-bit retry (docs/algorithms.md section 6): when no single flip raises the loss, 2, 3, ... bits per layer
 # ---------------------------------------------------------------------------------------------
 
 def test_search_retries_with_more_bits_while_nothing_improves():
@@ -216,7 +216,7 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------
-# Random flips: uniform over layers, weights within a layer, and bits (SPEC 6)
+# Random flips: uniform over layers, weights within a layer, and bits (docs/algorithms.md section 6)
 # ---------------------------------------------------------------------------------------------
 
 # Chi-square critical values at p = 0.001 for 7, 9 and 19 degrees of freedom.

@@ -1,4 +1,4 @@
-"""Registry (SPEC section 2): every architecture builds, trains, and loads published layouts."""
+"""Registry (docs/algorithms.md section 2): every architecture builds, trains, and loads published layouts."""
 
 import pytest
 import torch

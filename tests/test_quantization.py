@@ -1,4 +1,4 @@
-"""Quantized layers (SPEC section 1): values, STE, integer mode, bit flips, binarization."""
+"""Quantized layers (docs/algorithms.md section 1): values, STE, integer mode, bit flips, binarization."""
 
 import pytest
 import torch

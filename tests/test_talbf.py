@@ -1,4 +1,4 @@
-"""Stealthy TA-LBF (SPEC section 8): projections, the relaxed layer, the ADMM against an
+"""Stealthy TA-LBF (docs/algorithms.md section 8): projections, the relaxed layer, the ADMM against an
 autograd reference, the search, NaN handling, campaigns, resume, the script and the bench."""
 
 import copy
@@ -137,7 +137,7 @@ def test_relaxed_bits_reconstruct_the_integer_layer(name, targets, digits_test):
 @pytest.mark.parametrize("name", ["vanilla", "ocm16"])
 def test_admm_matches_autograd_reference(name, penalties, targets):
     """Our batched ADMM with analytic gradients against the obvious autograd implementation
-    (bench/bench_talbf.py) of the SPEC's augmented Lagrangian, loss of each model kind
+    (bench/bench_talbf.py) of the augmented Lagrangian (docs/algorithms.md section 8), loss of each model kind
     (cross-entropy; BCE through sigmoid(2z) for OCM), for a few outer iterations; with large
     penalties the box, sphere and budget terms and the dual updates weigh in from the start."""
     bench = load_bench()

@@ -1,4 +1,4 @@
-"""Bit-flip search shared by the attacks (SPEC section 5).
+"""Bit-flip search shared by the attacks (docs/algorithms.md section 5).
 
 All functions act on a model in integer mode (:func:`models.to_integer`) whose quantized weight
 parameters hold the integer codes ``q``; their ``.grad`` is then ``dLoss/dq``.
@@ -75,7 +75,7 @@ class SearchStep:
 
 
 def first_order_change(codes: torch.Tensor, grad: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """``[numel, N]`` first-order loss change of flipping each bit of each weight (SPEC 5)."""
+    """``[numel, N]`` first-order loss change of flipping each bit of each weight (docs/algorithms.md section 5)."""
     b = bitlib.int_to_bits(codes.reshape(-1), n_bits).to(grad.dtype)
     base = bitlib.bit_values(n_bits, dtype=grad.dtype, device=grad.device)
     return (1.0 - 2.0 * b) * base * grad.reshape(-1, 1)
@@ -169,14 +169,14 @@ class AttackLoss:
 
 
 class ProgressiveBitSearch:
-    """Progressive bit search (Rakin et al., ICCV 2019; SPEC section 5).
+    """Progressive bit search (Rakin et al., ICCV 2019; docs/algorithms.md section 5).
 
     One :meth:`step`: (1) backward of the gradient loss; (2) for each quantized layer apply its
     candidate flip, score the attack loss (forward only), undo it; (3) keep the flip of the best
     layer (highest loss for ``MAXIMIZE``, lowest for ``MINIMIZE``; the first such layer on a
     tie; a NaN loss never wins unless every layer's is NaN).
 
-    ``multi_bit_retry`` (BFA, SPEC section 6): when no layer's candidate improves on the current
+    ``multi_bit_retry`` (BFA, docs/algorithms.md section 6): when no layer's candidate improves on the current
     loss, retry with the top-2 bits per layer flipped together, then 3, ... up to
     ``max_bits_per_layer`` (then the best found is kept). ``max_bits_per_layer=None`` retries
     without a bound, as the public BFA code, until the loss improves or every layer already
@@ -353,7 +353,7 @@ class ProgressiveBitSearch:
 
 
 def random_flip(model: nn.Module, generator: torch.Generator) -> Flip:
-    """Flip one bit chosen uniformly: a quantized layer, a weight in it, a bit (SPEC 6)."""
+    """Flip one bit chosen uniformly: a quantized layer, a weight in it, a bit (docs/algorithms.md section 6)."""
     layers = quant_layers(model)
     i = int(torch.randint(len(layers), (1,), generator=generator))
     name, layer = layers[i]

@@ -1,4 +1,4 @@
-"""Piecewise weight clustering (He et al., CVPR 2020; SPEC section 4).
+"""Piecewise weight clustering (He et al., CVPR 2020; docs/algorithms.md section 4).
 
 ``lambda * sum_layers [ sum_{w>=0} (w - mean(W+))^p + sum_{w<=0} (w - mean(W-))^p ]``, ``p = 2``,
 over the float weights of every convolution and linear layer, as the public code computes it
