@@ -581,7 +581,7 @@ def test_script_bad_input(case, digits_checkpoints, digits_test, tmp_path, capsy
         "missing_ckpt": (["--checkpoint", str(tmp_path / "none.pth.tar")], "not found"),
         "flags_mismatch": (["--bits", "4"], "--bits 4"),
         "attacks_missing": (["--attacks-file", str(tmp_path / "none.jsonl")],
-                            "attacks file not found"),
+                            "none.jsonl: file not found"),
         "attacks_bad_json": (pinned(pinned_line(other, 4, aux), "{oops"), "line 2 is not valid"),
         "attacks_index_range": (pinned(pinned_line(other, 100000, aux)),
                                 "idx 100000 is outside the test set"),

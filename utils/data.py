@@ -56,24 +56,24 @@ class DatasetInfo:
     mean: tuple  # per-channel, in [0, 1] pixel units
     std: tuple
     image_size: int  # 32 or 224
-    hflip: bool  # horizontal-flip augmentation (digits are not flip-symmetric)
+    hflip: bool  # horizontal-flip augmentation
     in_memory: bool  # True: one uint8 tensor; False: image folders
 
 
-# Digits statistics: mean/std over all pixels of the uint8 training split (1437 images, 32x32,
-# replicated to 3 channels) in [0, 1] units; tests/test_data.py recomputes and checks them.
-_DIGITS_MEAN = 0.3054
-_DIGITS_STD = 0.3237
+# Digits are read as the public code read them (the conformance material of docs/algorithms.md
+# section 10): written in CIFAR-10 format and loaded as CIFAR-10, i.e. CIFAR-10's normalization
+# and augmentation (random crop and horizontal flip), so a checkpoint the public code trained on
+# them evaluates here exactly as it did there.
+_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR10_STD = (0.247, 0.243, 0.261)
 
 DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
-                           32, True, True),
+    "cifar10": DatasetInfo("cifar10", 10, _CIFAR10_MEAN, _CIFAR10_STD, 32, True, True),
     "cifar100": DatasetInfo("cifar100", 100, (0.5071, 0.4867, 0.4408), (0.267, 0.256, 0.276),
                             32, True, True),
     "imagenet": DatasetInfo("imagenet", 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                             224, True, False),
-    "digits": DatasetInfo("digits", 10, (_DIGITS_MEAN,) * 3, (_DIGITS_STD,) * 3,
-                          32, False, True),
+    "digits": DatasetInfo("digits", 10, _CIFAR10_MEAN, _CIFAR10_STD, 32, True, True),
 }
 
 
@@ -217,18 +217,33 @@ def _read_cifar_pickle(path: str, label_key: bytes, num_classes: int, pretty: st
 
 
 def _load_digits():
-    """sklearn's 8x8 digits as uint8 [N,3,32,32] with a fixed stratified 80/20 split."""
+    """sklearn's 8x8 digits as uint8 [N,3,32,32], laid out exactly as the public code read them.
+
+    Each 8x8 image is scaled to 0..255 (``round(v * 255 / 16)``), upscaled to 32x32 by nearest
+    neighbour (each pixel a 4x4 block) and replicated to RGB. Split inside each class with one
+    ``numpy.random.RandomState(0)``: per class in label order a permutation of its indices, the
+    first ``round(0.2 n)`` to the test set and the rest to the training set; then the training
+    and the test set are each shuffled by a further permutation of the same stream (train
+    first). 1438 train / 359 test images, in the order of the CIFAR-10 files of the conformance
+    material (docs/algorithms.md section 10), so test-set positions mean the same images.
+    """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # [N,1,8,8] in [0,1]
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-    x = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.from_numpy(d.target).long()
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
-    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    pixels = np.round(d.images * 255.0 / 16.0).astype(np.uint8)  # [N, 8, 8]
+    pixels = pixels.repeat(4, axis=1).repeat(4, axis=2)  # nearest-neighbour 32x32
+    x = torch.from_numpy(np.ascontiguousarray(np.stack([pixels] * 3, axis=1)))
+    y = torch.from_numpy(d.target.astype(np.int64))
+    rs = np.random.RandomState(0)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        members = rs.permutation(np.flatnonzero(d.target == c))
+        n_test = int(round(0.2 * len(members)))
+        test_idx.extend(members[:n_test])
+        train_idx.extend(members[n_test:])
+    train_idx = np.asarray(train_idx)[rs.permutation(len(train_idx))]
+    test_idx = np.asarray(test_idx)[rs.permutation(len(test_idx))]
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     return x[tr], y[tr], x[te], y[te]
 
 
