@@ -8,7 +8,7 @@
 # the figures into $OUT/report.
 #
 # Short recipe (as scripts/quickstart.sh): Adam lr 2e-3, cosine schedule, batch 64, weight
-# decay 1e-4. The numbers are a plumbing check, not the paper's: digits has 360 test images
+# decay 1e-4. The numbers are a plumbing check, not the paper's: digits has 359 test images
 # (|D_src| = |D_aux| = 17), and the models train for a few epochs.
 #
 # Usage: bash scripts/paper_smoke.sh            (from any directory)
