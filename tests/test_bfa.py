@@ -461,23 +461,19 @@ def test_attack_bfa_bad_input(case, data_dir, checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bfa_breaks_a_trained_model_where_random_flips_do_not(tmp_path):
-    """A ResNet-20 trained 2 epochs on digits (~95 %): 5 BFA flips take it near chance, 5
-    random flips barely move it (the papers' headline contrast). About 25 s."""
-    import main
-
-    out = tmp_path / "digits"
-    assert run(main.main, ["--dataset", "digits", "--arch", "resnet20_quan", "-b", "64",
-                           "--opt", "adam", "--lr", "2e-3", "--schedule", "cosine", "-e", "2",
-                           "--outdir", str(out), "--device", "cpu", "--no-progress"]) == 0
+def test_bfa_breaks_a_trained_model_where_random_flips_do_not(digits_checkpoints, tmp_path):
+    """The public code's vanilla ResNet-20 on digits (98.9 %): 10 BFA flips (64 attack images)
+    cost it over 40 points (51.8 measured), 10 random flips barely move it (the papers' headline
+    contrast). About 40 s."""
+    checkpoint = digits_checkpoints["vanilla"]
     summaries = {}
     for name, extra in (("bfa", []), ("random", ["--random_bfa"])):
         results = tmp_path / name
-        assert run(attack_bfa.main, ["--checkpoint", str(out / "model_best.pth.tar"),
-                                     "--n_iter", "5", "--attack_sample_size", "32",
+        assert run(attack_bfa.main, ["--checkpoint", checkpoint,
+                                     "--n_iter", "10", "--attack_sample_size", "64",
                                      "--results", str(results), *COMMON[:3], *extra]) == 0
         summaries[name] = json.loads((results / "summary.json").read_text())
     bfa, rnd = summaries["bfa"], summaries["random"]
-    assert bfa["clean_accuracy"] > 80
-    assert bfa["accuracy_drop"] > 50 and bfa["final_loss"] > 10 * bfa["clean_loss"]
-    assert rnd["accuracy_drop"] < 20
+    assert bfa["clean_accuracy"] > 95
+    assert bfa["accuracy_drop"] > 40 and bfa["final_loss"] > 10 * bfa["clean_loss"]
+    assert rnd["accuracy_drop"] < 5

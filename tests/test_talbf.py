@@ -159,7 +159,7 @@ def test_admm_matches_autograd_reference(name, penalties, targets):
             (run_.relaxed - ref["relaxed"]).abs().max()
 
 
-@pytest.mark.parametrize("name,index,target", [("vanilla", 10, 7), ("ocm16", 5, 2)])
+@pytest.mark.parametrize("name,index,target", [("vanilla", 10, 7), ("ocm16", 1, 4)])
 def test_attack_succeeds_and_reports_its_flips(name, index, target, targets, digits_test):
     model, output, attack = targets[name]
     if name == "ocm16":
@@ -190,12 +190,12 @@ def test_attack_succeeds_and_reports_its_flips(name, index, target, targets, dig
         digits_test.accuracy(model, output, keep.nonzero().view(-1)), abs=1e-4)
 
 
-@pytest.mark.parametrize("name,index,target", [("vanilla", 0, 3), ("ocm16", 5, 2)])
+@pytest.mark.parametrize("name,index,target", [("vanilla", 0, 3), ("ocm16", 1, 4)])
 def test_batched_over_gamma_equals_sequential(name, index, target, targets):
     _, _, attack = targets[name]
-    aux = attack.draw_aux(index, seed=0)
-    # OCM: the k that wins under OCM_SLOW (about 3 s per config; every FAST run fails here)
-    extra = {**OCM_SLOW, "init_k": 40.0, "max_search_k": 1} if name == "ocm16" else {}
+    aux = attack.draw_aux(index, seed=index)
+    # OCM: the k that wins under OCM_SLOW (about 10 s per config; every FAST run fails here)
+    extra = {**OCM_SLOW, "init_k": 20.0, "max_search_k": 1} if name == "ocm16" else {}
     results = [with_config(attack, **extra, **cfg).run(index, target, aux=aux)
                for cfg in ({}, {"gamma_batch": 1}, {"k_batch": 0})]
     first = results[0]
