@@ -34,10 +34,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from attacks.bfa import BFA, PROFILE_FIELDS, RandomFlips
 from attacks.common import EvalSet
 from utils.cli import (add_attack_model_args, add_runtime_args, check_number, check_output_dir,
-                       check_runtime_args, device_spec, explicit_dests, load_attack_target, run,
+                       check_runtime_args, runtime_device, explicit_dests, load_attack_target, run,
                        setup_logging)
 from utils.data import load_split_tensors
-from utils.device import resolve_device
 from utils.errors import UserError
 
 log = logging.getLogger("attack_bfa")
@@ -190,7 +189,7 @@ def main(argv=None) -> int:
 
     # 1. Everything that can be wrong, checked before the results folder exists.
     check_numbers(args)
-    device = resolve_device(device_spec(args))
+    device = runtime_device(args)
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
     dataset = target.dataset
@@ -333,5 +332,10 @@ def print_summary(args, result, results) -> None:
         log.info("%s", line)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pip install -e .``)."""
     sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -41,10 +41,9 @@ from utils.attacks_file import check_attacks, read_attacks_file, write_attacks_f
 from utils.campaign import CampaignResults, start_campaign_folder
 from utils.distributed import cleanup, init_distributed, rank, world_size
 from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
-                       check_output_dir, check_output_file, check_runtime_args, device_spec,
+                       check_output_dir, check_output_file, check_runtime_args, runtime_device,
                        explicit_dests, load_attack_target, run)
 from utils.data import load_split_tensors
-from utils.device import resolve_device
 from utils.errors import UserError
 from utils.results import (check_campaign, default_results_dir, format_table,
                            write_csv)
@@ -226,7 +225,7 @@ def _main(argv=None) -> int:
         if args.correct_only:
             raise UserError("--correct-only selects sources of a generated list; it does not "
                             "apply to --attack_info")
-    device = init_distributed(resolve_device(device_spec(args)))  # torchrun: one GPU per rank
+    device = init_distributed(runtime_device(args))  # torchrun: one GPU per rank
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
     mcfg, info = target.config, target.dataset
@@ -333,5 +332,10 @@ def _main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pip install -e .``)."""
     sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -31,10 +31,9 @@ from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_si
 from utils.campaign import CampaignResults, start_campaign_folder
 from utils.distributed import cleanup, init_distributed, rank, world_size
 from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
-                       check_output_dir, check_output_file, check_runtime_args, device_spec,
+                       check_output_dir, check_output_file, check_runtime_args, runtime_device,
                        explicit_dests, load_attack_target, run)
 from utils.data import load_split_tensors
-from utils.device import resolve_device
 from utils.errors import UserError
 from utils.results import (check_campaign, default_results_dir, format_table, summarize,
                            write_csv)
@@ -142,7 +141,7 @@ def main(argv=None) -> int:
         check_output_file(args.save_sets, "--save-sets")
     if args.results:
         check_output_dir(args.results, "--results")
-    device = init_distributed(resolve_device(device_spec(args)))
+    device = init_distributed(runtime_device(args))
     try:
         return _main(args, explicit, device)
     finally:
@@ -270,5 +269,10 @@ def _main(args, explicit, device) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pip install -e .``)."""
     sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

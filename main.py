@@ -37,10 +37,9 @@ from utils import distributed
 from utils.checkpoint import (checkpoint_config, load_checkpoint, make_checkpoint,
                               model_from_checkpoint, save_checkpoint)
 from utils.cli import (add_data_args, add_model_args, add_runtime_args, check_number,
-                       check_output_dir, check_runtime_args, device_spec, explicit_dests,
+                       check_output_dir, check_runtime_args, runtime_device, explicit_dests,
                        resolve_dataset, resolve_model_config, run, setup_logging)
 from utils.data import build_loaders
-from utils.device import resolve_device
 from utils.errors import UserError
 from utils.schedules import LRSchedule, parse_schedule
 from utils.training import MixupConfig, build_optimizer, evaluate, train_one_epoch
@@ -248,7 +247,7 @@ def _main(args, explicit: set[str]) -> int:
         raise UserError(f"choose one of --eval, --resume and --finetune (got {', '.join(modes)})")
     if args.ft_path and not args.finetune:
         raise UserError("--ft_path is only used with --finetune")
-    device = resolve_device(device_spec(args))
+    device = runtime_device(args)
     if distributed.launched_by_torchrun() and args.eval is None:
         device = distributed.init_distributed(device)  # one process (and GPU) per rank
     torch.manual_seed(args.seed)  # model initialisation (and finetuning's new final layer)
@@ -547,5 +546,10 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pip install -e .``)."""
     sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -105,5 +105,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pip install -e .``)."""
     sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,9 +12,9 @@ Prints one table (seconds per attack, ratio to ``sequential``, and whether each 
 with the same success, k, gamma and bit count as ``sequential``).
 
 Examples:
-  python bench/bench_talbf.py                       # runs/quickstart/{vanilla,ocm16}, 3 attacks
-  python bench/bench_talbf.py --checkpoints a.pth.tar b.pth.tar --attacks 5
-  python bench/bench_talbf.py --quick               # seconds; a synthetic layer if no checkpoint
+  python -m bench.bench_talbf                       # runs/quickstart/{vanilla,ocm16}, 3 attacks
+  python -m bench.bench_talbf --checkpoints a.pth.tar b.pth.tar --attacks 5
+  python -m bench.bench_talbf --quick               # seconds; a synthetic layer if no checkpoint
 """
 
 from __future__ import annotations
@@ -28,16 +28,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from attacks.talbf import (FinalLayer, TALBF, TALBFConfig, aux_seed,  # noqa: E402
+from attacks.talbf import (FinalLayer, TALBF, TALBFConfig, aux_seed,
                            generate_attack_list)
-from models import bits as bitlib  # noqa: E402
-from utils.results import format_table  # noqa: E402
+from models import bits as bitlib
+from utils.results import format_table
 
-DEFAULT_CHECKPOINTS = [os.path.join(ROOT, "runs", "quickstart", m, "model_best.pth.tar")
+DEFAULT_CHECKPOINTS = [os.path.join("runs", "quickstart", m, "model_best.pth.tar")
                        for m in ("vanilla", "ocm16")]
 
 

@@ -24,9 +24,9 @@ The model is randomly initialised (BatchNorm statistics from a few training-mode
 the images are random: the cost of an iteration does not depend on what the weights learnt.
 
 Examples:
-  python bench/bench_tbfa.py                       # 500 + 500 images, 5 iterations
-  python bench/bench_tbfa.py --device cuda --n 500 --iters 10
-  python bench/bench_tbfa.py --quick               # seconds: small sets, 2 iterations
+  python -m bench.bench_tbfa                       # 500 + 500 images, 5 iterations
+  python -m bench.bench_tbfa --device cuda --n 500 --iters 10
+  python -m bench.bench_tbfa --quick               # seconds: small sets, 2 iterations
 """
 
 from __future__ import annotations
@@ -38,16 +38,13 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from attacks import tbfa as T  # noqa: E402
-from attacks.common import EvalSet  # noqa: E402
-from models import build_output, get_model, quant_layers, to_integer  # noqa: E402
-from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.results import format_table  # noqa: E402
+from attacks import tbfa as T
+from attacks.common import EvalSet
+from models import build_output, get_model, quant_layers, to_integer
+from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
+from utils.device import resolve_device
+from utils.results import format_table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ every variant alike):
    ``ToTensor``, ``Normalize``, through a ``DataLoader`` with worker processes).
 
 Examples:
-  python bench/bench_train.py                  # ResNet-20 8-bit, batch 128, every variant
-  python bench/bench_train.py --device cuda --loader-images 50000
-  python bench/bench_train.py --variants default amp --no-loader
-  python bench/bench_train.py --quick          # seconds; compile left out (see --variants)
+  python -m bench.bench_train                  # ResNet-20 8-bit, batch 128, every variant
+  python -m bench.bench_train --device cuda --loader-images 50000
+  python -m bench.bench_train --variants default amp --no-loader
+  python -m bench.bench_train --quick          # seconds; compile left out (see --variants)
 """
 
 from __future__ import annotations
@@ -40,17 +40,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from models import get_model  # noqa: E402
-from models.ocm import SoftmaxOutput  # noqa: E402
-from models.quantization import QuantLayer  # noqa: E402
-from utils.data import DATASETS, TensorLoader  # noqa: E402
-from utils.results import format_table  # noqa: E402
-from utils.schedules import LRSchedule  # noqa: E402
-from utils.training import build_optimizer, train_one_epoch  # noqa: E402
+from models import get_model
+from models.ocm import SoftmaxOutput
+from models.quantization import QuantLayer
+from utils.data import DATASETS, TensorLoader
+from utils.results import format_table
+from utils.schedules import LRSchedule
+from utils.training import build_optimizer, train_one_epoch
 
 VARIANTS = ("default", "channels-last", "amp", "compile")
 CIFAR = DATASETS["cifar10"]

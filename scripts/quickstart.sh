@@ -59,7 +59,6 @@ for model in vanilla ocm16; do
 done
 "$PY" - "$OUT" "$start" <<'PYEOF'
 import sys, time
-sys.path.insert(0, ".")
 from utils.results import JsonlResults, format_table, mean_std
 out, start = sys.argv[1], int(sys.argv[2])
 rows = []
@@ -82,7 +81,6 @@ for model in vanilla ocm16; do
 done
 "$PY" - "$OUT" "$start" <<'PYEOF'
 import sys, time
-sys.path.insert(0, ".")
 from utils.results import JsonlResults, format_table, mean_std
 out, start = sys.argv[1], int(sys.argv[2])
 rows = []

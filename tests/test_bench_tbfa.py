@@ -1,12 +1,6 @@
 """The T-BFA benchmark keeps working (--quick) and its searches agree flip for flip."""
 
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-import bench_tbfa  # noqa: E402
+from bench import bench_tbfa
 
 
 def test_bench_tbfa_quick(capsys):

@@ -1,22 +1,16 @@
 """bench/bench_train.py keeps working: its --quick mode runs and prints both tables."""
 
 import copy
-import importlib.util
-import os
 
 import torch
 
 from models import get_model, quant_layers, to_float, to_integer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train",
-                                                  os.path.join(ROOT, "bench", "bench_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import bench_train
+    return bench_train
 
 
 def test_float_twin_is_the_same_network_without_quantization():

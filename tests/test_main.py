@@ -180,6 +180,7 @@ def bad_input_cases(data_dir, trained, tmp):
         "zero_test_batch": (["--test_batch", "0", *d], "--test_batch"),
         "negative_seed": (["--seed", "-1", *d], "--seed"),
         "negative_workers": (["--workers", "-1", *d], "--workers"),
+        "zero_threads": (["--threads", "0", *d], "--threads"),
         "resume_other_optimizer": (["--resume", str(trained / "checkpoint.pth.tar"), "--opt",
                                     "adam"], "--opt sgd"),
     }
@@ -194,7 +195,7 @@ CASES = ["unknown_dataset", "unknown_arch", "missing_data", "incomplete_data",
          "no_such_device", "bad_schedule", "zero_epochs", "negative_wd_adam",
          "negative_momentum", "nan_lr", "inf_lr", "negative_warmup", "zero_code_length",
          "negative_lambda", "zero_mixup_alpha", "negative_gamma", "zero_test_batch",
-         "negative_seed", "negative_workers", "resume_other_optimizer"]
+         "negative_seed", "negative_workers", "zero_threads", "resume_other_optimizer"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -408,3 +409,16 @@ def test_kill_at_any_checkpoint_write_then_resume_equals_uninterrupted(
     assert [strip(r) for r in read_csv_rows(tmp_path / "log.csv")] == \
         [strip(r) for r in read_csv_rows(improving_run / "log.csv")]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp") or n.endswith(".tmp")]
+
+
+def test_threads_flag_sets_pytorchs_cpu_threads():
+    """--threads N is applied before the run (CPU results depend on the thread count)."""
+    from utils.cli import runtime_device
+
+    before = torch.get_num_threads()
+    args = main.get_args_parser().parse_args(["--threads", "1", "--device", "cpu"])
+    try:
+        assert str(runtime_device(args)) == "cpu"
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

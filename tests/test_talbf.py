@@ -2,7 +2,6 @@
 autograd reference, the search, NaN handling, campaigns, resume, the script and the bench."""
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -21,7 +20,6 @@ from utils.data import get_dataset_info, load_split_tensors
 from utils import attacks_file as AF
 from utils.results import JsonlResults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Faster penalty growth and fewer outer iterations than the paper (rho_fact 1.01, 2000): the
 # attacks on the digits models still succeed, in well under a second each.
 FAST = {"ext_max_iters": 300, "rho_fact": 1.05}
@@ -73,11 +71,8 @@ def with_config(attack, **cfg):
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_talbf",
-                                                  os.path.join(ROOT, "bench", "bench_talbf.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import bench_talbf
+    return bench_talbf
 
 
 # ---------------------------------------------------------------------------------------------

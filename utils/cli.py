@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from models import list_models
@@ -22,6 +23,7 @@ from models.ocm import LEGACY_SEED
 from models.registry import default_bits
 
 from .data import get_dataset_info, list_datasets
+from .device import resolve_device
 from .errors import UserError
 
 log = logging.getLogger("bitflip")
@@ -75,6 +77,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no tqdm progress bars")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of PyTorch (default: its own choice, the number of "
+                        "cores). CPU results depend on it: give the same number to repeat a "
+                        "run bit for bit on another machine")
 
 
 def device_spec(args) -> str:
@@ -83,6 +89,13 @@ def device_spec(args) -> str:
         gpu = str(args.gpu).split(",")[0].strip()
         return "cpu" if gpu == "-1" else f"cuda:{gpu}"
     return args.device
+
+
+def runtime_device(args):
+    """Apply ``--threads`` and return the device of ``--device`` / ``--gpu``."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return resolve_device(device_spec(args))
 
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -168,6 +181,7 @@ def check_runtime_args(args) -> None:
     """The flags of :func:`add_runtime_args` and :func:`add_data_args`."""
     check_number(getattr(args, "seed", None), "--seed", minimum=0, maximum=2 ** 32 - 1)
     check_number(getattr(args, "workers", None), "--workers", minimum=0)
+    check_number(getattr(args, "threads", None), "--threads", minimum=1)
     check_number(getattr(args, "codebook_seed", None), "--codebook_seed", minimum=0,
                  maximum=2 ** 32 - 1)
 
