@@ -257,9 +257,16 @@ class FinalLayer:
         return bitlib.int_to_bits(self.codes, self.n_bits)
 
     def weight_from_bits(self, b: torch.Tensor) -> torch.Tensor:
-        """``step * (offset + sum_k b_k * base[k])`` for (relaxed) bits ``[..., out, in, N]``."""
-        base = bitlib.bit_values(self.n_bits, dtype=b.dtype, device=b.device)
-        return (bitlib.bit_offset(self.n_bits) + b @ base) * self.step
+        """``step * (offset + sum_k b_k * base[k])`` (as the integer layer computes it) for
+        (relaxed) bits held bit-plane first, ``[G, N * out * in]`` as the ADMM holds them;
+        returns ``[G, out, in]``."""
+        out_f, in_f, nb = self.shape
+        base = bitlib.bit_values(nb, dtype=b.dtype, device=b.device)
+        w = torch.matmul(base, b.view(-1, nb, out_f * in_f)).view(-1, out_f, in_f)
+        offset = bitlib.bit_offset(nb)
+        if offset:
+            w = w + offset
+        return w.mul_(self.step)
 
     def codes_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
         return bitlib.bits_to_int(bits, self.n_bits)
@@ -487,7 +494,6 @@ class TALBF:
         bias = layer.bias.unsqueeze(1)                            # [out, 1]
         base = bitlib.bit_values(nb, dtype=torch.float32, device=dev)           # [N]
         sbase_col = (base * layer.step).view(nb, 1)   # dW/db_k = step * base[k]
-        offset = float(bitlib.bit_offset(nb))
         b0 = self.b0
         layer_bits = layer.bits()
         b = b0.expand(G, n).clone()
@@ -503,11 +509,11 @@ class TALBF:
         for ext in range(cfg.ext_max_iters):
             # Projections onto the box, the sphere and the positive slack (docs/algorithms.md section 8), each
             # expression in the public code's order of operations.
-            y1 = (b + z1 / rho1).clamp_(0.0, 1.0)
+            y1 = project_box(b + z1 / rho1)
             y2 = project_sphere(b.to(sdt) + z2 / rho2)
             y2f, z2f = y2.float(), z2.float()   # as the loss sees them (no copy in float32)
             d = b - b0
-            y3 = (ks - _sqnorm(d) - z3 / rho3).clamp_(min=0.0)
+            y3 = project_positive(ks - _sqnorm(d) - z3 / rho3)
             # Gradient steps on b with y, z, rho fixed. The augmented Lagrangian's gradient is
             #   dF/db + z1 + z2 + rho1 (b-y1) + rho2 (b-y2) + 2 (z3 + rho3 (|b-b0|^2-k+y3)) (b-b0)
             # (dF/db analytic: the layer is linear in b).
@@ -515,11 +521,7 @@ class TALBF:
             A0 = z3 + rho3 * (y3 - ks)                                 # [G]
             for _ in range(cfg.inn_max_iters):
                 d = b - b0
-                # W = step * (offset + sum_k b_k base[k]), as the integer layer computes it
-                W = torch.matmul(base, b.view(-1, nb, m)).view(-1, out_f, in_f)
-                if offset:
-                    W = W + offset
-                W = W.mul_(layer.step)
+                W = layer.weight_from_bits(b)
                 # Logits transposed, [G, out, B]: softmax over a non-innermost dimension of
                 # this size is much faster on the CPU, and dF/dW = dF/dz^T @ X needs no copy.
                 zt = torch.matmul(W, Xt).add_(bias)

@@ -120,10 +120,19 @@ def test_relaxed_bits_reconstruct_the_integer_layer(name, targets, digits_test):
     flat = T.FinalLayer.from_model(model)
     b0 = flat.bits().float()
     assert b0.shape == (*layer.weight.shape, layer.n_bits)
-    assert torch.equal(flat.weight_from_bits(b0), layer.weight.detach() * layer.step_size)
     assert torch.equal(flat.codes_from_bits(flat.bits()), layer.int_weight())
     # the attack's own copy (bit-plane first) holds the same bits
     assert torch.equal(attack.b0.view(layer.n_bits, -1).t().reshape(b0.shape), b0)
+    # the weight the ADMM computes from them (a batch of two runs) is the layer's
+    w = flat.weight_from_bits(attack.b0.expand(2, -1))
+    assert torch.equal(w, (layer.weight.detach() * layer.step_size).expand(2, -1, -1))
+    # one flipped relaxed bit moves one weight by step * base[k]
+    b = attack.b0.clone().view(layer.n_bits, -1)
+    b[1, 5] = 1.0 - b[1, 5]
+    delta = flat.weight_from_bits(b.reshape(1, -1))[0] - w[0]
+    expected = torch.zeros_like(delta).view(-1)
+    expected[5] = (1 - 2 * float(attack.b0.view(layer.n_bits, -1)[1, 5])) * 2 ** (layer.n_bits - 2)
+    assert torch.allclose(delta.view(-1), expected * flat.step, atol=1e-6)
     # cached features + reconstructed layer = the whole model's predictions
     assert torch.equal(attack.predict(attack.features), digits_test.predict(model, output))
 
