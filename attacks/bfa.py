@@ -87,8 +87,8 @@ from tqdm import tqdm
 
 from models import quant_layers
 from models.quantization import settle_zero_codes
-from utils.bitsearch import (MAXIMIZE, AttackLoss, Flip, ProgressiveBitSearch, SearchStep,
-                             hamming_distance, random_flip, snapshot)
+from models.bits import Flip, changed_bits, random_flip, snapshot
+from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep
 from utils.data import normalize_images
 
 from .common import EvalSet
@@ -226,7 +226,7 @@ class _FlipAttack:
             progress: tqdm bar over the iterations.
 
         The Hamming distance is measured against the codes at the start of this call. The
-        model stays attacked; keep a :func:`utils.bitsearch.snapshot` to undo the flips.
+        model stays attacked; keep a :func:`models.bits.snapshot` to undo the flips.
         ``self.result`` holds the result so far while the attack runs (e.g. after Ctrl-C).
         """
         if n_iter < 1:
@@ -251,7 +251,7 @@ class _FlipAttack:
         for iteration in bar:
             step = self.step(x, y)
             accuracy = eval_set.accuracy(self.model, self.output)
-            hamming = hamming_distance(self.model, clean_codes)
+            hamming = changed_bits(self.model, clean_codes)
             for flip in step.flips:
                 row = ProfileRow(iteration, result.bit_flips + 1, flip.layer, flip.index,
                                  flip.bit, flip.before, flip.after, accuracy,

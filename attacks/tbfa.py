@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.bitsearch import (MINIMIZE, AttackLoss, ProgressiveBitSearch, hamming_distance,
-                             snapshot)
+from models.bits import changed_bits, restore, snapshot
+from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 
 from .common import EvalSet
 
@@ -231,7 +231,7 @@ class TBFA:
     def run(self, data: EvalSet, sets: TBFASets, source: int, target: int,
             on_flip: Callable[[int, dict], None] | None = None) -> TBFAResult:
         """Attack until a stop rule fires; the model keeps the flips (restore it yourself, e.g.
-        with :func:`utils.bitsearch.snapshot` / :func:`~utils.bitsearch.restore`)."""
+        with :func:`models.bits.snapshot` / :func:`~models.bits.restore`)."""
         cfg, model, output = self.config, self.model, self.output
         if source == target:
             raise ValueError("source and target class must differ")
@@ -303,7 +303,7 @@ class TBFA:
         return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
                           pa_acc=pa_acc, pa_acc_public=pa_acc_public(pa_hits),
                           test_acc=data.accuracy(model, output), n_flips=it,
-                          hamming=hamming_distance(model, clean), stop_reason=stop,
+                          hamming=changed_bits(model, clean), stop_reason=stop,
                           success_on=success_on,
                           pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve)
 
@@ -377,7 +377,6 @@ def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
     before each experiment and at the end. Returns the new records."""
     import time
 
-    from utils.bitsearch import restore
 
     clean = snapshot(model)
     done = results.done()

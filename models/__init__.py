@@ -5,14 +5,14 @@ Knows nothing of data, training or attacks.
 
 from .bits import bit_values, bits_to_int, flip_bits, hamming_distance, int_to_bits
 from .ocm import OutputCodeMatching, SoftmaxOutput, build_output, hadamard, make_codebook
-from .quantization import (QuantConv2d, QuantLayer, QuantLinear, int_weights, quant_layers,
+from .quantization import (QuantConv2d, QuantLayer, QuantLinear, quant_layers,
                            to_float, to_integer)
 from .registry import default_bits, get_model, get_model_entry, list_models, register_model
 
 __all__ = [
     "bit_values", "bits_to_int", "flip_bits", "hamming_distance", "int_to_bits",
     "OutputCodeMatching", "SoftmaxOutput", "build_output", "hadamard", "make_codebook",
-    "QuantConv2d", "QuantLayer", "QuantLinear", "int_weights", "quant_layers", "to_float",
+    "QuantConv2d", "QuantLayer", "QuantLinear", "quant_layers", "to_float",
     "to_integer", "default_bits", "get_model", "get_model_entry", "list_models",
     "register_model",
 ]

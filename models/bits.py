@@ -11,11 +11,21 @@ the attacks and the tests agree on one layout:
 Both cases are written ``q = offset + sum_k bit_k * base[k]`` (offset 0 for N >= 2, 1 for N == 1),
 so the first-order change of a loss from flipping bit k of a weight with gradient g is
 ``(1 - 2*bit_k) * base[k] * g`` for every N (docs/algorithms.md section 5).
+
+The second half acts on quantized layers in integer mode (their weight tensor holds the codes):
+trial flips and their undo for the bit search, :func:`random_flip`, and :func:`snapshot` /
+:func:`restore` / :func:`changed_bits` over a whole model. Nothing else writes or compares bits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 MIN_BITS = 1
 MAX_BITS = 16
@@ -91,3 +101,86 @@ def flip_bits(codes: torch.Tensor, bit: torch.Tensor | int, n_bits: int) -> torc
 def hamming_distance(codes_a: torch.Tensor, codes_b: torch.Tensor, n_bits: int) -> int:
     """Number of differing bits between two tensors of integer codes."""
     return int((int_to_bits(codes_a, n_bits) != int_to_bits(codes_b, n_bits)).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits of quantized layers in integer mode, and of whole models
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Flip:
+    """One flipped bit: layer name, flat weight index, bit (0 = MSB), code before and after."""
+
+    layer: str
+    index: int
+    bit: int
+    before: int
+    after: int
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "index": self.index, "bit": self.bit,
+                "before": self.before, "after": self.after}
+
+
+def save_codes(layer, indices: torch.Tensor) -> torch.Tensor:
+    """The stored codes of ``layer`` at flat ``indices`` (to undo a trial with :func:`restore_codes`)."""
+    return layer.weight.data.view(-1)[indices].clone()
+
+
+def restore_codes(layer, indices: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write back codes saved by :func:`save_codes` or :func:`trial_flip`."""
+    layer.weight.data.view(-1)[indices] = saved
+
+
+def trial_flip(layer, indices: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Flip ``bits`` of the codes at flat ``indices`` with tensor ops only (nothing read back to
+    the host: the bit search's inner loop); returns the codes before, for :func:`restore_codes`."""
+    flat = layer.weight.data.view(-1)
+    saved = flat[indices].clone()
+    flat[indices] = flip_bits(saved.round().to(torch.int64), bits, layer.n_bits).to(flat.dtype)
+    return saved
+
+
+def random_flip(model: "nn.Module", generator: torch.Generator) -> Flip:
+    """Flip one bit chosen uniformly: a quantized layer, a weight in it, a bit (docs/algorithms.md section 6)."""
+    from .quantization import quant_layers
+
+    layers = quant_layers(model)
+    i = int(torch.randint(len(layers), (1,), generator=generator))
+    name, layer = layers[i]
+    index = int(torch.randint(layer.weight.numel(), (1,), generator=generator))
+    bit = int(torch.randint(layer.n_bits, (1,), generator=generator))
+    before = int(layer.weight.data.view(-1)[index].round())
+    layer.flip_bit(index, bit)
+    return Flip(name, index, bit, before, int(layer.weight.data.view(-1)[index].round()))
+
+
+def snapshot(model: "nn.Module") -> dict[str, torch.Tensor]:
+    """Copy of every quantized layer's integer codes (to restore or to compare later)."""
+    from .quantization import quant_layers
+
+    return {name: layer.weight.detach().clone() for name, layer in quant_layers(model)}
+
+
+@torch.no_grad()
+def restore(model: "nn.Module", saved: dict[str, torch.Tensor]) -> None:
+    """Write back the codes saved by :func:`snapshot` (undoes every flip since)."""
+    from .quantization import quant_layers
+
+    for name, layer in quant_layers(model):
+        layer.weight.copy_(saved[name])
+
+
+def changed_bits(model: "nn.Module", saved: dict[str, torch.Tensor]) -> int:
+    """Number of bits that differ between the model's codes and a :func:`snapshot` (the
+    Hamming distance of the whole model's weights)."""
+    from .quantization import quant_layers
+
+    total = 0
+    for name, layer in quant_layers(model):
+        now = layer.weight.detach().round().to(torch.int64)
+        then = saved[name].round().to(torch.int64)
+        changed = now != then
+        if bool(changed.any()):
+            total += hamming_distance(now[changed], then[changed], layer.n_bits)
+    return total

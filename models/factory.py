@@ -14,7 +14,7 @@ import torch.nn as nn
 from .base import check_layout
 from .bits import check_bits
 from .ocm import LEGACY_SEED, build_output, check_code_length
-from .registry import default_bits, get_model, get_model_entry
+from .registry import get_model, get_model_entry
 
 
 @dataclass
@@ -58,10 +58,6 @@ class ModelConfig:
         """The config a checkpoint stored; one stored before ``layout`` existed is layout v0."""
         names = {f.name for f in fields(cls)}
         return cls(**{"layout": "v0", **{k: v for k, v in d.items() if k in names}})
-
-
-def default_config(arch: str, num_classes: int, **overrides) -> ModelConfig:
-    return ModelConfig(arch=arch, num_classes=num_classes, bits=default_bits(arch), **overrides)
 
 
 def build_model(config: ModelConfig, codebook: torch.Tensor | None = None

@@ -283,11 +283,6 @@ def settle_zero_codes(model: nn.Module) -> int:
     return changed
 
 
-def int_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Integer codes of every quantized layer, by module name (a snapshot for Hamming distances)."""
-    return {name: layer.int_weight().clone() for name, layer in quant_layers(model)}
-
-
 def quantize_module(module: nn.Module, n_bits: int) -> nn.Module:
     """Replace every ``nn.Conv2d`` / ``nn.Linear`` inside ``module`` by its quantized twin.
 

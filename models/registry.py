@@ -7,7 +7,7 @@ are registered as parameters of one class, never as copies. Like torchvision's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -24,7 +24,6 @@ class ModelEntry:
     input_kind: str                 # "cifar" (32x32) or "imagenet" (224x224)
     fixed_bits: int | None = None   # e.g. 1 for the binarized ResNet-20
     description: str = ""
-    tags: tuple = field(default=())
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -15,8 +15,8 @@ from attacks.common import EvalSet
 from fakedata import make_cifar10
 from models import flip_bits, quant_layers, to_integer
 from models.factory import ModelConfig, build_model
-from utils.bitsearch import (MAXIMIZE, ProgressiveBitSearch, hamming_distance, random_flip,
-                             snapshot)
+from models.bits import changed_bits, random_flip, snapshot
+from utils.bitsearch import MAXIMIZE, ProgressiveBitSearch
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.cli import run
 from utils.data import get_dataset_info
@@ -91,7 +91,7 @@ def test_single_bit_step_flips_exactly_the_reported_bit():
     step = attack.step(x, y)
     assert step.bits_per_layer == 1 and len(step.flips) == 1
     flip = step.flips[0]
-    assert hamming_distance(model, clean) == 1
+    assert changed_bits(model, clean) == 1
     changed = {name: int((layer.weight != clean[name]).sum()) for name, layer in
                quant_layers(model)}
     assert {k: v for k, v in changed.items() if v} == {flip.layer: 1}
@@ -151,7 +151,7 @@ def test_bfa_flips_two_bits_when_no_single_bit_raises_the_loss():
     def loss(out, yb):
         value = real_loss(out, yb)
         if torch.is_inference_mode_enabled():  # a trial flip: only 2-bit trials help
-            changed = hamming_distance(model, start)
+            changed = changed_bits(model, start)
             return value + (1e6 if changed >= 2 else -1e6)
         return value
 
@@ -159,7 +159,7 @@ def test_bfa_flips_two_bits_when_no_single_bit_raises_the_loss():
     step = attack.step(x, y)
     assert step.bits_per_layer == 2
     assert len(step.flips) == 2 and step.flips[0].layer == step.flips[1].layer
-    assert hamming_distance(model, start) == 2
+    assert changed_bits(model, start) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_run_profile_replays_to_the_attacked_weights(make):
         assert row.accuracy_drop == pytest.approx(result.clean_accuracy - row.accuracy)
     for name, layer in quant_layers(model):
         assert torch.equal(layer.weight.view(-1), codes[name]), name
-    assert result.hamming_distance == hamming_distance(model, clean) == seen[-1].hamming
+    assert result.hamming_distance == changed_bits(model, clean) == seen[-1].hamming
     assert result.final_accuracy == pytest.approx(evals.accuracy(model, output))
     assert result.final_loss == seen[-1].loss
 

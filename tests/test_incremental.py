@@ -10,7 +10,8 @@ from attacks.bfa import BFA
 from attacks.common import EvalSet
 from models import get_model, list_models, quant_layers, to_integer
 from models.incremental import IncrementalForward, NotTraceable
-from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch, snapshot
+from models.bits import snapshot
+from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from utils.data import get_dataset_info, load_split_tensors
 

@@ -9,7 +9,8 @@ parameters hold the integer codes ``q``; their ``.grad`` is then ``dLoss/dq``.
   attack's direction (up for BFA, down for T-BFA), vectorised over weights and bits.
 - :class:`ProgressiveBitSearch`: one iteration = gradients, one trial flip per layer scored by
   the attack loss, then the best layer's flip is kept.
-- :func:`random_flip`, :func:`hamming_distance`, :func:`snapshot`, :func:`restore`.
+
+Reading, flipping, saving and comparing the bits themselves is :mod:`models.bits`' work.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from models import bits as bitlib
 from models import quant_layers
+from models.bits import Flip
 
 if TYPE_CHECKING:
     from models.incremental import IncrementalForward
@@ -31,21 +33,6 @@ log = logging.getLogger(__name__)
 
 MAXIMIZE = 1   # untargeted BFA: raise the loss
 MINIMIZE = -1  # T-BFA: lower the attack loss
-
-
-@dataclass
-class Flip:
-    """One flipped bit: layer name, flat weight index, bit (0 = MSB), code before and after."""
-
-    layer: str
-    index: int
-    bit: int
-    before: int
-    after: int
-
-    def as_dict(self) -> dict:
-        return {"layer": self.layer, "index": self.index, "bit": self.bit,
-                "before": self.before, "after": self.after}
 
 
 @dataclass
@@ -319,15 +306,13 @@ class ProgressiveBitSearch:
                     cand = layer_candidate(name, layer, direction, n_bits, self.k_top)
                     if self.skip_inadmissible and not cand.admissible:
                         continue
-                flat = layer.weight.data.view(-1)
-                saved = flat[cand.indices].clone()
                 if len(cand.indices) == 1:  # one bit: tensor ops only, nothing read back
-                    flat[cand.indices] = bitlib.flip_bits(
-                        saved.round().to(torch.int64), cand.bits, layer.n_bits).to(flat.dtype)
+                    saved = bitlib.trial_flip(layer, cand.indices, cand.bits)
                 else:
+                    saved = bitlib.save_codes(layer, cand.indices)
                     _apply(cand)
                 losses.append(trial_loss(name))
-                flat[cand.indices] = saved
+                bitlib.restore_codes(layer, cand.indices, saved)
                 cands.append(cand)
             if not cands:  # every layer skipped: no bit can move the loss
                 return SearchStep([], current, current, False, n_bits)
@@ -350,39 +335,3 @@ class ProgressiveBitSearch:
         if engine is not None:
             self._commit(engine, best_cand)
         return SearchStep(flips, current, best_loss, all_admissible, n_bits)
-
-
-def random_flip(model: nn.Module, generator: torch.Generator) -> Flip:
-    """Flip one bit chosen uniformly: a quantized layer, a weight in it, a bit (docs/algorithms.md section 6)."""
-    layers = quant_layers(model)
-    i = int(torch.randint(len(layers), (1,), generator=generator))
-    name, layer = layers[i]
-    index = int(torch.randint(layer.weight.numel(), (1,), generator=generator))
-    bit = int(torch.randint(layer.n_bits, (1,), generator=generator))
-    before = int(layer.weight.data.view(-1)[index].round())
-    layer.flip_bit(index, bit)
-    return Flip(name, index, bit, before, int(layer.weight.data.view(-1)[index].round()))
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copy of every quantized layer's integer codes (to restore or to compare later)."""
-    return {name: layer.weight.detach().clone() for name, layer in quant_layers(model)}
-
-
-@torch.no_grad()
-def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Write back the codes saved by :func:`snapshot` (undoes every flip since)."""
-    for name, layer in quant_layers(model):
-        layer.weight.copy_(saved[name])
-
-
-def hamming_distance(model: nn.Module, saved: dict[str, torch.Tensor]) -> int:
-    """Number of bits that differ between the model's codes and a :func:`snapshot`."""
-    total = 0
-    for name, layer in quant_layers(model):
-        now = layer.weight.detach().round().to(torch.int64)
-        then = saved[name].round().to(torch.int64)
-        changed = now != then
-        if bool(changed.any()):
-            total += bitlib.hamming_distance(now[changed], then[changed], layer.n_bits)
-    return total
