@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     if unknown or not attacks:
         raise UserError(f"--attacks {args.attacks!r}: use a comma-separated subset of "
                         f"{','.join(ATTACKS)}")
-    models = [load_model(label, folder, args.tbfa_dir, args.talbf_dir, expect=attacks)
-              for label, folder in pairs]
+    models = [load_model(label, folder, args.tbfa_dir, args.talbf_dir, expect=attacks,
+                         curves=not args.no_figures) for label, folder in pairs]
     if args.published == "auto":
         found = datasets_of(models)
         published = PUBLISHED.get(next(iter(found))) if len(found) == 1 else None

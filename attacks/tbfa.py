@@ -227,6 +227,9 @@ class TBFA:
         self.config = config or TBFAConfig()
         if self.config.max_iters < 1:
             raise ValueError("max_iters must be at least 1")
+        # One search for every experiment: the model is traced with torch.fx once, and the
+        # search re-primes its cache when the inputs or the codes are new.
+        self._search: ProgressiveBitSearch | None = None
 
     def run(self, data: EvalSet, sets: TBFASets, source: int, target: int,
             on_flip: Callable[[int, dict], None] | None = None) -> TBFAResult:
@@ -237,7 +240,9 @@ class TBFA:
             raise ValueError("source and target class must differ")
         sets = sets.to(data.device)
         clean = snapshot(model)
-        search = ProgressiveBitSearch(model, MINIMIZE, incremental=cfg.incremental)
+        if self._search is None:
+            self._search = ProgressiveBitSearch(model, MINIMIZE, incremental=cfg.incremental)
+        search = self._search
         x_src = data.inputs(sets.src)
         x_both = torch.cat([x_src, data.inputs(sets.aux)])
         ns = len(x_src)

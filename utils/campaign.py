@@ -80,7 +80,7 @@ def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
     """Create the folder (``overwrite``: first remove what a campaign wrote there), log to
     ``attack.log`` (rank r > 0: ``attack.rank<r>.log``) and, on rank 0, record the campaign's
     settings. Returns True on rank 0 (the one that reports)."""
-    from .cli import setup_logging
+    from .logs import setup_logging
     from .results import clear_campaign, write_campaign
 
     main_rank = dist.is_main()

@@ -24,6 +24,7 @@ from models.registry import default_bits
 
 from .data import get_dataset_info, list_datasets
 from .device import resolve_device
+from .logs import setup_logging  # noqa: F401 (the scripts import it from here)
 from .errors import UserError
 
 log = logging.getLogger("bitflip")
@@ -226,26 +227,6 @@ def resolve_model_config(args, explicit: set[str], num_classes_default: int,
         return config.validate()
     except (KeyError, ValueError) as e:
         raise UserError(str(e).strip("'\"")) from None
-
-
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced after setup)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _value):
-        pass
-
-
-def setup_logging(logfile: str | None = None, level=logging.INFO) -> None:
-    handlers = [_StdoutHandler()]
-    if logfile:
-        os.makedirs(os.path.dirname(os.path.abspath(logfile)), exist_ok=True)
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(level=level, format="%(message)s", handlers=handlers, force=True)
 
 
 def run(main_fn, argv=None, error_log: "callable | None" = None) -> int:

@@ -199,9 +199,10 @@ ATTACKS = ("tbfa", "talbf", "bfa")
 
 
 def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str = TALBF_DIR,
-               expect: tuple = ATTACKS) -> ModelResults:
+               expect: tuple = ATTACKS, curves: bool = True) -> ModelResults:
     """Read the T-BFA, TA-LBF and BFA results of one model folder (see the module docstring);
-    an attack of ``expect`` without results is listed in ``missing``."""
+    an attack of ``expect`` without results is listed in ``missing``, and so are T-BFA results
+    without per-flip curves when ``curves`` (the figures) are wanted."""
     m = ModelResults(label, folder)
     if not os.path.isdir(folder):
         m.missing.append(f"{label}: folder {folder} does not exist")
@@ -222,7 +223,7 @@ def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str
         m.dataset = m.dataset or _campaign_dataset(os.path.join(folder, sub))
         if not records:
             m.missing.append(f"{label}: {path} holds no complete {kind} result")
-    if m.tbfa and not any(r.get("curve") for r in m.tbfa):
+    if curves and m.tbfa and not any(r.get("curve") for r in m.tbfa):
         m.missing.append(f"{label}: the T-BFA results have no per-flip curves (run "
                          f"attack_tbfa.py with --curve-every 1): Figures 1 and 2 leave it out")
     for root, dirs, files in os.walk(folder):
