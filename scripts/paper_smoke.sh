@@ -7,7 +7,7 @@
 # and random flips; then report.py writes the table (published CIFAR-10 values beside ours) and
 # the figures into $OUT/report.
 #
-# Short recipe (as scripts/quickstart.sh): Adam lr 2e-3, cosine schedule, batch 64, weight
+# Short recipe, the same for every model: Adam lr 2e-3, cosine schedule, batch 64, weight
 # decay 1e-4. The numbers are a plumbing check, not the paper's: digits has 359 test images
 # (|D_src| = |D_aux| = 17), and the models train for a few epochs.
 #
