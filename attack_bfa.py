@@ -299,7 +299,7 @@ def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -
         "source": target.source,
         "dataset": target.dataset.name,
         "model_config": target.config.to_dict(),
-        **(result.summary() if result is not None else {"stopped_by": "interrupted"}),
+        **(result.to_dict(exclude=("profile",)) if result is not None else {"stopped_by": "interrupted"}),
         "n_iter": args.n_iter, "break_acc": args.break_acc, "k_top": args.k_top,
         "seconds": round(time.time() - t0, 2),
         "argv": list(argv), "flags": vars(args),

@@ -30,7 +30,6 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 from attacks.common import EvalSet
 from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
@@ -38,15 +37,13 @@ from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
                            items_from_pinned, read_attack_info, run_campaign, summary_rows,
                            with_drawn_aux)
 from utils.attacks_file import check_attacks, read_attacks_file, write_attacks_file
-from utils.campaign import CampaignResults, start_campaign_folder
-from utils.distributed import cleanup, init_distributed, rank, world_size
+from utils.campaign import CampaignRunner, open_campaign
+from utils.distributed import cleanup, init_distributed, is_main
 from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
                        check_output_dir, check_output_file, check_runtime_args, runtime_device,
                        explicit_dests, load_attack_target, run)
-from utils.data import load_split_tensors
 from utils.errors import UserError
-from utils.results import (check_campaign, default_results_dir, format_table,
-                           write_csv)
+from utils.results import default_results_dir
 
 log = logging.getLogger("attack_talbf")
 
@@ -174,6 +171,51 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    args, explicit, cfg, given = parse_and_check(argv)
+    device = init_distributed(runtime_device(args))  # torchrun: one GPU per rank
+    torch.manual_seed(args.seed)
+    target = load_attack_target(args, explicit, device)
+    images, labels = target.load_test_split(args)
+    if cfg.n_aux > len(labels) - 1:
+        raise UserError(f"--n_aux {cfg.n_aux} is larger than the test set allows: it has "
+                        f"{len(labels)} samples, {len(labels) - 1} besides the attacked one")
+    data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
+    del images
+    listed = listed_attacks(args, given, labels, target.config.num_classes)
+    attack = TALBF.from_model(target.model, target.output, data, cfg)  # features, once
+    items, attack_list = listed or generated_attacks(args, labels, target.config.num_classes,
+                                                     attack)
+    attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
+    results_dir = args.results or default_results_dir(target.source, args.pretrained,
+                                                      "attack_talbf")
+    check_output_dir(results_dir, "--results")
+    # An attack is defined by its key (position, target, index) and the settings below, so
+    # one folder can hold attacks of several lists (a longer list, another file).
+    campaign = {"source": target.source, "dataset": target.dataset.name,
+                "config": target.config.to_dict(),
+                "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
+                "seed": args.seed, "attack_list": attack_list}
+    # Everything is valid: from here on, files are written.
+    results = open_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
+    if args.save_attack_info and is_main():
+        with open(args.save_attack_info, "w") as f:
+            f.write(format_attack_info(items))
+    if args.save_attacks and is_main():
+        write_attacks_file(args.save_attacks, with_drawn_aux(attack, items, args.seed))
+    runner = CampaignRunner(results, items, "TA-LBF attacks", args.progress)
+    runner.announce(f"TA-LBF on {target.describe()}: clean test accuracy "
+                    f"{attack.clean_accuracy():.2f}% (final layer on the cached features)")
+
+    def attack_items(todo, on_result):
+        run_campaign(attack, todo, results, args.seed, on_result=on_result)
+
+    return runner.run(attack_items, describe_record, summary_rows, closing_line)
+
+
+def parse_and_check(argv) -> tuple:
+    """Parse and check the flags before anything is loaded: ``(args, explicit, config,
+    given)``, ``given`` the read ``--attacks-file`` (a list) or ``--attack_info`` entries
+    (a tuple ``(entries,)``), or None."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -189,147 +231,84 @@ def _main(argv=None) -> int:
                        ("--save-attack-info", args.save_attack_info)):
         if path:
             check_output_file(path, flag)
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
+            if os.path.isdir(path):
+                raise UserError(f"{flag} {path} is a folder; give a file name")
     if args.results:
         check_output_dir(args.results, "--results")
-    info_text = pinned = None
+    if args.attacks_file and args.attack_info:
+        raise UserError("give either --attacks-file or --attack_info, not both")
+    if args.correct_only and (args.attacks_file or args.attack_info):
+        flag = "--attacks-file" if args.attacks_file else "--attack_info"
+        raise UserError(f"--correct-only selects sources of a generated list; it does not "
+                        f"apply to {flag}")
+    given = None
     if args.attacks_file:
-        if args.attack_info:
-            raise UserError("give either --attacks-file or --attack_info, not both")
-        if args.correct_only:
-            raise UserError("--correct-only selects sources of a generated list; it does not "
-                            "apply to --attacks-file")
         try:
-            pinned = read_attacks_file(args.attacks_file, n_aux=cfg.n_aux)
+            given = read_attacks_file(args.attacks_file, n_aux=cfg.n_aux)
         except ValueError as e:
             raise UserError(str(e)) from None
-    for flag, path in (("--save-attacks", args.save_attacks),
-                       ("--save-attack-info", args.save_attack_info)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
-        if path and os.path.isdir(path):
-            raise UserError(f"{flag} {path} is a folder; give a file name")
-    if args.attack_info:
-        try:
-            with open(args.attack_info) as f:
-                info_text = f.read()
-        except FileNotFoundError:
-            raise UserError(f"attack list not found: {args.attack_info}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the attack list {args.attack_info} "
-                            f"({type(e).__name__}: {e})") from None
-        try:
-            entries = read_attack_info(info_text, name=args.attack_info)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if args.correct_only:
-            raise UserError("--correct-only selects sources of a generated list; it does not "
-                            "apply to --attack_info")
-    device = init_distributed(runtime_device(args))  # torchrun: one GPU per rank
-    torch.manual_seed(args.seed)
-    target = load_attack_target(args, explicit, device)
-    mcfg, info = target.config, target.dataset
-    images, labels = load_split_tensors(info.name, args.data_dir, "test", download=args.download,
-                                        workers=args.workers)
-    if int(labels.max()) >= mcfg.num_classes:
-        raise UserError(f"the test set has labels up to {int(labels.max())} but the model has "
-                        f"{mcfg.num_classes} classes")
-    if cfg.n_aux > len(labels) - 1:
-        raise UserError(f"--n_aux {cfg.n_aux} is larger than the test set allows: it has "
-                        f"{len(labels)} samples, {len(labels) - 1} besides the attacked one")
+    elif args.attack_info:
+        given = (_read_attack_info(args.attack_info),)
+    return args, explicit, cfg, given
 
-    data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
-    del images
-    if pinned is not None:
-        try:
-            check_attacks(pinned, len(labels), labels, mcfg.num_classes,
-                          name=args.attacks_file)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        items = items_from_pinned(pinned)
-        items = items[:args.n_attacks] if args.n_attacks is not None else items
-        attack_list = {"attacks_file": os.path.abspath(args.attacks_file)}
-    elif info_text is not None:
-        try:
-            items = check_attack_info(entries, labels, mcfg.num_classes,
-                                      name=args.attack_info)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        items = items[:args.n_attacks] if args.n_attacks is not None else items
-        attack_list = {"file": os.path.abspath(args.attack_info)}
-    attack = TALBF.from_model(target.model, target.output, data, cfg)  # features, once
-    if info_text is None and pinned is None:
-        eligible = attack.clean_correct if args.correct_only else None
-        try:
-            items = generate_attack_list(labels, mcfg.num_classes, args.n_attacks or 1000,
-                                         args.seed, eligible)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        attack_list = {"generated_seed": args.seed, "correct_only": args.correct_only}
-    attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
 
-    results_dir = args.results or default_results_dir(target.source, args.pretrained,
-                                                      "attack_talbf")
-    # An attack is defined by its key (position, target, index) and the settings below, so
-    # one folder can hold attacks of several lists (a longer list, another file).
-    campaign = {"source": target.source, "dataset": info.name, "config": mcfg.to_dict(),
-                "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
-                "seed": args.seed, "attack_list": attack_list}
-    check_output_dir(results_dir, "--results")
-    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
-
-    # Everything is valid: from here on, files are written.
-    main_rank = start_campaign_folder(results_dir, campaign_file, campaign, args.overwrite)
-    if args.save_attack_info and main_rank:
-        with open(args.save_attack_info, "w") as f:
-            f.write(format_attack_info(items))
-    if args.save_attacks and main_rank:
-        write_attacks_file(args.save_attacks, with_drawn_aux(attack, items, args.seed))
-    results = CampaignResults(results_dir)  # this process's share when run under torchrun
-    todo = results.share(items)
-    log.info("TA-LBF on %s (%s, %d-bit%s): clean test accuracy %.2f%% (final layer on the cached "
-             "features); %d attacks, %d done, %d to run%s; results in %s", target.source,
-             mcfg.arch, mcfg.bits, f", OCM{mcfg.code_length}" if mcfg.ocm else "",
-             attack.clean_accuracy(), len(items), len(results.done() & {it.key for it in items}),
-             len(todo), f" by rank {rank()} of {world_size()}" if world_size() > 1 else "",
-             results_dir)
-
-    bar = tqdm(total=len(todo), desc="TA-LBF attacks", dynamic_ncols=True,
-               disable=not (args.progress and main_rank))
-
-    def on_result(record):
-        bar.update(1)
-        if record["success"]:
-            log.info("%s: success with k=%g gamma=%g, %d bits flipped, PA-ACC %.2f%%%s (%.1fs)",
-                     record["key"], record["k"], record["gamma"], record["n_flips"],
-                     record["pa_acc"], "" if record["converged"] else ", ADMM not converged",
-                     record["seconds"])
-        else:
-            log.info("%s: failed after %d runs (%.1fs)", record["key"], record["runs"],
-                     record["seconds"])
-
+def _read_attack_info(path: str) -> list:
     try:
-        run_campaign(attack, todo, results, args.seed, on_result=on_result)
-    except KeyboardInterrupt:
-        bar.close()
-        log.info("interrupted: %d of %d attacks are in %s; run the same command again to "
-                 "continue", len(results.records), len(items), results_dir)
-        return 130
-    finally:
-        bar.close()
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"attack list not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the attack list {path} ({type(e).__name__}: {e})") from None
+    try:
+        return read_attack_info(text, name=path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
-    records = results.finish()  # every rank done; rank 0 merges the results files
-    if records is None:
-        return 0
-    keys = {it.key for it in items}
-    records = [r for r in records if r["key"] in keys]
-    rows = summary_rows(records)
-    write_csv(os.path.join(results_dir, "summary.csv"), rows)
-    print(format_table(rows, ["metric", "mean", "std", "n"]))
-    ok = sum(r["success"] for r in records)
-    print(f"{len(records)} attacks, {ok} successful; results: "
-          f"{os.path.join(results_dir, 'results.jsonl')}")
-    return 0
+
+def listed_attacks(args, given, labels, num_classes: int) -> tuple[list, dict] | None:
+    """The attacks of ``--attacks-file`` / ``--attack_info`` (the first ``--n-attacks``),
+    checked against the test set, and how the campaign names their list; None if neither."""
+    if given is None:
+        return None
+    try:
+        if isinstance(given, tuple):
+            items = check_attack_info(given[0], labels, num_classes, name=args.attack_info)
+            attack_list = {"file": os.path.abspath(args.attack_info)}
+        else:
+            check_attacks(given, len(labels), labels, num_classes, name=args.attacks_file)
+            items = items_from_pinned(given)
+            attack_list = {"attacks_file": os.path.abspath(args.attacks_file)}
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return (items[:args.n_attacks] if args.n_attacks is not None else items), attack_list
+
+
+def generated_attacks(args, labels, num_classes: int, attack: TALBF) -> tuple[list, dict]:
+    """The seeded attack list of the protocol (``--n-attacks``, ``--correct-only``)."""
+    eligible = attack.clean_correct if args.correct_only else None
+    try:
+        items = generate_attack_list(labels, num_classes, args.n_attacks or 1000, args.seed,
+                                     eligible)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return items, {"generated_seed": args.seed, "correct_only": args.correct_only}
+
+
+def describe_record(record: dict) -> str:
+    if not record["success"]:
+        return f"{record['key']}: failed after {record['runs']} runs ({record['seconds']:.1f}s)"
+    return (f"{record['key']}: success with k={record['k']:g} gamma={record['gamma']:g}, "
+            f"{record['n_flips']} bits flipped, PA-ACC {record['pa_acc']:.2f}%"
+            f"{'' if record['converged'] else ', ADMM not converged'} "
+            f"({record['seconds']:.1f}s)")
+
+
+def closing_line(records: list[dict]) -> str:
+    return f"{len(records)} attacks, {sum(r['success'] for r in records)} successful"
 
 
 def cli() -> None:

@@ -23,20 +23,17 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 from attacks.common import EvalSet
 from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_size,
                           plan_experiments, plan_pinned, protocol_pairs, run_campaign)
-from utils.campaign import CampaignResults, start_campaign_folder
-from utils.distributed import cleanup, init_distributed, rank, world_size
+from utils.campaign import CampaignRunner, open_campaign
+from utils.distributed import cleanup, init_distributed, is_main
 from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
                        check_output_dir, check_output_file, check_runtime_args, runtime_device,
                        explicit_dests, load_attack_target, run)
-from utils.data import load_split_tensors
 from utils.errors import UserError
-from utils.results import (check_campaign, default_results_dir, format_table, summarize,
-                           write_csv)
+from utils.results import default_results_dir, summarize
 
 log = logging.getLogger("attack_tbfa")
 
@@ -151,14 +148,45 @@ def main(argv=None) -> int:
 def _main(args, explicit, device) -> int:
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
-    cfg, info = target.config, target.dataset
-    images, labels = load_split_tensors(info.name, args.data_dir, "test", download=args.download,
-                                        workers=args.workers)
-    if int(labels.max()) >= cfg.num_classes:
-        raise UserError(f"the test set has labels up to {int(labels.max())} but the model has "
-                        f"{cfg.num_classes} classes")
+    images, labels = target.load_test_split(args)
+    experiments, n_src, n_aux = plan_from_args(args, labels, target)
+    results_dir = args.results or default_results_dir(target.source, args.pretrained,
+                                                      "attack_tbfa")
+    check_output_dir(results_dir, "--results")
+    # Everything is valid: from here on, files are written.
+    results = open_campaign(results_dir, campaign_settings(args, target, n_src, n_aux),
+                            CAMPAIGN_KEYS, args.overwrite)
+    if args.save_sets and is_main():
+        with open(args.save_sets, "w") as f:
+            json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,
+                                        **e.sets.to_dict()} for e in experiments]}, f)
+    data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
+    del images
+    runner = CampaignRunner(results, experiments, "T-BFA experiments", args.progress,
+                            tag="tbfa", scalars=("asr", "pa_acc", "n_flips", "test_acc"))
+    clean_acc = data.accuracy(target.model, target.output)
+    runner.announce(f"T-BFA on {target.describe()}: clean test accuracy {clean_acc:.2f}%")
+    config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
+                        incremental=not args.plain_search,
+                        oscillation_by_layer=args.oscillation_by_layer,
+                        stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every,
+                        flip_log=args.flip_log)
 
-    # The campaign: pinned sets, or pairs x repetitions with seeded sets.
+    def on_flip(it, record):
+        runner.bar.set_postfix(flips=it, loss=f"{record['loss']:.4f}")
+
+    def attack_items(todo, on_result):
+        run_campaign(target.model, target.output, data, todo, config, results, clean_acc,
+                     on_result=on_result, on_flip=on_flip)
+
+    return runner.run(attack_items, describe_record,
+                      lambda records: summarize(records, SUMMARY_METRICS), closing_line)
+
+
+def plan_from_args(args, labels: torch.Tensor, target) -> tuple[list, int | None, int | None]:
+    """The experiments (pinned sets of ``--sets``, or ``--pairs``/the protocol's pairs times
+    ``--avgs`` with seeded sets) and the set sizes (None when pinned)."""
+    num_classes = target.config.num_classes
     if args.sets:
         try:
             with open(args.sets) as f:
@@ -172,101 +200,46 @@ def _main(args, explicit, device) -> int:
                             f"\"rest\", \"aux\"}}]}}") from None
         except ValueError as e:
             raise UserError(f"{args.sets}: {e}") from None
-        check_pairs([(e.source, e.target) for e in experiments], cfg.num_classes)
-        n_src = n_aux = None
+        check_pairs([(e.source, e.target) for e in experiments], num_classes)
+        return experiments, None, None
+    name = target.dataset.name
+    if args.pairs:
+        pairs = parse_pairs(args.pairs, num_classes)
     else:
-        protocol = PROTOCOLS.get(info.name, {"classes": cfg.num_classes})
-        if args.pairs:
-            pairs = parse_pairs(args.pairs, cfg.num_classes)
-        else:
-            pairs = protocol_pairs(protocol["classes"], args.source_start, args.source_end)
-            if not pairs:
-                raise UserError(f"no source classes in [{args.source_start}, {args.source_end})")
-        check_pairs(pairs, cfg.num_classes)
-        default_n = default_set_size(info.name, labels, cfg.num_classes)
-        n_src = args.n_src or default_n
-        n_aux = args.n_aux or default_n
-        try:
-            experiments = plan_experiments(labels, pairs, args.avgs, n_src, n_aux, args.seed)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
-    results_dir = args.results or default_results_dir(target.source, args.pretrained,
-                                                      "attack_tbfa")
-    campaign = {"source": target.source, "dataset": info.name, "config": cfg.to_dict(),
-                "n_src": n_src, "n_aux": n_aux, "seed": args.seed,
-                "full_gradient": args.full_gradient,
-                "oscillation_by_layer": args.oscillation_by_layer,
-                "stop_on_src_only": args.stop_on_src_only, "iters": args.iters,
-                "sets_file": os.path.abspath(args.sets) if args.sets else None}
-    check_output_dir(results_dir, "--results")
-    campaign_file = check_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
-
-    # Everything is valid: from here on, files are written.
-    main_rank = start_campaign_folder(results_dir, campaign_file, campaign, args.overwrite)
-    if args.save_sets and main_rank:
-        with open(args.save_sets, "w") as f:
-            json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,
-                                        **e.sets.to_dict()} for e in experiments]}, f)
-    data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
-    del images
-    results = CampaignResults(results_dir)  # this process's share when run under torchrun
-    todo = results.share(experiments)
-    clean_acc = data.accuracy(target.model, target.output)
-    log.info("T-BFA on %s (%s, %d-bit%s): clean test accuracy %.2f%%; %d experiments, %d done, "
-             "%d to run%s; results in %s", target.source, cfg.arch, cfg.bits,
-             f", OCM{cfg.code_length}" if cfg.ocm else "", clean_acc, len(experiments),
-             len(results.done() & {e.key for e in experiments}), len(todo),
-             f" by rank {rank()} of {world_size()}" if world_size() > 1 else "", results_dir)
-
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(results_dir, "tb" if main_rank else f"tb/rank{rank()}"))
-    bar = tqdm(total=len(todo), desc="T-BFA experiments", dynamic_ncols=True,
-               disable=not (args.progress and main_rank))
-
-    def on_flip(it, record):
-        bar.set_postfix(flips=it, loss=f"{record['loss']:.4f}")
-
-    def on_result(record):
-        n = len(results.records)
-        for k in ("asr", "pa_acc", "n_flips", "test_acc"):
-            writer.add_scalar(f"tbfa/{k}", record[k], n)
-        writer.flush()
-        bar.update(1)
-        log.info("%s: %s after %d flips, ASR %.2f%%, PA-ACC %.2f%%, test %.2f%% (%.2fs/flip)",
-                 record["key"], record["stop_reason"], record["n_flips"], record["asr"],
-                 record["pa_acc"], record["test_acc"], record["seconds_per_flip"])
-
-    config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
-                        incremental=not args.plain_search,
-                        oscillation_by_layer=args.oscillation_by_layer,
-                        stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every, flip_log=args.flip_log)
+        protocol = PROTOCOLS.get(name, {"classes": num_classes})
+        pairs = protocol_pairs(protocol["classes"], args.source_start, args.source_end)
+        if not pairs:
+            raise UserError(f"no source classes in [{args.source_start}, {args.source_end})")
+    check_pairs(pairs, num_classes)
+    default_n = default_set_size(name, labels, num_classes)
+    n_src, n_aux = args.n_src or default_n, args.n_aux or default_n
     try:
-        run_campaign(target.model, target.output, data, todo, config, results, clean_acc,
-                     on_result=on_result, on_flip=on_flip)
-    except KeyboardInterrupt:
-        bar.close()
-        log.info("interrupted: %d of %d experiments are in %s; run the same command again to "
-                 "continue", len(results.records), len(experiments), results_dir)
-        return 130
-    finally:
-        bar.close()
-        writer.close()
+        return plan_experiments(labels, pairs, args.avgs, n_src, n_aux, args.seed), n_src, n_aux
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
-    records = results.finish()  # every rank done; rank 0 merges the results files
-    if records is None:
-        return 0
-    keys = {e.key for e in experiments}
-    records = [r for r in records if r["key"] in keys]
-    rows = summarize(records, SUMMARY_METRICS)
-    write_csv(os.path.join(results_dir, "summary.csv"), rows)
-    print(format_table(rows, ["metric", "mean", "std", "n"]))
-    stops = {}
+
+def campaign_settings(args, target, n_src, n_aux) -> dict:
+    """What defines the campaign (``campaign.json``; a results folder holds one)."""
+    return {"source": target.source, "dataset": target.dataset.name,
+            "config": target.config.to_dict(), "n_src": n_src, "n_aux": n_aux,
+            "seed": args.seed, "full_gradient": args.full_gradient,
+            "oscillation_by_layer": args.oscillation_by_layer,
+            "stop_on_src_only": args.stop_on_src_only, "iters": args.iters,
+            "sets_file": os.path.abspath(args.sets) if args.sets else None}
+
+
+def describe_record(record: dict) -> str:
+    return (f"{record['key']}: {record['stop_reason']} after {record['n_flips']} flips, "
+            f"ASR {record['asr']:.2f}%, PA-ACC {record['pa_acc']:.2f}%, test "
+            f"{record['test_acc']:.2f}% ({record['seconds_per_flip']:.2f}s/flip)")
+
+
+def closing_line(records: list[dict]) -> str:
+    stops: dict[str, int] = {}
     for r in records:
         stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
-    print(f"{len(records)} experiments ({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})"
-          f"; results: {os.path.join(results_dir, 'results.jsonl')}")
-    return 0
+    return f"{len(records)} experiments ({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})"
 
 
 def cli() -> None:

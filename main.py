@@ -22,29 +22,30 @@ per process, running statistics of rank 0).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import logging
 import os
 import shutil
 import sys
-import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from utils import distributed
-from utils.checkpoint import (checkpoint_config, load_checkpoint, make_checkpoint,
-                              model_from_checkpoint, save_checkpoint)
+from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from utils.cli import (add_data_args, add_model_args, add_runtime_args, check_number,
                        check_output_dir, check_runtime_args, runtime_device, explicit_dests,
-                       resolve_dataset, resolve_model_config, run, setup_logging)
+                       resolve_dataset, resolve_model_config, run)
 from utils.data import build_loaders
 from utils.errors import UserError
 from utils.schedules import LRSchedule, parse_schedule
-from utils.training import MixupConfig, build_optimizer, evaluate, train_one_epoch
+from utils.trainer import TrainRun, train, wrap_for_training
+from utils.training import MixupConfig, build_optimizer, evaluate
 
-log = logging.getLogger("main")
+if TYPE_CHECKING:
+    from models.factory import ModelConfig
+    from utils.data import DatasetInfo
 
 # Flags whose value a resumed run takes from the checkpoint unless given again.
 # (Not the run folder: a resumed run writes next to the checkpoint it was given.)
@@ -230,6 +231,48 @@ def main(argv=None) -> int:
         distributed.cleanup()
 
 
+def _main(args, explicit: set[str]) -> int:
+    check_runtime_args(args)
+    _check_modes(args)
+    device = runtime_device(args)
+    if distributed.launched_by_torchrun() and args.eval is None:
+        device = distributed.init_distributed(device)  # one process (and GPU) per rank
+    torch.manual_seed(args.seed)  # model initialisation (and finetuning's new final layer)
+    start = resolve_start(args, explicit)
+    start.model.to(device)
+    start.output.to(device)
+    if args.eval is not None:
+        return run_eval(args, start.model, start.output, start.dataset, device, start.ckpt,
+                        start.ckpt_path)
+    return train(prepare_training(args, start, device))
+
+
+def _check_modes(args) -> None:
+    modes = [m for m in ("eval", "resume") if getattr(args, m) is not None]
+    if args.finetune:
+        modes.append("finetune")
+    if len(modes) > 1:
+        raise UserError(f"choose one of --eval, --resume and --finetune (got {', '.join(modes)})")
+    if args.ft_path and not args.finetune:
+        raise UserError("--ft_path is only used with --finetune")
+
+
+@dataclass
+class Start:
+    """What a run starts from: the checkpoint (if any), the data set, the model, and for
+    ``--resume`` the finished epochs, best test accuracy and log rows of the run it continues."""
+
+    ckpt: dict | None
+    ckpt_path: str | None
+    dataset: DatasetInfo
+    config: ModelConfig
+    model: nn.Module
+    output: nn.Module
+    start_epoch: int = 0
+    best_acc: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
 def _checkpoint_path(value: str, outdir: str | None, default_name: str, flag: str) -> str:
     if value:
         return value
@@ -238,22 +281,9 @@ def _checkpoint_path(value: str, outdir: str | None, default_name: str, flag: st
     return os.path.join(outdir, default_name)
 
 
-def _main(args, explicit: set[str]) -> int:
-    check_runtime_args(args)
-    modes = [m for m in ("eval", "resume") if getattr(args, m) is not None]
-    if args.finetune:
-        modes.append("finetune")
-    if len(modes) > 1:
-        raise UserError(f"choose one of --eval, --resume and --finetune (got {', '.join(modes)})")
-    if args.ft_path and not args.finetune:
-        raise UserError("--ft_path is only used with --finetune")
-    device = runtime_device(args)
-    if distributed.launched_by_torchrun() and args.eval is None:
-        device = distributed.init_distributed(device)  # one process (and GPU) per rank
-    torch.manual_seed(args.seed)  # model initialisation (and finetuning's new final layer)
-
-    # 1. The checkpoint we start from, if any, and the model it describes.
-    ckpt, ckpt_path = None, None
+def _start_checkpoint(args) -> tuple[dict | None, str | None]:
+    """The checkpoint of --eval, --resume or --finetune (loaded on the CPU) and its path."""
+    ckpt_path = None
     if args.eval is not None:
         ckpt_path = _checkpoint_path(args.eval, args.outdir, "model_best.pth.tar", "--eval")
     elif args.resume is not None:
@@ -264,112 +294,133 @@ def _main(args, explicit: set[str]) -> int:
         ckpt_path = args.ft_path
         if os.path.isdir(ckpt_path):  # the original scripts pass the run folder
             ckpt_path = os.path.join(ckpt_path, "model_best.pth.tar")
-    if ckpt_path:
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-    stored = checkpoint_config(ckpt) if ckpt else None
+    return (load_checkpoint(ckpt_path, map_location="cpu") if ckpt_path else None), ckpt_path
 
+
+def resolve_start(args, explicit: set[str]) -> Start:
+    """The checkpoint we start from, if any, and the model it describes. ``--resume`` takes
+    the training flags not given again from the checkpoint (into ``args``)."""
+    ckpt, ckpt_path = _start_checkpoint(args)
+    stored = checkpoint_config(ckpt) if ckpt else None
     if args.resume is not None and stored is not None:  # continue with the run's own flags
         for name, value in (ckpt.get("args") or {}).items():
             if name in TRAINING_FLAGS and name not in explicit:
                 setattr(args, name, value)
     dataset = resolve_dataset(args, ckpt.get("dataset") if ckpt else None)
-
-    if args.finetune:
-        # The new model takes its flags; what they leave out comes from the source model.
-        base = stored
-        if base is not None:
-            for dest in ("arch", "bits"):
-                value = getattr(args, dest)
-                if dest in explicit and value != getattr(base, dest):
-                    raise UserError(f"--{dest} {value} does not match {ckpt_path}, which has "
-                                    f"{dest}={getattr(base, dest)}")
-                setattr(args, dest, getattr(base, dest))
-        config = resolve_model_config(args, explicit, dataset.num_classes, None)
-        if base is not None:  # the backbone keeps the function it was trained with
-            config.layout = base.layout
-        model, output = model_from_checkpoint(ckpt, config, ckpt_path, skip_final=True)
-        start_epoch, best_acc = 0, 0.0
-    else:
-        config = resolve_model_config(args, explicit, dataset.num_classes, stored,
-                                      source=ckpt_path or "the checkpoint")
-        if ckpt is not None:
-            model, output = model_from_checkpoint(ckpt, config, ckpt_path)
-        else:
-            from models.factory import build_model
-            model, output = build_model(config)
-        start_epoch = int(ckpt.get("epoch", 0)) if (ckpt and args.resume is not None) else 0
-        best_acc = float(ckpt.get("best_acc", ckpt.get("best_acc1", 0.0))) if (ckpt and args.resume is not None) else 0.0
+    build = _finetuned_model if args.finetune else _model
+    config, model, output = build(args, explicit, dataset, ckpt, ckpt_path, stored)
     if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
         raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
                         f"which has {dataset.num_classes} classes")
-    model.to(device)
-    output.to(device)
+    start = Start(ckpt, ckpt_path, dataset, config, model, output)
+    if ckpt and args.resume is not None:
+        start.start_epoch = int(ckpt.get("epoch", 0))
+        start.best_acc = float(ckpt.get("best_acc", ckpt.get("best_acc1", 0.0)))
+        start.history = list(ckpt.get("history") or [])
+    return start
 
-    if args.eval is not None:
-        return run_eval(args, model, output, dataset, device, ckpt, ckpt_path)
 
-    apply_recipe_defaults(args, dataset, args.finetune, config.ocm)
+def _finetuned_model(args, explicit, dataset, ckpt, ckpt_path, base):
+    """--finetune: the new model takes its flags; what they leave out comes from the source
+    model, whose weights it keeps all but the final layer of."""
+    if base is not None:
+        for dest in ("arch", "bits"):
+            value = getattr(args, dest)
+            if dest in explicit and value != getattr(base, dest):
+                raise UserError(f"--{dest} {value} does not match {ckpt_path}, which has "
+                                f"{dest}={getattr(base, dest)}")
+            setattr(args, dest, getattr(base, dest))
+    config = resolve_model_config(args, explicit, dataset.num_classes, None)
+    if base is not None:  # the backbone keeps the function it was trained with
+        config.layout = base.layout
+    model, output = model_from_checkpoint(ckpt, config, ckpt_path, skip_final=True)
+    return config, model, output
+
+
+def _model(args, explicit, dataset, ckpt, ckpt_path, stored):
+    """The checkpoint's model (--eval, --resume) or a new one: the config its flags describe."""
+    config = resolve_model_config(args, explicit, dataset.num_classes, stored,
+                                  source=ckpt_path or "the checkpoint")
+    if ckpt is not None:
+        model, output = model_from_checkpoint(ckpt, config, ckpt_path)
+    else:
+        from models.factory import build_model
+        model, output = build_model(config)
+    return config, model, output
+
+
+def prepare_training(args, start: Start, device: torch.device) -> TrainRun:
+    """Recipe defaults, checks, the run folder, loaders and optimizer: the run to train.
+    Nothing is written before every check has passed."""
+    apply_recipe_defaults(args, start.dataset, args.finetune, start.config.ocm)
     schedule, mixup = validate_training_args(args)
-    if args.resume is not None:
-        stored_opt = (ckpt.get("args") or {}).get("opt")
-        if stored_opt and args.opt != stored_opt:
-            raise UserError(f"{ckpt_path} was trained with --opt {stored_opt}; its optimizer "
-                            f"state cannot continue as --opt {args.opt}: drop --opt (or start "
-                            f"a new run)")
-    outdir = args.outdir or (os.path.dirname(ckpt_path) or "." if args.resume is not None
-                             else default_outdir(dataset, config))
-    check_output_dir(outdir, "--outdir")
-    same_run = (args.resume is not None and os.path.isdir(outdir)
-                and os.path.samefile(os.path.dirname(ckpt_path) or ".", outdir))
-    if not same_run:
-        check_new_run_folder(outdir, args.overwrite)
-    history = list(ckpt.get("history") or []) if (ckpt and args.resume is not None) else []
-    if args.resume is not None and start_epoch >= args.epochs:
-        raise UserError(f"{ckpt_path} already finished {start_epoch} of {args.epochs} epochs: "
-                        f"raise -e/--epochs to train longer")
+    stored_opt = (start.ckpt.get("args") or {}).get("opt") if args.resume is not None else None
+    if stored_opt and args.opt != stored_opt:
+        raise UserError(f"{start.ckpt_path} was trained with --opt {stored_opt}; its optimizer "
+                        f"state cannot continue as --opt {args.opt}: drop --opt (or start "
+                        f"a new run)")
+    outdir, same_run = _training_outdir(args, start)
+    if args.resume is not None and start.start_epoch >= args.epochs:
+        raise UserError(f"{start.ckpt_path} already finished {start.start_epoch} of "
+                        f"{args.epochs} epochs: raise -e/--epochs to train longer")
     if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--amp uses bfloat16, which {device} does not support: drop --amp")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     train_loader, test_loader, _ = build_loaders(
-        dataset.name, args.data_dir, args.batch, device, workers=args.workers,
+        start.dataset.name, args.data_dir, args.batch, device, workers=args.workers,
         download=args.download, seed=args.seed, test_batch_size=args.test_batch,
         rank=distributed.rank(), world_size=distributed.world_size(), memory_format=memory_format)
-    model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay,
-                                args.nesterov)
-    if args.resume is not None and ckpt.get("optimizer"):
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{ckpt_path}: its optimizer state does not fit --opt {args.opt} "
-                            f"({e}); resume with the run's own optimizer") from None
-
+    start.model.to(memory_format=memory_format)
+    optimizer = _optimizer(args, start)
     args.outdir = outdir
-    train_model = wrap_for_training(model, device, args.compile)
+    train_model = wrap_for_training(start.model, device, args.compile)
     if not same_run and distributed.is_main():  # what passed check_new_run_folder may go
         clear_run_folder(outdir)
-    return train(args, model, output, config, dataset, optimizer, schedule, mixup,
-                 train_loader, test_loader, start_epoch, best_acc, outdir, train_model,
-                 history)
+    return _train_run(args, start, optimizer, schedule, mixup, train_loader, test_loader,
+                      train_model)
 
 
-def wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
-    """The module the training loop calls: ``model`` inside DistributedDataParallel (under
-    torchrun) and ``torch.compile`` (``--compile``). Checkpoints and evaluation use ``model``
-    itself, so no ``module.`` or ``_orig_mod.`` prefix reaches a state dict."""
-    wrapped = model
-    if distributed.is_distributed():
-        wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile_model:
-        wrapped = torch.compile(wrapped)
-    return wrapped
+def _training_outdir(args, start: Start) -> tuple[str, bool]:
+    """The run folder (checked, refused if it holds another run) and whether it is the folder
+    of the checkpoint that --resume continues."""
+    outdir = args.outdir or (os.path.dirname(start.ckpt_path) or "." if args.resume is not None
+                             else default_outdir(start.dataset, start.config))
+    check_output_dir(outdir, "--outdir")
+    same_run = (args.resume is not None and os.path.isdir(outdir)
+                and os.path.samefile(os.path.dirname(start.ckpt_path) or ".", outdir))
+    if not same_run:
+        check_new_run_folder(outdir, args.overwrite)
+    return outdir, same_run
 
 
-def _is_compile_error(e: BaseException) -> bool:
-    """An exception raised by torch.compile's machinery (dynamo, inductor, the C++ compiler)."""
-    return any(type(x).__module__.startswith(("torch._dynamo", "torch._inductor"))
-               for x in (e, e.__cause__) if x is not None)
+def _optimizer(args, start: Start) -> torch.optim.Optimizer:
+    """The optimizer of --opt; --resume restores its state from the checkpoint."""
+    optimizer = build_optimizer(start.model, args.opt, args.lr, args.momentum,
+                                args.weight_decay, args.nesterov)
+    if args.resume is not None and start.ckpt.get("optimizer"):
+        try:
+            optimizer.load_state_dict(start.ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{start.ckpt_path}: its optimizer state does not fit --opt "
+                            f"{args.opt} ({e}); resume with the run's own optimizer") from None
+    return optimizer
+
+
+def _train_run(args, start: Start, optimizer, schedule, mixup, train_loader, test_loader,
+               train_model) -> TrainRun:
+    """The flags the epoch loop needs, as a :class:`TrainRun`."""
+    return TrainRun(
+        model=start.model, output=start.output, config=start.config, dataset=start.dataset,
+        optimizer=optimizer, schedule=schedule, train_loader=train_loader,
+        test_loader=test_loader, outdir=args.outdir, epochs=args.epochs, seed=args.seed,
+        batch=args.batch, mixup=mixup, lambda_coeff=args.lambda_coeff if args.clustering else 0.0,
+        progress=args.progress, amp=args.amp, compiled=args.compile, train_model=train_model,
+        start_epoch=start.start_epoch, best_acc=start.best_acc, history=start.history,
+        stored_args={k: v for k, v in vars(args).items()
+                     if k in TRAINING_FLAGS or k == "dataset"},
+        run_args={"argv": sys.argv, **vars(args)},
+        resume_command="torchrun ... main.py" if distributed.is_distributed()
+        else "python main.py")
 
 
 def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
@@ -385,165 +436,6 @@ def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
           f"loss {stats['loss']:.4f}  ({stats['n']} test images)")
     print(json.dumps(result))
     return 0
-
-
-LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5",
-              "best_acc", "seconds"]
-TB_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
-
-
-def _write_log_csv(path: str, rows: list[dict]) -> None:
-    """``log.csv`` holding exactly ``rows`` (written next to it, then renamed: atomic)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        out.writeheader()
-        out.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _rows_of_old_log(path: str, epochs: int) -> list[dict]:
-    """The rows of the first ``epochs`` epochs of an existing ``log.csv`` (checkpoints written
-    before the history was stored in them)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit()
-                and int(r["epoch"]) <= epochs]
-
-
-def _log_tb(writer, row: dict) -> None:
-    for key in TB_KEYS:
-        writer.add_scalar(key.replace("_", "/", 1) if "_" in key else key, float(row[key]),
-                          int(row["epoch"]))
-
-
-def _log_epoch(row: dict, epochs: int, note: str = "") -> None:
-    log.info("epoch %3d/%d  lr %.2e  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% "
-             "(best %.2f%%)  %.1fs%s", int(row["epoch"]), epochs, float(row["lr"]),
-             float(row["train_loss"]), float(row["train_acc"]), float(row["test_loss"]),
-             float(row["test_acc"]), float(row["best_acc"]), float(row["seconds"]), note)
-
-
-def train(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
-          test_loader, start_epoch, best_acc, outdir, train_model=None, history=None) -> int:
-    """The epoch loop. ``train_model`` is what the training step calls (``model`` wrapped by
-    :func:`wrap_for_training`); only rank 0 writes files, every rank trains and evaluates.
-
-    ``history`` holds the log rows of the ``start_epoch`` finished epochs (stored in every
-    checkpoint): a resumed run rewrites ``log.csv`` and the last TensorBoard point from it, so
-    a kill at any moment, between the checkpoint writes included, loses no row and leaves no
-    duplicate, and removes the temporary files such a kill left behind."""
-    train_model = model if train_model is None else train_model
-    history = list(history or [])
-    if not distributed.is_main():
-        return _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup,
-                           train_loader, test_loader, start_epoch, best_acc, outdir,
-                           train_model, None, history)
-    from torch.utils.tensorboard import SummaryWriter
-
-    os.makedirs(outdir, exist_ok=True)
-    for name in os.listdir(outdir):  # left by a kill during an atomic write
-        if (name.startswith(".tmp-") and name.endswith(".pth.tar")) or name == "log.csv.tmp":
-            os.remove(os.path.join(outdir, name))
-    csv_path = os.path.join(outdir, "log.csv")
-    if start_epoch and not history:
-        history = _rows_of_old_log(csv_path, start_epoch)
-    _write_log_csv(csv_path, history)
-    setup_logging(os.path.join(outdir, "train.log"))
-    with open(os.path.join(outdir, "args.json"), "w") as f:
-        json.dump({"argv": sys.argv, **vars(args), "model_config": config.to_dict(),
-                   "world_size": distributed.world_size()}, f, indent=1)
-    world = distributed.world_size()
-    log.info("%s %s on %s: %d/%d train/test images, %s%s, start epoch %d",
-             "resuming" if start_epoch else "training", config.arch, dataset.name,
-             train_loader.dataset_size, test_loader.dataset_size, next(model.parameters()).device,
-             f" x {world} processes ({args.batch // world} images each per step)"
-             if world > 1 else "", start_epoch)
-    # Events at steps >= start_epoch are dropped, then the last finished epoch's point is
-    # written again from the history (a kill may have come before or after it was written).
-    writer = SummaryWriter(os.path.join(outdir, "tb"), purge_step=start_epoch or None)
-    if start_epoch and history:
-        _log_tb(writer, history[-1])
-        _log_epoch(history[-1], args.epochs, "  (from the checkpoint)")
-    try:
-        return _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup,
-                           train_loader, test_loader, start_epoch, best_acc, outdir,
-                           train_model, writer, history)
-    finally:
-        writer.close()
-
-
-def _train_loop(args, model, output, config, dataset, optimizer, schedule, mixup, train_loader,
-                test_loader, start_epoch, best_acc, outdir, train_model, writer, history) -> int:
-    main_proc = distributed.is_main()
-    csv_path = os.path.join(outdir, "log.csv")
-    ckpt_file = os.path.join(outdir, "checkpoint.pth.tar")
-    best_file = os.path.join(outdir, "model_best.pth.tar")
-    stored_args = {k: v for k, v in vars(args).items() if k in TRAINING_FLAGS or k == "dataset"}
-    lambda_coeff = args.lambda_coeff if args.clustering else 0.0
-    finished = start_epoch  # epochs whose checkpoint is on disk
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.time()
-            # Everything random in an epoch derives from (seed, epoch): exact resume.
-            torch.manual_seed(args.seed * 1_000_003 + epoch)
-            train_loader.set_epoch(epoch)
-            try:
-                tr = train_one_epoch(train_model, output, train_loader, optimizer, schedule,
-                                     epoch, lambda_coeff=lambda_coeff, mixup=mixup,
-                                     seed=args.seed, progress=args.progress and main_proc,
-                                     amp=args.amp)
-            except Exception as e:
-                if args.compile and _is_compile_error(e):
-                    raise UserError(f"--compile failed on this machine ({type(e).__name__}: "
-                                    f"{_first_line(e)}); train without --compile") from None
-                raise
-            te = evaluate(model, output, test_loader)
-            is_best = te["top1"] > best_acc
-            best_acc = max(best_acc, te["top1"])
-            row = {"epoch": epoch + 1, "lr": tr["lr"], "train_loss": round(tr["loss"], 6),
-                   "train_acc": round(tr["top1"], 4), "test_loss": round(te["loss"], 6),
-                   "test_acc": round(te["top1"], 4), "test_top5": round(te["top5"], 4),
-                   "best_acc": round(best_acc, 4), "seconds": round(time.time() - t0, 2)}
-            history.append(row)
-            if not main_proc:
-                finished = epoch + 1
-                continue
-            state = make_checkpoint(model, config, output, dataset.name, dataset.mean,
-                                    dataset.std, epoch=epoch + 1, best_acc=best_acc,
-                                    test_acc=te["top1"], optimizer=optimizer.state_dict(),
-                                    args=stored_args, history=history)
-            # model_best first: a kill between the two writes leaves checkpoint.pth.tar one
-            # epoch behind, and the resumed run redoes that epoch and writes both again.
-            if is_best:
-                save_checkpoint(state, best_file)
-            save_checkpoint(state, ckpt_file)
-            finished = epoch + 1
-            with open(csv_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
-            _log_tb(writer, row)
-            writer.flush()
-            _log_epoch(row, args.epochs)
-    except KeyboardInterrupt:
-        if main_proc:
-            launcher = "torchrun ... main.py" if distributed.is_distributed() else "python main.py"
-            log.info("interrupted; %s holds %d finished epoch(s) of %d: continue with  %s "
-                     "--resume %s", ckpt_file, finished, args.epochs, launcher, ckpt_file)
-        return 130
-    except FloatingPointError as e:
-        raise UserError(str(e)) from None
-    distributed.barrier()  # rank 0 has written the last checkpoint before anyone leaves
-    if main_proc:
-        log.info("done: best test accuracy %.2f%% (%s)", best_acc, best_file)
-    return 0
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def cli() -> None:

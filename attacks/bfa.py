@@ -91,6 +91,7 @@ from models.bits import Flip, changed_bits, random_flip, snapshot
 from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep
 from utils.data import normalize_images
 
+from .base import Attack, AttackResult
 from .common import EvalSet
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class ProfileRow:
 
 
 @dataclass
-class AttackResult:
+class BFAResult(AttackResult):
     """Outcome of :meth:`BFA.run` / :meth:`RandomFlips.run`.
 
     ``stopped_by`` is ``"break_acc"`` (accuracy fell to the threshold) or ``"n_iter"``;
@@ -148,6 +149,8 @@ class AttackResult:
     test_images: int = 0
     profile: list[ProfileRow] = field(default_factory=list)
 
+    DERIVED = ("bit_flips", "accuracy_drop")
+
     @property
     def bit_flips(self) -> int:
         """Flipped bits in all (more than ``iterations`` when multi-bit retries happened)."""
@@ -157,15 +160,9 @@ class AttackResult:
     def accuracy_drop(self) -> float:
         return self.clean_accuracy - self.final_accuracy
 
-    def summary(self) -> dict:
-        """Everything but the per-flip profile, as plain JSON-ready values."""
-        d = {k: v for k, v in asdict(self).items() if k != "profile"}
-        d["bit_flips"] = self.bit_flips
-        d["accuracy_drop"] = self.accuracy_drop
-        return d
 
 
-class _FlipAttack:
+class _FlipAttack(Attack):
     """What BFA and the random baseline share: labelling, the loss, the attack loop."""
 
     name = "attack"
@@ -180,7 +177,7 @@ class _FlipAttack:
                                  f"models.to_integer(model) before attacking")
         self.model = model
         self.output = output
-        self.result: AttackResult | None = None  # the run in progress, updated per iteration
+        self.result: BFAResult | None = None  # the run in progress, updated per iteration
 
     @property
     def device(self) -> torch.device:
@@ -210,8 +207,8 @@ class _FlipAttack:
     def run(self, attack_x: torch.Tensor, eval_set: EvalSet, n_iter: int,
             break_acc: float | None = None,
             on_flip: Callable[[ProfileRow], None] | None = None,
-            on_start: Callable[[AttackResult], None] | None = None,
-            progress: bool = False) -> AttackResult:
+            on_start: Callable[[BFAResult], None] | None = None,
+            progress: bool = False) -> BFAResult:
         """Attack until the test accuracy falls to ``break_acc`` (%) or ``n_iter`` iterations.
 
         Args:
@@ -239,7 +236,7 @@ class _FlipAttack:
             clean_loss = float(self.loss(x, y))
         settle_zero_codes(self.model)  # difference 6 of the module docstring
         clean_codes = snapshot(self.model)
-        result = AttackResult(self.name, clean_acc, clean_loss, clean_acc, clean_loss,
+        result = BFAResult(self.name, clean_acc, clean_loss, clean_acc, clean_loss,
                               attack_images=len(x), test_images=len(eval_set))
         self.result = result
         log.debug("%s: clean accuracy %.2f%%, attack loss %.4f", self.name, clean_acc,

@@ -52,7 +52,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -61,6 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import bits as bitlib
+
+from .base import Attack, AttackResult
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +321,10 @@ class ADMMRun:
 
 
 @dataclass
-class TALBFResult:
+class TALBFResult(AttackResult):
+    """Outcome of :meth:`TALBF.run` for one attacked sample (docs/algorithms.md section 8);
+    ``codes`` (a tensor) stays out of :meth:`to_dict`."""
+
     index: int
     target: int
     source: int
@@ -338,16 +343,14 @@ class TALBFResult:
     codes: torch.Tensor | None = field(default=None, repr=False)  # new integer codes
     tries: list = field(default_factory=list)   # ADMMRun.summary() of every decided run
 
-    def as_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "codes"}
-        return d
+    EXCLUDE = ("codes",)
 
 
 # ---------------------------------------------------------------------------------------------
 # The attack
 # ---------------------------------------------------------------------------------------------
 
-class TALBF:
+class TALBF(Attack):
     """Stealthy TA-LBF on the final layer (see module docstring; docs/algorithms.md section 8).
 
     ``features``: penultimate features of the whole test set ``[N, in]`` (see
@@ -816,14 +819,9 @@ def run_campaign(attack: TALBF, items: list[AttackItem], results, seed: int,
         t0 = time.time()
         aux = None if item.aux is None else torch.tensor(item.aux, dtype=torch.int64)
         res = attack.run(item.index, item.target, aux=aux, seed=s or 0)
-        record = {"key": item.key, "pos": item.pos, "target": item.target,
-                  "index": item.index, "source": res.source, "success": res.success,
-                  "asr": 100.0 if res.success else 0.0, "k": res.k, "gamma": res.gamma,
-                  "n_flips": res.n_flips, "pa_acc": res.pa_acc, "pa_acc_clean": res.pa_acc_clean,
-                  "converged": res.converged, "outer_iters": res.outer_iters,
-                  "runs": res.runs, "nan_runs": res.nan_runs, "clean_acc": clean_acc,
-                  "aux_seed": s, "aux_idx": res.aux, "flips": res.flips, "tries": res.tries,
-                  "seconds": round(time.time() - t0, 3)}
+        record = {"key": item.key, "pos": item.pos, **res.to_dict(exclude=("aux",)),
+                  "asr": 100.0 if res.success else 0.0, "clean_acc": clean_acc,
+                  "aux_seed": s, "aux_idx": res.aux, "seconds": round(time.time() - t0, 3)}
         results.append(record)
         new.append(record)
         if on_result is not None:
@@ -835,15 +833,14 @@ SUMMARY_METRICS = ["pa_acc", "n_flips", "pa_acc_clean", "k", "gamma", "outer_ite
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
-    """ASR over every attack; the other metrics averaged over the successful ones (docs/algorithms.md section 8)."""
-    from utils.results import mean_std, summarize
+    """ASR over every attack; the other metrics averaged over the successful ones (docs/algorithms.md section 8,
+    :func:`utils.results.talbf_summary`, the rule the report's table uses too)."""
+    from utils.results import TALBF, mean_std, successful, talbf_summary
 
-    m, s = mean_std([r["asr"] for r in records])
-    rows = [{"metric": "asr", "mean": m, "std": s, "n": len(records)}]
-    ok = [r for r in records if r["success"]]
-    rows += summarize(ok, SUMMARY_METRICS)
-    m, s = mean_std([100.0 * bool(r["converged"]) for r in ok])
+    rows = talbf_summary(records, SUMMARY_METRICS)
+    ok = successful(records)
+    m, s = mean_std([100.0 * bool(r[TALBF.converged]) for r in ok])
     rows.append({"metric": "converged_pct", "mean": m, "std": s, "n": len(ok)})
-    m, s = mean_std([r["clean_acc"] for r in records])
+    m, s = mean_std([r[TALBF.clean_acc] for r in records])
     rows.append({"metric": "clean_acc", "mean": m, "std": s, "n": len(records)})
     return rows

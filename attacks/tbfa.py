@@ -18,7 +18,7 @@ where ``L`` is the training loss (cross-entropy, or L1 to the OCM codes). Exampl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch.nn as nn
 from models.bits import changed_bits, restore, snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 
+from .base import Attack, AttackResult
 from .common import EvalSet
 
 # Paper protocol per data set (docs/algorithms.md section 7): classes used as sources, |D_src| = |D_aux|.
@@ -197,7 +198,10 @@ class TBFAConfig:
 
 
 @dataclass
-class TBFAResult:
+class TBFAResult(AttackResult):
+    """Outcome of :meth:`TBFA.run`: the attack metrics of one experiment (docs/algorithms.md
+    section 7)."""
+
     source: int
     target: int
     asr: float            # % of D_rest classified as t (the paper's ASR)
@@ -214,11 +218,8 @@ class TBFAResult:
     flips: list = field(default_factory=list)
     curve: list = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
 
-
-class TBFA:
+class TBFA(Attack):
     """Stealthy T-BFA on a model in integer mode (see module docstring)."""
 
     def __init__(self, model: nn.Module, output: nn.Module, config: TBFAConfig | None = None):
@@ -397,7 +398,7 @@ def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
             seconds = time.time() - t0
             record = {"key": exp.key, "source": exp.source, "target": exp.target,
                       "rep": exp.rep, "sets_seed": exp.seed, "clean_acc": clean_acc,
-                      **{k: v for k, v in result.as_dict().items()
+                      **{k: v for k, v in result.to_dict().items()
                          if k not in ("source", "target", "flips", "curve")},
                       "n_src": len(exp.sets.src), "n_aux": len(exp.sets.aux),
                       "seconds": round(seconds, 3),

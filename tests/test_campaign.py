@@ -13,6 +13,7 @@ import pytest
 import attack_tbfa
 from utils import campaign as C
 from utils.cli import run
+from utils.results import JsonlResults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +65,32 @@ def test_share_is_disjoint_and_complete(monkeypatch, tmp_path):
         assert len(flat) == len(set(flat))
         shares.append(got)
     assert shares[1] == [["0", "2", "6", "8", "10"], ["1", "5", "7", "9"]]
+
+
+def test_reading_a_folder_leaves_its_files_alone_appending_repairs_its_own(tmp_path):
+    write_lines(tmp_path / "results.rank0.jsonl", ["a"], broken=True)
+    write_lines(tmp_path / "results.rank1.jsonl", ["b"], broken=True)
+    before = (tmp_path / "results.rank1.jsonl").read_bytes()
+    problems = []
+    assert [r["key"] for r in C.read_records(str(tmp_path), problems)] == ["a", "b"]
+    assert [p.split(": ")[0] for p in problems] == [f"{tmp_path / 'results.rank0.jsonl'}:2",
+                                                    f"{tmp_path / 'results.rank1.jsonl'}:2"]
+    assert (tmp_path / "results.rank1.jsonl").read_bytes() == before  # read-only
+    # the file a process appends to loses its cut line first, so the next line stands alone
+    own = JsonlResults(str(tmp_path / "results.rank0.jsonl"))
+    own.append({"key": "c"})
+    assert (tmp_path / "results.rank0.jsonl").read_text() == (
+        '{"key": "a", "value": "a"}\n{"key": "c"}\n')
+    assert (tmp_path / "results.rank1.jsonl").read_bytes() == before
+
+
+def test_a_complete_last_line_without_its_newline_is_kept_and_ended(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"key": "a"}\n{"key": "b"}')  # cut between the record and its newline
+    res = JsonlResults(str(path))
+    assert res.done() == {"a", "b"}
+    res.append({"key": "c"})
+    assert [r["key"] for r in JsonlResults(str(path)).records] == ["a", "b", "c"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ def test_imagenet_layout_is_torchvision(arch, tv):
 
 
 def test_load_torchvision_weights_maps_fc():
+    """Every torchvision weight lands in its layer (fc in linear), and the loaded model computes
+    torchvision's function with each conv / linear weight replaced by its 8-bit quantization."""
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None, num_classes=10)
     model = get_model("resnet18_quan", 10)
@@ -89,8 +91,17 @@ def test_load_torchvision_weights_maps_fc():
     assert torch.equal(model.linear.weight, tv.fc.weight)
     assert torch.equal(model.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
     tv.eval(), model.eval()
-    x = torch.randn(1, 3, 64, 64)
-    assert torch.allclose(model(x), tv(x), atol=0.5)  # 8-bit weights: close, not equal
+    tv_layers = dict(tv.named_modules())
+    with torch.no_grad():
+        for name, layer in quant_layers(model):
+            ref = tv_layers["fc" if name == "linear" else name]
+            q = layer.quantized_weight()
+            levels = (q / layer.step_size).round()
+            assert torch.allclose(q, levels * layer.step_size) and levels.abs().max() <= 127
+            assert (q - ref.weight).abs().max() <= layer.step_size / 2 + 1e-7, name
+            ref.weight.copy_(q)
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.allclose(model(x), tv(x), rtol=1e-4, atol=1e-5)
 
 
 def published_state_dict(model):

@@ -11,9 +11,11 @@ import sys
 import pytest
 
 import report as report_script
+from utils import campaign
 from utils.cli import run
-from utils.report import (PUBLISHED, asr_budget_curve, bfa_curve, budget_curve, load_model,
-                          read_jsonl, table_rows, value_at_budget, write_report)
+from utils.report import (PUBLISHED, ModelResults, asr_budget_curve, bfa_curve, budget_curve,
+                          load_model, read_jsonl, table_rows, value_at_budget, write_report)
+from utils.results import TALBF, read_records, results_files, talbf_summary, write_csv
 
 
 def _tbfa(key, n_flips, asr, pa_acc, clean=90.0, curve=True):
@@ -232,3 +234,82 @@ def test_without_matplotlib_tables_are_still_written(results, tmp_path, monkeypa
     assert rep.figures == {}
     assert "matplotlib is not installed" in caplog.text
     assert (tmp_path / "r" / "table.md").exists() and (tmp_path / "r" / "bfa_table.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One reader for the campaigns and the report (utils/results.py)
+# ---------------------------------------------------------------------------------------------
+
+def _bytes_of(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_key_in_the_merged_and_a_rank_file_is_read_once_the_first_wins(results):
+    folder = results / "ocm16" / "attack_tbfa"  # results.jsonl: a (10 flips), b (30), corrupt c
+    _write_jsonl(str(folder / "results.rank10.jsonl"), [_tbfa("b", 99, 1.0, 1.0, clean=91.0),
+                                                       _tbfa("e", 12, 1.0, 1.0, clean=91.0)])
+    _write_jsonl(str(folder / "results.rank2.jsonl"), [_tbfa("e", 14, 1.0, 1.0, clean=91.0),
+                                                      _tbfa("d", 16, 1.0, 1.0, clean=91.0)])
+    assert [os.path.basename(p) for p in results_files(str(folder))] == [
+        "results.jsonl", "results.rank2.jsonl", "results.rank10.jsonl"]  # by rank number
+    records = read_records(str(folder))
+    assert [(r["key"], r["n_flips"]) for r in records] == [("a", 10), ("b", 30), ("e", 14),
+                                                           ("d", 16)]
+    m = load_model("ocm16", str(results / "ocm16"))
+    assert [(r["key"], r["n_flips"]) for r in m.tbfa] == [(r["key"], r["n_flips"])
+                                                          for r in records]
+    assert table_rows([m])[0]["tbfa_n_flips_mean"] == pytest.approx((10 + 30 + 14 + 16) / 4)
+    # the campaign's resume and merge read the same way
+    assert campaign.read_records is read_records
+    assert [r["key"] for r in campaign.merge_results(str(folder))] == ["a", "b", "e", "d"]
+
+
+def test_the_report_modifies_no_results_file(results, tmp_path):
+    """Corrupt lines, a line without a key and a cut last line: named, skipped, left alone."""
+    folder = results / "ocm16" / "attack_tbfa"
+    with open(folder / "results.rank1.jsonl", "w") as f:
+        f.write(json.dumps(_tbfa("d", 20, 70.0, 35.0, clean=91.0)) + "\n")
+        f.write('{"n_flips": 3}\n')              # no key: cannot be counted once
+        f.write('{"key": "e", "asr":')           # cut short, no newline
+    before = _bytes_of(results / "ocm16")
+    m = load_model("ocm16", str(results / "ocm16"))
+    rep = write_report([m], str(tmp_path / "report"))
+    assert _bytes_of(results / "ocm16") == before  # every results file, byte for byte
+    assert sorted(r["key"] for r in m.tbfa) == ["a", "b", "d"]
+    rank1 = str(folder / "results.rank1.jsonl")
+    assert [p.split(": ")[0] for p in rep.problems] == [
+        f"{folder / 'results.jsonl'}:3", f"{rank1}:2", f"{rank1}:3"]
+    assert all("corrupt results line skipped" in p for p in rep.problems)
+
+
+def test_talbf_rule_is_asr_over_all_and_the_rest_over_successes():
+    records = [_talbf("0", True, 4, 80.0), _talbf("1", True, 8, 90.0),
+               _talbf("2", False, 40, 10.0), _talbf("3", False, 0, 0.0)]
+    rows = {r["metric"]: r for r in talbf_summary(records)}
+    assert list(rows) == [TALBF.asr, TALBF.pa_acc, TALBF.n_flips]
+    assert rows["asr"]["mean"] == 50.0 and rows["asr"]["n"] == 4
+    assert rows["asr"]["std"] == pytest.approx(math.sqrt(4 * 50.0 ** 2 / 3))
+    assert (rows["n_flips"]["mean"], rows["n_flips"]["n"]) == (6.0, 2)  # failures left out
+    assert rows["n_flips"]["std"] == pytest.approx(math.sqrt(8.0))
+    assert rows["pa_acc"]["mean"] == 85.0 and rows["pa_acc"]["std"] == pytest.approx(math.sqrt(50))
+    # the attack script's summary and the report's table use that rule
+    from attacks import talbf
+
+    script = {r["metric"]: r for r in talbf.summary_rows(
+        [dict(r, converged=True, pa_acc_clean=r["pa_acc"], k=5, gamma=50.0, outer_iters=200,
+              seconds=1.0) for r in records])}
+    table = table_rows([ModelResults("m", "m", talbf=records)])[0]
+    for metric in ("asr", "pa_acc", "n_flips"):
+        assert script[metric] == rows[metric]
+        assert table[f"talbf_{metric}_mean"] == rows[metric]["mean"]
+        assert table[f"talbf_{metric}_std"] == rows[metric]["std"]
+    assert table["talbf_n"] == 4 and table["talbf_successes"] == 2
+
+
+def test_write_csv_is_utf8_and_atomic(tmp_path):
+    path = tmp_path / "t.csv"
+    write_csv(str(path), [{"model": "OCM16 ± PC", "mean": 1 / 3}])
+    assert path.read_bytes() == "model,mean\r\nOCM16 ± PC,0.3333333333333333\r\n".encode("utf-8")
+    assert os.listdir(tmp_path) == ["t.csv"]
+    write_csv(str(tmp_path / "none.csv"), [])
+    assert os.listdir(tmp_path) == ["t.csv"]  # no rows: no file

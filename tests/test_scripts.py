@@ -38,9 +38,125 @@ def flag(argv, name):
     return argv[argv.index(name) + 1] if name in argv else None
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_bash_syntax(script):
-    subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", script)], check=True)
+def fake_python(tmp_path):
+    """A ``python`` (and a ``torchrun``) that records each call in ``calls.txt`` and exits with
+    ``$FAKE_RC``: the scripts' real code paths run, with every Python command captured."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "torchrun"):
+        stub = bin_dir / name
+        stub.write_text('#!/usr/bin/env bash\n{ printf "%q " "$(basename "$0")" "$@"; echo; } '
+                        '>> "$CALLS"\nexit "${FAKE_RC:-0}"\n')
+        stub.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = dict(os.environ, PYTHON=str(bin_dir / "python"), CALLS=str(calls),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("DRY_RUN", None)
+    return env, calls
+
+
+def recorded(calls):
+    """The recorded calls as ``(launcher, script, argv)``, the calls file emptied."""
+    out = []
+    if calls.exists():
+        for line in calls.read_text().splitlines():
+            argv = shlex.split(line)
+            i = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+            out.append((argv[:i], argv[i], argv[i + 1:]))
+        calls.unlink()
+    return out
+
+
+def parse(name, argv):
+    return importlib.import_module(PY_SCRIPTS[name]).get_args_parser().parse_args(argv)
+
+
+def test_lib_steps_train_resume_skip_and_report_failures(tmp_path):
+    """The steps of scripts/_lib.sh outside a dry run: a new training, the --resume of an
+    interrupted one, the skip of a finished one (train.done), the BFA skip, torchrun with
+    NPROC > 1, the timings file, and a failing command's report under QUIET=1."""
+    env, calls = fake_python(tmp_path)
+    run_dir, res = tmp_path / "m", tmp_path / "res"
+    lib = os.path.join(ROOT, "scripts", "_lib.sh")
+
+    def bash(body, **extra):
+        return subprocess.run(["bash", "-c", f"set -euo pipefail; source {shlex.quote(lib)}; "
+                               f"DATA_DIR={shlex.quote(str(tmp_path / 'd'))}; {body}"],
+                              env=dict(env, **extra), capture_output=True, text=True,
+                              timeout=30)
+
+    run_dir.mkdir()
+    train = f"train {shlex.quote(str(run_dir))} --dataset digits -e 2"
+    assert bash(train, DEVICE="cpu").returncode == 0
+    [(launcher, name, argv)] = recorded(calls)
+    args = parse(name, argv)
+    assert launcher == ["python"] and name == "main.py" and args.resume is None
+    assert (args.outdir, args.epochs, args.device) == (str(run_dir), 2, "cpu")
+    assert (run_dir / "train.done").exists()
+    (run_dir / "train.done").unlink()
+    (run_dir / "checkpoint.pth.tar").write_bytes(b"")  # an interrupted run
+    assert bash(train, NPROC="2").returncode == 0
+    [(launcher, name, argv)] = recorded(calls)
+    args = parse(name, argv)
+    assert launcher == ["torchrun", "--standalone", "--nproc_per_node=2"]
+    assert args.resume == str(run_dir / "checkpoint.pth.tar") and args.outdir is None
+    proc = bash(train)  # train.done again: nothing runs
+    assert proc.returncode == 0 and "already trained" in proc.stdout and not recorded(calls)
+
+    bfa = f"bfa {shlex.quote(str(run_dir))} {shlex.quote(str(res))} --seed 3"
+    for summary, runs in ((None, True), ('{"stopped_by": "interrupted"}', True),
+                          ('{"stopped_by": "accuracy"}', False)):
+        if summary is not None:
+            res.mkdir(exist_ok=True)
+            (res / "summary.json").write_text(summary)
+        proc = bash(bfa, NPROC="2", TIMINGS=str(tmp_path / "t.tsv"), STEP="bfa m")
+        assert proc.returncode == 0
+        got = recorded(calls)
+        assert bool(got) == runs and ("already attacked" in proc.stdout) != runs
+        if runs:
+            [(launcher, name, argv)] = got
+            args = parse(name, argv)
+            assert launcher == ["python"] and name == "attack_bfa.py"  # always one process
+            assert (args.checkpoint, args.results) == (str(run_dir / "model_best.pth.tar"),
+                                                       str(res))
+    rows = [r.split("\t") for r in (tmp_path / "t.tsv").read_text().splitlines()]
+    assert len(rows) == 2 and all(r[0] == "bfa m" and r[3].endswith("--seed 3") for r in rows)
+
+    log = tmp_path / "quiet.log"
+    (run_dir / "train.done").unlink()
+    proc = bash(train, QUIET="1", LOG=str(log), FAKE_RC="3")
+    assert proc.returncode == 3 and "command failed (exit 3)" in proc.stderr
+    assert f"last lines of {log}" in proc.stderr and not (run_dir / "train.done").exists()
+
+
+@pytest.mark.parametrize("attack", ["0", "1"])
+def test_quickstart_commands_parse(attack, tmp_path):
+    """scripts/quickstart.sh (no dry-run mode): its commands, captured, parse with their
+    scripts' parsers; EPOCHS overrides both recipes, ATTACK=0 stops after the training and
+    otherwise both trained models are attacked and reported."""
+    env, calls = fake_python(tmp_path)
+    out = tmp_path / "qs"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh")],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
+                          env=dict(env, OUT=str(out), ATTACK=attack, EPOCHS="1"))
+    assert proc.returncode == 0, proc.stderr
+    commands = recorded(calls)
+    assert all(launcher == ["python"] for launcher, _, _ in commands)
+    assert [n for _, n, _ in commands] == ["main.py"] * 2 + (
+        [] if attack == "0" else ["attack_tbfa.py", "attack_talbf.py"] * 2 + ["report.py"])
+    parsed = [(name, parse(name, argv)) for _, name, argv in commands]
+    vanilla, ocm = parsed[0][1], parsed[1][1]
+    assert (vanilla.outdir, ocm.outdir) == (str(out / "vanilla"), str(out / "ocm16"))
+    assert vanilla.epochs == ocm.epochs == 1 and not vanilla.ocm
+    assert ocm.ocm and ocm.code_length == 16 and ocm.output_act == "tanh"
+    attacked = {(name, args.checkpoint) for name, args in parsed[2:-1]}
+    expected = {(a, str(out / m / "model_best.pth.tar"))
+                for a in ("attack_tbfa.py", "attack_talbf.py") for m in ("vanilla", "ocm16")}
+    assert attacked == (set() if attack == "0" else expected)
+    for name, args in parsed[2:-1]:  # each next to its model, in its own folder
+        assert args.results == os.path.join(os.path.dirname(args.checkpoint), name[:-3])
+    if attack == "1":
+        assert parsed[-1][1].models == [f"vanilla={out / 'vanilla'}", f"ocm16={out / 'ocm16'}"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_chec
 from utils.cli import run
 from utils.data import get_dataset_info, load_split_tensors
 from utils import attacks_file as AF
-from utils.results import JsonlResults
+from utils.results import TALBF, JsonlResults
 
 # Faster penalty growth and fewer outer iterations than the paper (rho_fact 1.01, 2000): the
 # attacks on the digits models still succeed, in well under a second each.
@@ -497,6 +498,7 @@ def test_script_end_to_end_resume_and_attack_info(digits_checkpoints, tmp_path, 
     for k in ("target", "index", "source", "success", "k", "gamma", "n_flips", "pa_acc",
               "converged"):
         assert k in rec
+    assert set(astuple(TALBF)) <= set(rec)  # the fields the report reads (utils/results.py)
     assert os.path.exists(tmp_path / "r" / "summary.csv")
     assert len(listed.read_text().splitlines()) == 2
     # running again does nothing new; a longer list only runs the new attack

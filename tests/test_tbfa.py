@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from utils.bitsearch import SearchStep
 from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from utils.cli import run
 from utils.data import get_dataset_info, load_split_tensors
-from utils.results import JsonlResults
+from utils.results import CURVE, TBFA, JsonlResults
 from models import to_integer
 
 
@@ -75,7 +76,26 @@ def test_tbfa_reaches_target_and_keeps_count(digits_checkpoints, digits_test):
     assert result.n_flips == len(result.flips)
     assert result.hamming == changed_bits(model, clean) <= result.n_flips
     assert all(f["before"] != f["after"] for f in result.flips)
-    assert 0 <= result.pa_acc <= 100
+    # The flip log replayed on a fresh copy of the model is the attacked model, and PA-ACC
+    # (and the public formula's figure, whole blocks of 100) are its hit counts on D_pa.
+    replay, _ = attacked_model(digits_checkpoints["vanilla"])
+    layers = dict(replay.named_modules())
+    for f in result.flips:
+        codes = layers[f["layer"]].weight.data.view(-1)
+        assert int(codes[f["index"]].round()) == f["before"], f
+        codes[f["index"]] = f["after"]
+    assert changed_bits(replay, snapshot(model)) == 0
+    pa = sets.pa
+    hits = int((digits_test.predict(replay, output, pa) == digits_test.labels[pa]).sum())
+    assert result.pa_acc == 100.0 * hits / len(pa)
+    scored = len(pa) // 100 * 100
+    hits_public = int((digits_test.predict(replay, output, pa[:scored])
+                       == digits_test.labels[pa[:scored]]).sum())
+    assert result.pa_acc_public == 100.0 * hits_public / len(pa)
+    clean_model, _ = attacked_model(digits_checkpoints["vanilla"])
+    clean_hits = int((digits_test.predict(clean_model, output, pa)
+                      == digits_test.labels[pa]).sum())
+    assert result.pa_acc_clean == 100.0 * clean_hits / len(pa)
 
 
 def test_tbfa_reaches_100_percent_on_d_src(digits_checkpoints, digits_test):
@@ -206,6 +226,8 @@ def test_script_end_to_end_and_resume(digits_checkpoints, tmp_path, capsys):
     assert len(lines) == 2
     rec = json.loads(lines[0])
     assert rec["key"] == "s2-t3-r0" and rec["curve"][0]["flips"] == 0
+    # the fields the report reads (named once, in utils/results.py) are the ones written
+    assert set(astuple(TBFA)) <= set(rec) and set(astuple(CURVE)) <= set(rec["curve"][1])
     assert os.path.exists(tmp_path / "r" / "summary.csv")
     # running again does nothing new
     assert run(attack_tbfa.main, args) == 0

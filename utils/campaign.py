@@ -20,39 +20,16 @@ between its two steps) counts once.
 
 from __future__ import annotations
 
-import glob
-import json
+import logging
 import os
-import re
 
 from . import distributed as dist
-from .results import JsonlResults
+from .results import MERGED, JsonlResults, read_records, results_files, write_jsonl
 
-MERGED = "results.jsonl"
-_RANK_FILE = re.compile(r"results\.rank(\d+)\.jsonl$")
+log = logging.getLogger(__name__)
 
-
-def results_files(results_dir: str) -> list[str]:
-    """``results.jsonl`` then the rank files by rank, those that exist."""
-    merged = os.path.join(results_dir, MERGED)
-    ranked = []
-    for path in glob.glob(os.path.join(results_dir, "results.rank*.jsonl")):
-        m = _RANK_FILE.search(os.path.basename(path))
-        if m:
-            ranked.append((int(m.group(1)), path))
-    return ([merged] if os.path.exists(merged) else []) + [p for _, p in sorted(ranked)]
-
-
-def read_records(results_dir: str) -> list[dict]:
-    """Every record of the folder, each key once (first occurrence wins). Lines cut short by a
-    crash are dropped from their file (see :class:`utils.results.JsonlResults`)."""
-    seen, records = set(), []
-    for path in results_files(results_dir):
-        for record in JsonlResults(path).records:
-            if record["key"] not in seen:
-                seen.add(record["key"])
-                records.append(record)
-    return records
+# results_files and read_records (each key once, the first occurrence wins) live in
+# utils/results.py, shared with the report; they are imported here for the campaign's callers.
 
 
 def merge_results(results_dir: str) -> list[dict]:
@@ -62,13 +39,7 @@ def merge_results(results_dir: str) -> list[dict]:
     files = results_files(results_dir)
     merged = os.path.join(results_dir, MERGED)
     if any(p != merged for p in files):
-        tmp = merged + ".tmp"
-        with open(tmp, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, merged)
+        write_jsonl(merged, records)
         for path in files:
             if path != merged:
                 os.remove(path)
@@ -135,3 +106,100 @@ class CampaignResults:
         if self.rank != 0:
             return None
         return merge_results(self.results_dir)
+
+
+def open_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = False
+                  ) -> CampaignResults:
+    """Check ``results_dir`` against ``campaign`` (:func:`utils.results.check_campaign`: raises
+    a :class:`~utils.errors.UserError` before anything is written), then create it, log to
+    it, record the settings and return this process's view of it."""
+    from .results import check_campaign
+
+    campaign_file = check_campaign(results_dir, campaign, keys, overwrite)
+    start_campaign_folder(results_dir, campaign_file, campaign, overwrite)
+    return CampaignResults(results_dir)
+
+
+class CampaignRunner:
+    """What both campaign scripts do once the plan is made (attack_tbfa.py, attack_talbf.py).
+
+    A progress bar over this process's share of ``items`` (those not done, round-robin among
+    the ranks), one log line and optional TensorBoard points per finished record, Ctrl-C keeps
+    every finished record (exit status 130, the same command continues), then every rank waits
+    and rank 0 merges the results, writes ``summary.csv`` and prints the summary table.
+
+    Args:
+        results: the folder (:func:`open_campaign`).
+        items: the whole campaign, in order; each has a ``key``.
+        noun: what an item is, plural (``"T-BFA experiments"``), for the bar and the log.
+        progress: show the bar (rank 0 only).
+        scalars: record fields logged to TensorBoard (``<results>/tb``) as ``<tag>/<field>``.
+    """
+
+    def __init__(self, results: CampaignResults, items: list, noun: str, progress: bool = True,
+                 tag: str = "campaign", scalars: tuple[str, ...] = ()):
+        from tqdm import tqdm
+
+        self.results, self.noun, self.tag, self.scalars = results, noun, tag, scalars
+        self.keys = [it.key for it in items]
+        self.todo = results.share(items)
+        self.main_rank = dist.is_main()
+        self.bar = tqdm(total=len(self.todo), desc=noun, dynamic_ncols=True,
+                        disable=not (progress and self.main_rank))
+        self.writer = None
+        if scalars:
+            from torch.utils.tensorboard import SummaryWriter
+
+            sub = "tb" if self.main_rank else f"tb/rank{dist.rank()}"
+            self.writer = SummaryWriter(os.path.join(results.results_dir, sub))
+
+    def announce(self, what: str) -> None:
+        """Log the campaign's first line: ``what`` (the attack, the model, its clean accuracy),
+        then how many items there are, done and to run here, and where the results go."""
+        world = dist.world_size()
+        done = len(self.results.done() & set(self.keys))
+        log.info("%s; %d %s, %d done, %d to run%s; results in %s", what, len(self.keys),
+                 self.noun.split()[-1], done, len(self.todo),
+                 f" by rank {dist.rank()} of {world}" if world > 1 else "",
+                 self.results.results_dir)
+
+    def run(self, attack_items, describe, summary_rows, closing) -> int:
+        """``attack_items(todo, on_result)`` runs the share, calling ``on_result(record)``
+        after appending each record; ``describe(record)`` is its log line;
+        ``summary_rows(records)`` the summary (``metric, mean, std, n`` rows) and
+        ``closing(records)`` the last line printed (before the results file's path). Returns
+        the exit status."""
+        from .results import format_table, write_csv
+
+        def on_result(record: dict) -> None:
+            if self.writer is not None:
+                n = len(self.results.records)
+                for name in self.scalars:
+                    self.writer.add_scalar(f"{self.tag}/{name}", record[name], n)
+                self.writer.flush()
+            self.bar.update(1)
+            log.info("%s", describe(record))
+
+        try:
+            attack_items(self.todo, on_result)
+        except KeyboardInterrupt:
+            self.bar.close()
+            log.info("interrupted: %d of %d %s are in %s; run the same command again to "
+                     "continue", len(self.results.records), len(self.keys),
+                     self.noun.split()[-1], self.results.results_dir)
+            return 130
+        finally:
+            self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        records = self.results.finish()  # every rank done; rank 0 merges the results files
+        if records is None:
+            return 0
+        keys = set(self.keys)
+        records = [r for r in records if r["key"] in keys]
+        rows = summary_rows(records)
+        write_csv(os.path.join(self.results.results_dir, "summary.csv"), rows)
+        print(format_table(rows, ["metric", "mean", "std", "n"]))
+        print(f"{closing(records)}; results: "
+              f"{os.path.join(self.results.results_dir, MERGED)}")
+        return 0

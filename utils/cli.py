@@ -272,6 +272,24 @@ class AttackTarget:
     mean: tuple
     std: tuple
 
+    def describe(self) -> str:
+        """``<source> (<arch>, <bits>-bit[, OCM<n>])``, as the attack logs name the model."""
+        c = self.config
+        return (f"{self.source} ({c.arch}, {c.bits}-bit"
+                f"{f', OCM{c.code_length}' if c.ocm else ''})")
+
+    def load_test_split(self, args) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test split of the model's data set as uint8 images and labels (``--data_dir``,
+        ``--download``, ``--workers``); labels the model cannot output are refused."""
+        from .data import load_split_tensors
+
+        images, labels = load_split_tensors(self.dataset.name, args.data_dir, "test",
+                                            download=args.download, workers=args.workers)
+        if int(labels.max()) >= self.config.num_classes:
+            raise UserError(f"the test set has labels up to {int(labels.max())} but the model "
+                            f"has {self.config.num_classes} classes")
+        return images, labels
+
 
 def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
     """Build the attacked model from ``--checkpoint``/``--outdir`` or ``--pretrained``, load its

@@ -11,10 +11,13 @@ attack scripts write beside the checkpoint by default:
   random-flip run (docs/algorithms.md section 6), e.g. ``attack_bfa/``, ``attack_bfa_random/`` or
   ``attack_bfa/seed1/``.
 
-:func:`load_model` reads one folder (read-only: a corrupt line is reported with its file and
-line number and skipped, never rewritten); :func:`table_rows` gives one row per model (mean and
-sample std over experiments, published values of docs/algorithms.md section 9 beside ours); :func:`asr_budget_curve`
-is the supplement's Figure 1 statistic and :func:`write_report` writes everything::
+:func:`load_model` reads one folder with :func:`utils.results.read_records` (read-only: a
+corrupt line is reported with its file and line number and skipped, never rewritten; a key found
+in several results files counts once, the first occurrence winning); the record fields read are
+named in utils/results.py (:data:`~utils.results.TBFA`, :data:`~utils.results.TALBF`).
+:func:`table_rows` gives one row per model (mean and sample std over experiments, published
+values of docs/algorithms.md section 9 beside ours); :func:`asr_budget_curve` is the
+supplement's Figure 1 statistic and :func:`write_report` writes everything::
 
     from utils.report import load_model, write_report, PUBLISHED
     models = [load_model("vanilla", "runs/paper/cifar10/vanilla"),
@@ -26,7 +29,6 @@ is the supplement's Figure 1 statistic and :func:`write_report` writes everythin
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
 import math
@@ -34,7 +36,9 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .results import mean_std
+from .results import (CURVE, MERGED, TALBF, TBFA, mean_std, read_records, results_files,
+                      successful, talbf_summary, write_csv)
+from .results import read_jsonl  # noqa: F401 (the one parser; importable from here as before)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +69,12 @@ DISPLAY_NAMES = {
 
 TBFA_DIR, TALBF_DIR = "attack_tbfa", "attack_talbf"
 
-# (column key, metric in the records, heading) of the main table, in order.
-TBFA_METRICS = (("tbfa_asr", "asr", "ASR %"), ("tbfa_pa_acc", "pa_acc", "PA-ACC %"),
-                ("tbfa_n_flips", "n_flips", "# bit-flips"))
-TALBF_METRICS = (("talbf_asr", "asr", "ASR %"), ("talbf_pa_acc", "pa_acc", "PA-ACC %"),
-                 ("talbf_n_flips", "n_flips", "# bit-flips"))
+# (column key, field of the records, heading) of the main table, in order; the fields are
+# defined (and what each counts said) in utils/results.py.
+TBFA_METRICS = (("tbfa_asr", TBFA.asr, "ASR %"), ("tbfa_pa_acc", TBFA.pa_acc, "PA-ACC %"),
+                ("tbfa_n_flips", TBFA.n_flips, "# bit-flips"))
+TALBF_METRICS = (("talbf_asr", TALBF.asr, "ASR %"), ("talbf_pa_acc", TALBF.pa_acc, "PA-ACC %"),
+                 ("talbf_n_flips", TALBF.n_flips, "# bit-flips"))
 
 
 def display_name(label: str) -> str:
@@ -79,28 +84,6 @@ def display_name(label: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Reading result folders (never writing them)
 # ---------------------------------------------------------------------------------------------
-
-def read_jsonl(path: str, problems: list[str] | None = None) -> list[dict]:
-    """The JSON objects of ``path``, one per line; a corrupt line is reported as ``file:line``
-    (logged, and appended to ``problems``) and skipped. The file is never modified."""
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                msg = f"{path}:{number}: corrupt results line skipped ({str(e)[:80]})"
-                log.warning("%s", msg)
-                if problems is not None:
-                    problems.append(msg)
-                continue
-            records.append(record)
-    return records
-
 
 @dataclass
 class BFARun:
@@ -170,21 +153,13 @@ class ModelResults:
 
     def clean_acc(self) -> tuple[float, float]:
         """Clean test accuracy of the integer-mode model, as the attack scripts measured it."""
-        for records in (self.tbfa, self.talbf):
-            values = [r["clean_acc"] for r in records if r.get("clean_acc") is not None]
+        for records, name in ((self.tbfa, TBFA.clean_acc), (self.talbf, TALBF.clean_acc)):
+            values = [r[name] for r in records if r.get(name) is not None]
             if values:
                 return mean_std(values)
         if self.bfa:
             return mean_std([r.clean_accuracy for r in self.bfa])
         return float("nan"), float("nan")
-
-
-def _dedup(records: list[dict]) -> list[dict]:
-    """One record per ``key`` (the last one wins, as a rerun appends after the first)."""
-    by_key = {}
-    for i, r in enumerate(records):
-        by_key[r.get("key", i)] = r
-    return list(by_key.values())
 
 
 def _campaign_dataset(folder: str) -> str | None:
@@ -210,20 +185,19 @@ def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str
     for kind, sub, attr, hint in (
             ("T-BFA", tbfa_dir, "tbfa", "attack_tbfa.py --checkpoint ... --curve-every 1"),
             ("TA-LBF", talbf_dir, "talbf", "attack_talbf.py --checkpoint ...")):
-        path = os.path.join(folder, sub, "results.jsonl")
-        # a campaign run by several processes and not yet merged: results.rank<r>.jsonl
-        paths = ([path] if os.path.exists(path) else []) + sorted(
-            glob.glob(os.path.join(folder, sub, "results.rank*.jsonl")))
-        if not paths:
+        results_dir = os.path.join(folder, sub)
+        path = os.path.join(results_dir, MERGED)
+        # with a campaign run by several processes and not yet merged: results.rank<r>.jsonl
+        if not results_files(results_dir):
             if attr in expect:
                 m.missing.append(f"{label}: no {kind} results ({path}; run {hint})")
             continue
-        records = _dedup([r for p in paths for r in read_jsonl(p, m.problems)])
+        records = read_records(results_dir, m.problems)
         setattr(m, attr, records)
-        m.dataset = m.dataset or _campaign_dataset(os.path.join(folder, sub))
+        m.dataset = m.dataset or _campaign_dataset(results_dir)
         if not records:
             m.missing.append(f"{label}: {path} holds no complete {kind} result")
-    if curves and m.tbfa and not any(r.get("curve") for r in m.tbfa):
+    if curves and m.tbfa and not any(r.get(TBFA.curve) for r in m.tbfa):
         m.missing.append(f"{label}: the T-BFA results have no per-flip curves (run "
                          f"attack_tbfa.py with --curve-every 1): Figures 1 and 2 leave it out")
     for root, dirs, files in os.walk(folder):
@@ -272,7 +246,8 @@ def table_rows(models: list[ModelResults], published: dict | None = None) -> lis
     every metric of T-BFA and TA-LBF, ``<key>_paper`` where ``published`` has the value.
 
     T-BFA: mean and sample std over experiments. TA-LBF: ASR over every attack, PA-ACC and
-    # bit-flips over the successful ones (docs/algorithms.md section 8)."""
+    # bit-flips over the successful ones (docs/algorithms.md section 8,
+    :func:`utils.results.talbf_summary`)."""
     rows = []
     for m in models:
         row = {"model": m.label, "name": m.name}
@@ -280,11 +255,11 @@ def table_rows(models: list[ModelResults], published: dict | None = None) -> lis
         row["tbfa_n"] = len(m.tbfa)
         for key, metric, _ in TBFA_METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(metric) for r in m.tbfa])
-        ok = [r for r in m.talbf if r.get("success")]
-        row["talbf_n"], row["talbf_successes"] = len(m.talbf), len(ok)
+        row["talbf_n"], row["talbf_successes"] = len(m.talbf), len(successful(m.talbf))
+        stats = {s["metric"]: s for s in talbf_summary(
+            m.talbf, [metric for _, metric, _ in TALBF_METRICS if metric != TALBF.asr])}
         for key, metric, _ in TALBF_METRICS:
-            source = m.talbf if metric == "asr" else ok
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(metric) for r in source])
+            row[f"{key}_mean"], row[f"{key}_std"] = stats[metric]["mean"], stats[metric]["std"]
         for key in ("tbfa_n_flips", "tbfa_pa_acc", "talbf_n_flips", "talbf_pa_acc"):
             value = (published or {}).get(m.label, {}).get(key)
             row[f"{key}_paper"] = value if value is not None else ""
@@ -358,18 +333,6 @@ def format_markdown_bfa(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_rows_csv(path: str, rows: list[dict]) -> None:
-    """``rows`` as CSV (floats in full precision), written atomically."""
-    if not rows:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The curves (supplement Figures 1 and 2, the BFA accuracy curve)
 # ---------------------------------------------------------------------------------------------
@@ -380,11 +343,11 @@ def value_at_budget(record: dict, budget: int, metric: str) -> float | None:
     The attack is deterministic, so this is its curve at ``min(budget, n_flips)``: an attack
     that stopped earlier keeps its final value. With ``--curve-every K > 1`` the last recorded
     point at or before that count is used."""
-    curve = record.get("curve") or []
-    limit = min(budget, int(record.get("n_flips", budget)))
+    curve = record.get(TBFA.curve) or []
+    limit = min(budget, int(record.get(TBFA.n_flips, budget)))
     value = None
     for point in curve:
-        if point.get("flips", 0) > limit:
+        if point.get(CURVE.flips, 0) > limit:
             break
         if point.get(metric) is not None:
             value = float(point[metric])
@@ -394,7 +357,7 @@ def value_at_budget(record: dict, budget: int, metric: str) -> float | None:
 def budget_curve(records: list[dict], budgets: list[int], metric: str
                  ) -> tuple[list[float], list[float]]:
     """Mean and sample std over experiments of :func:`value_at_budget` for every budget."""
-    with_curve = [r for r in records if r.get("curve")]
+    with_curve = [r for r in records if r.get(TBFA.curve)]
     means, stds = [], []
     for b in budgets:
         m, s = mean_std([value_at_budget(r, b, metric) for r in with_curve])
@@ -405,7 +368,7 @@ def budget_curve(records: list[dict], budgets: list[int], metric: str
 
 def asr_budget_curve(records: list[dict], budgets: list[int]) -> tuple[list[float], list[float]]:
     """Supplement Figure 1: T-BFA ASR (on D_rest) against the maximum allowed # bit-flips."""
-    return budget_curve(records, budgets, "asr")
+    return budget_curve(records, budgets, CURVE.asr)
 
 
 def bfa_curve(runs: list[BFARun]) -> tuple[list[float], list[float]]:
@@ -467,22 +430,23 @@ def plot_tbfa_curves(models: list[ModelResults], metric: str, path: str, band: f
                      max_flips: int | None = None, title: str = "") -> int | None:
     """Figure 1 (``metric="asr"``) or Figure 2 (``"pa_acc"``): one line per model with curves;
     returns the number of lines drawn, or None without matplotlib or without any curve."""
-    with_curves = [m for m in models if any(r.get("curve") for r in m.tbfa)]
+    with_curves = [m for m in models if any(r.get(TBFA.curve) for r in m.tbfa)]
     if not with_curves:
         return None
     plt = _pyplot()
     if plt is None:
         return None
-    top = max(int(r.get("n_flips", 0)) for m in with_curves for r in m.tbfa if r.get("curve"))
+    top = max(int(r.get(TBFA.n_flips, 0)) for m in with_curves for r in m.tbfa
+              if r.get(TBFA.curve))
     top = min(top, max_flips) if max_flips else top
     budgets = list(range(0, max(top, 1) + 1))
     series = []
     for m in with_curves:
         means, stds = budget_curve(m.tbfa, budgets, metric)
-        n = sum(1 for r in m.tbfa if r.get("curve"))
+        n = sum(1 for r in m.tbfa if r.get(TBFA.curve))
         series.append((f"{m.name} ({n})", budgets, means, stds, "-"))
-    ylabel = {"asr": "stealthy T-BFA ASR (%)", "pa_acc": "PA-ACC (%)"}.get(metric, metric)
-    xlabel = ("maximum allowed number of bit-flips" if metric == "asr"
+    ylabel = {CURVE.asr: "stealthy T-BFA ASR (%)", CURVE.pa_acc: "PA-ACC (%)"}.get(metric, metric)
+    xlabel = ("maximum allowed number of bit-flips" if metric == CURVE.asr
               else "number of bit-flips")
     return _band_plot(plt, series, band, xlabel, ylabel,
                       title + f"\n(mean over experiments, their number in brackets; "
@@ -551,7 +515,7 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
         table = format_markdown_table(rows, published=bool(published))
         with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
             f.write(table + "\n")
-        write_rows_csv(os.path.join(out_dir, "table.csv"), rows)
+        write_csv(os.path.join(out_dir, "table.csv"), rows)
         rep.files += [os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")]
     if "bfa" in attacks:
         without = [m.label for m in models if not m.bfa and os.path.isdir(m.folder)]
@@ -563,16 +527,16 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
         btable = format_markdown_bfa(brows)
         with open(os.path.join(out_dir, "bfa_table.md"), "w", encoding="utf-8") as f:
             f.write(btable + "\n")
-        write_rows_csv(os.path.join(out_dir, "bfa_table.csv"), brows)
+        write_csv(os.path.join(out_dir, "bfa_table.csv"), brows)
         rep.files += [os.path.join(out_dir, "bfa_table.md"), os.path.join(out_dir, "bfa_table.csv")]
     if figures:
         prefix = f"{title}: " if title else ""
         plots = []
         if "tbfa" in attacks:
-            plots += [(FIG1, lambda p: plot_tbfa_curves(models, "asr", p, band, max_flips,
+            plots += [(FIG1, lambda p: plot_tbfa_curves(models, CURVE.asr, p, band, max_flips,
                                                         prefix + "stealthy T-BFA ASR")),
-                      (FIG2, lambda p: plot_tbfa_curves(models, "pa_acc", p, band, max_flips,
-                                                        prefix + "PA-ACC during T-BFA"))]
+                      (FIG2, lambda p: plot_tbfa_curves(models, CURVE.pa_acc, p, band,
+                                                        max_flips, prefix + "PA-ACC during T-BFA"))]
         if "bfa" in attacks:
             plots.append((FIG_BFA, lambda p: plot_bfa_curves(models, p, band, None,
                                                              prefix + "BFA and random flips")))

@@ -1,8 +1,21 @@
-"""Append-only JSON-lines results that survive crashes, and summary tables.
+"""Result records: their fields, the JSON-lines files that hold them, and summary tables.
 
-A long campaign appends one line per finished experiment and flushes it to disk at once;
-running the same command again reads the file, skips the experiments already there and goes
-on. A line cut short by a crash is ignored (and reported), never fatal.
+The one module that writes and reads the records of the attack campaigns (attack_tbfa.py,
+attack_talbf.py), for the campaigns themselves (:mod:`utils.campaign`) and for the report
+(:mod:`utils.report`, report.py):
+
+- :data:`TBFA`, :data:`CURVE` and :data:`TALBF` name the fields of a record that summaries
+  and the report read (the records themselves are written by attacks/tbfa.py and
+  attacks/talbf.py; a field is never renamed, so that files of earlier versions keep reading);
+- a long campaign appends one line per finished experiment (:class:`JsonlResults`) and flushes
+  it to disk at once; running the same command again reads the file, skips the experiments
+  already there and goes on. A line cut short by a crash is ignored (and reported as
+  ``file:line``), never fatal;
+- :func:`read_jsonl` is the one parser of such a file (it never modifies it);
+  :func:`read_records` reads a results folder (``results.jsonl``, then the rank files of a
+  multi-process campaign not yet merged), each key once, the first occurrence winning;
+- :func:`summarize`, :func:`talbf_summary` (the TA-LBF rule of docs/algorithms.md section 8)
+  and :func:`write_csv` make the summary tables.
 """
 
 from __future__ import annotations
@@ -13,8 +26,142 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields of a record
+# ---------------------------------------------------------------------------------------------
+
+KEY = "key"  # every record: the experiment's id, unique in a campaign (resume skips keys found)
+
+
+@dataclass(frozen=True)
+class TBFAFields:
+    """A stealthy T-BFA record, one experiment (docs/algorithms.md section 7): the fields read."""
+
+    key: str = KEY                # "s<source>-t<target>-r<repetition>"
+    clean_acc: str = "clean_acc"  # test accuracy (%) of the clean integer-mode model
+    asr: str = "asr"              # % of D_rest classified as the target class, at the stop
+    asr_src: str = "asr_src"      # % of D_src classified as the target class, at the stop
+    pa_acc: str = "pa_acc"        # PA-ACC: % accuracy on D_pa, every sample counted
+    n_flips: str = "n_flips"      # attack iterations, one bit each (the papers' "# bit-flips")
+    hamming: str = "hamming"      # bits that differ from the clean model (a flip may undo one)
+    curve: str = "curve"          # with --curve-every K: a list of :class:`CurveFields` points
+
+
+@dataclass(frozen=True)
+class CurveFields:
+    """One point of a T-BFA record's ``curve`` (supplement Figures 1 and 2)."""
+
+    flips: str = "flips"          # attack iterations so far (0: the clean model)
+    asr: str = "asr"              # % of D_rest classified as the target class
+    asr_src: str = "asr_src"      # % of D_src classified as the target class (not at 0)
+    pa_acc: str = "pa_acc"        # % accuracy on D_pa
+
+
+@dataclass(frozen=True)
+class TALBFFields:
+    """A stealthy TA-LBF record, one attacked sample (docs/algorithms.md section 8): the fields
+    read."""
+
+    key: str = KEY                # "<position>-t<target>-i<index>" (+ a digest of a pinned D_aux)
+    clean_acc: str = "clean_acc"  # test accuracy (%) of the clean integer-mode model
+    success: str = "success"      # x_s is classified as the target class after the attack
+    asr: str = "asr"              # 100 on success, else 0: its mean over attacks is the ASR
+    pa_acc: str = "pa_acc"        # % accuracy on the test set without x_s and D_aux, attacked
+    n_flips: str = "n_flips"      # bits changed in the final layer (its Hamming distance)
+    converged: str = "converged"  # the successful run met the ADMM stop test
+
+
+TBFA, CURVE, TALBF = TBFAFields(), CurveFields(), TALBFFields()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results files and folders
+# ---------------------------------------------------------------------------------------------
+
+MERGED = "results.jsonl"  # a campaign's results (rank r of several processes: RANK_FILE)
+RANK_FILE = r"results\.rank(\d+)\.jsonl"
+
+
+def read_jsonl(path: str, problems: list[str] | None = None, keyed: bool = False) -> list[dict]:
+    """The JSON objects of ``path``, one per line (blank lines skipped). A line that is not a
+    JSON object (``keyed``: an object with a ``key``), e.g. one cut short by a crash, is
+    reported as ``file:line`` (logged, and appended to ``problems``) and skipped. The file is
+    never modified: reading is safe while a campaign appends, and for the report."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                if keyed and KEY not in record:
+                    raise ValueError(f"no {KEY!r}")
+            except ValueError as e:
+                msg = f"{path}:{number}: corrupt results line skipped ({str(e)[:80]})"
+                log.warning("%s", msg)
+                if problems is not None:
+                    problems.append(msg)
+                continue
+            records.append(record)
+    return records
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """``records`` as the whole of ``path``, one line each, written atomically (a crash leaves
+    the old file or the new one) and pushed to disk."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def results_files(results_dir: str) -> list[str]:
+    """``results.jsonl`` then the rank files (``results.rank<r>.jsonl``) by rank number, those
+    that exist."""
+    merged = os.path.join(results_dir, MERGED)
+    ranked = []
+    if os.path.isdir(results_dir):
+        for name in os.listdir(results_dir):
+            m = re.fullmatch(RANK_FILE, name)
+            if m:
+                ranked.append((int(m.group(1)), os.path.join(results_dir, name)))
+    return ([merged] if os.path.exists(merged) else []) + [p for _, p in sorted(ranked)]
+
+
+def read_records(results_dir: str, problems: list[str] | None = None) -> list[dict]:
+    """Every record of a results folder, reading :func:`results_files` in their order, each
+    ``key`` once: the first occurrence wins. A campaign never runs a done experiment again, so a
+    key is found twice only when a merge was cut short between writing ``results.jsonl`` and
+    removing the rank files, and both copies are the same record. Corrupt lines and lines
+    without a key are reported and skipped (:func:`read_jsonl`); no file is modified."""
+    seen, records = set(), []
+    for path in results_files(results_dir):
+        for record in read_jsonl(path, problems, keyed=True):
+            if record[KEY] not in seen:
+                seen.add(record[KEY])
+                records.append(record)
+    return records
+
+
+def _unterminated(path: str) -> bool:
+    """``path`` is not empty and its last line has no newline (a write cut just before it)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 class JsonlResults:
@@ -27,43 +174,32 @@ class JsonlResults:
             self._read()
 
     def _read(self) -> None:
-        good, bad = [], 0
-        with open(self.path) as f:
-            lines = f.read().split("\n")
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "key" not in record:
-                    raise ValueError("no key")
-            except ValueError:
-                bad += 1
-                log.warning("%s:%d is not a complete result line (interrupted write?); "
-                            "that experiment will run again", self.path, number)
-                continue
-            good.append(record)
-        self.records = good
-        if bad:  # rewrite without the broken lines so that appends stay line-aligned
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                for record in good:
-                    f.write(json.dumps(record) + "\n")
-            os.replace(tmp, self.path)
+        problems: list[str] = []
+        self.records = read_jsonl(self.path, problems, keyed=True)
+        # rewrite without the broken lines, every line ended, so that appends stay line-aligned
+        if problems or _unterminated(self.path):
+            if problems:
+                log.warning("%s: %d broken line(s) removed (interrupted write?); those "
+                            "experiments will run again", self.path, len(problems))
+            write_jsonl(self.path, self.records)
 
     def done(self) -> set[str]:
-        return {r["key"] for r in self.records}
+        return {r[KEY] for r in self.records}
 
     def append(self, record: dict) -> None:
         """Write ``record`` as one line and push it to disk before returning."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         line = json.dumps(record)
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
 
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1, as ``torch.std``); NaNs are skipped."""
@@ -87,11 +223,26 @@ def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
     return rows
 
 
+def successful(records: list[dict]) -> list[dict]:
+    """The TA-LBF records of successful attacks."""
+    return [r for r in records if r.get(TALBF.success)]
+
+
+def talbf_summary(records: list[dict], metrics: Sequence[str] = (TALBF.pa_acc, TALBF.n_flips)
+                  ) -> list[dict]:
+    """The TA-LBF rule (docs/algorithms.md section 8) as :func:`summarize` rows: ``asr`` over
+    every attack, then each of ``metrics`` over the successful attacks only (a failed attack
+    has no attacked model to score)."""
+    return summarize(records, [TALBF.asr]) + summarize(successful(records), list(metrics))
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` as UTF-8 CSV (floats in full precision, the columns of the first row), written
+    atomically; nothing is written without rows."""
     if not rows:
         return
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -119,8 +270,8 @@ def default_results_dir(source: str, pretrained: bool, name: str) -> str:
 
 
 # What a campaign writes into its results folder (``--overwrite`` removes these, nothing else).
-CAMPAIGN_FILES = ("campaign.json", "results.jsonl", "summary.csv", "attack.log")
-CAMPAIGN_PATTERNS = (r"results\.rank\d+\.jsonl", r"attack\.rank\d+\.log", r"results\.jsonl\.tmp")
+CAMPAIGN_FILES = ("campaign.json", MERGED, "summary.csv", "attack.log")
+CAMPAIGN_PATTERNS = (RANK_FILE, r"attack\.rank\d+\.log", r"results(\.rank\d+)?\.jsonl\.tmp")
 
 
 def _campaign_leftovers(results_dir: str) -> list[str]:
