@@ -194,6 +194,31 @@ def main(argv=None) -> int:
     target = load_attack_target(args, explicit, device)
     dataset = target.dataset
     apply_defaults(args, dataset)
+    attack_x, test_x, test_y = load_images(args, dataset)
+    results = args.results or default_results_dir(args, target.source)
+    args.results = results
+    check_output_dir(results, "--results")
+    check_results_folder(results, args.overwrite)
+    eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
+                       batch_size=args.test_batch)
+    attack = build_attack(args, target)
+
+    # 2. The attack, recorded as it goes (replacing an interrupted run, or with --overwrite).
+    clear_results_folder(results)
+    os.makedirs(results, exist_ok=True)
+    setup_logging(os.path.join(results, "attack.log"))
+    config = target.config
+    model_desc = f"{config.arch} {config.bits}-bit" + (f" OCM{config.code_length}"
+                                                       if config.ocm else "")
+    log.info("%s on %s (%s, %s): %d attack images from the training split, %d test images, "
+             "%s", "random bit-flips" if args.random_bfa else "BFA", target.source, model_desc,
+             dataset.name, len(attack_x), len(test_y), device)
+    return attack_and_record(args, argv, attack, attack_x, eval_set, target, results)
+
+
+def load_images(args, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attack batch (``--attack_sample_size`` seeded training images, augmented with
+    ``--augment_attack_batch``) and the test split, as uint8 images (and test labels)."""
     attack_x, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
                                      download=args.download, workers=args.workers,
                                      max_images=args.attack_sample_size, seed=args.seed)
@@ -208,35 +233,21 @@ def main(argv=None) -> int:
                             "augmentation (RandomResizedCrop) needs the original images")
         attack_x = augment_like_public_training(
             attack_x, torch.Generator().manual_seed(args.seed))
-    results = args.results or default_results_dir(args, target.source)
-    args.results = results
-    check_output_dir(results, "--results")
-    check_results_folder(results, args.overwrite)
-    eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
-                       batch_size=args.test_batch)
+    return attack_x, test_x, test_y
+
+
+def build_attack(args, target):
+    """:class:`BFA` with the search flags, or :class:`RandomFlips` (``--random_bfa``)."""
     try:
         if args.random_bfa:
-            attack = RandomFlips(target.model, target.output, seed=args.seed,
-                                 python_random=args.public_random_stream)
-        else:
-            attack = BFA(target.model, target.output, k_top=args.k_top,
-                         incremental=not args.plain_search,
-                         max_bits_per_layer=args.max_bits_per_layer or None,
-                         public_binary_mask=args.public_binary_mask)
+            return RandomFlips(target.model, target.output, seed=args.seed,
+                               python_random=args.public_random_stream)
+        return BFA(target.model, target.output, k_top=args.k_top,
+                   incremental=not args.plain_search,
+                   max_bits_per_layer=args.max_bits_per_layer or None,
+                   public_binary_mask=args.public_binary_mask)
     except ValueError as e:
         raise UserError(str(e)) from None
-
-    # 2. The attack, recorded as it goes (replacing an interrupted run, or with --overwrite).
-    clear_results_folder(results)
-    os.makedirs(results, exist_ok=True)
-    setup_logging(os.path.join(results, "attack.log"))
-    config = target.config
-    model_desc = f"{config.arch} {config.bits}-bit" + (f" OCM{config.code_length}"
-                                                       if config.ocm else "")
-    log.info("%s on %s (%s, %s): %d attack images from the training split, %d test images, "
-             "%s", "random bit-flips" if args.random_bfa else "BFA", target.source, model_desc,
-             dataset.name, len(attack_x), len(test_y), device)
-    return attack_and_record(args, argv, attack, attack_x, eval_set, target, results)
 
 
 def clear_results_folder(results: str) -> None:

@@ -302,7 +302,7 @@ def describe_record(record: dict) -> str:
     if not record["success"]:
         return f"{record['key']}: failed after {record['runs']} runs ({record['seconds']:.1f}s)"
     return (f"{record['key']}: success with k={record['k']:g} gamma={record['gamma']:g}, "
-            f"{record['n_flips']} bits flipped, PA-ACC {record['pa_acc']:.2f}%"
+            f"{record['n_flips']} bits changed, PA-ACC {record['pa_acc']:.2f}%"
             f"{'' if record['converged'] else ', ADMM not converged'} "
             f"({record['seconds']:.1f}s)")
 

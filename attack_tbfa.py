@@ -230,9 +230,10 @@ def campaign_settings(args, target, n_src, n_aux) -> dict:
 
 
 def describe_record(record: dict) -> str:
-    return (f"{record['key']}: {record['stop_reason']} after {record['n_flips']} flips, "
-            f"ASR {record['asr']:.2f}%, PA-ACC {record['pa_acc']:.2f}%, test "
-            f"{record['test_acc']:.2f}% ({record['seconds_per_flip']:.2f}s/flip)")
+    return (f"{record['key']}: {record['stop_reason']} after {record['n_flips']} iterations "
+            f"({record['hamming']} bits changed), ASR {record['asr']:.2f}%, PA-ACC "
+            f"{record['pa_acc']:.2f}%, test {record['test_acc']:.2f}% "
+            f"({record['seconds_per_flip']:.2f}s/iteration)")
 
 
 def closing_line(records: list[dict]) -> str:

@@ -109,7 +109,7 @@ def test_report_writes_the_known_table(results, tmp_path):
     rep = write_report(models, str(out), published=PUBLISHED["cifar10"], title="fixture")
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| model | clean % | T-BFA exp. | T-BFA ASR % | T-BFA PA-ACC % "
-                               "| paper | T-BFA # bit-flips | paper |")
+                               "| paper | T-BFA # bit-flips (iterations) | paper |")
     assert table[2] == ("| vanilla | 90.00 ± 0.00 | 3 | 90.00 ± 10.00 | 60.00 ± 10.00 | 84.38 "
                         "| 4.00 ± 2.00 | – | 3 | 66.67 ± 57.74 | 87.00 ± 1.41 | – "
                         "| 6.00 ± 1.41 | – |")

@@ -72,9 +72,9 @@ TBFA_DIR, TALBF_DIR = "attack_tbfa", "attack_talbf"
 # (column key, field of the records, heading) of the main table, in order; the fields are
 # defined (and what each counts said) in utils/results.py.
 TBFA_METRICS = (("tbfa_asr", TBFA.asr, "ASR %"), ("tbfa_pa_acc", TBFA.pa_acc, "PA-ACC %"),
-                ("tbfa_n_flips", TBFA.n_flips, "# bit-flips"))
+                ("tbfa_n_flips", TBFA.n_flips, "# bit-flips (iterations)"))
 TALBF_METRICS = (("talbf_asr", TALBF.asr, "ASR %"), ("talbf_pa_acc", TALBF.pa_acc, "PA-ACC %"),
-                 ("talbf_n_flips", TALBF.n_flips, "# bit-flips"))
+                 ("talbf_n_flips", TALBF.n_flips, "# bit-flips (bits changed)"))
 
 
 def display_name(label: str) -> str:
@@ -322,7 +322,8 @@ def bfa_rows(models: list[ModelResults]) -> list[dict]:
 
 
 def format_markdown_bfa(rows: list[dict]) -> str:
-    heads = ["model", "attack", "runs", "clean %", "after attack %", "# bit-flips", "stopped by"]
+    heads = ["model", "attack", "runs", "clean %", "after attack %", "# bit-flips (bits flipped)",
+             "stopped by"]
     lines = ["| " + " | ".join(heads) + " |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -446,8 +447,8 @@ def plot_tbfa_curves(models: list[ModelResults], metric: str, path: str, band: f
         n = sum(1 for r in m.tbfa if r.get(TBFA.curve))
         series.append((f"{m.name} ({n})", budgets, means, stds, "-"))
     ylabel = {CURVE.asr: "stealthy T-BFA ASR (%)", CURVE.pa_acc: "PA-ACC (%)"}.get(metric, metric)
-    xlabel = ("maximum allowed number of bit-flips" if metric == CURVE.asr
-              else "number of bit-flips")
+    xlabel = ("maximum allowed number of bit-flips (T-BFA iterations)" if metric == CURVE.asr
+              else "number of bit-flips (T-BFA iterations)")
     return _band_plot(plt, series, band, xlabel, ylabel,
                       title + f"\n(mean over experiments, their number in brackets; "
                               f"shading ±{band:g} std)", path)
@@ -473,7 +474,7 @@ def plot_bfa_curves(models: list[ModelResults], path: str, band: float = 0.25,
     plt = _pyplot()
     if plt is None:
         return None
-    return _band_plot(plt, series, band, "number of bit-flips", "test accuracy (%)",
+    return _band_plot(plt, series, band, "number of bit-flips (bits flipped)", "test accuracy (%)",
                       title + f"\n(mean over runs, their number in brackets; shading "
                               f"±{band:g} std)", path)
 
@@ -553,6 +554,8 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
           "over all attacks, PA-ACC and # bit-flips over the successful ones)."
           + (" `paper`: the published value (docs/algorithms.md section 9, 8-bit ResNet-20 on CIFAR-10)."
              if published else ""),
+          "# bit-flips: T-BFA attack iterations (one bit each, the papers' count); TA-LBF bits "
+          "changed in the final layer (Hamming distance to the clean codes); BFA bits flipped.",
           "More bit-flips and a lower PA-ACC at the end of the attack mean a more robust model.",
           ""] + ([table, ""] if stealthy else [])
     if brows:
