@@ -45,7 +45,7 @@ fi
 BASE=(--dataset digits --arch resnet20_quan --bits 8 --seed "$SEED" --threads "$THREADS"
       --channels-last)
 SGD_RECIPE=(-e "${EPOCHS:-30}" -b 128 --opt sgd --lr 0.1 --schedule constant -wd 5e-4)
-OCM_RECIPE=(-e "${EPOCHS:-15}" -b 64 --opt adam --lr 2e-3 --schedule cosine -wd 1e-4)
+OCM_RECIPE=(-e "${EPOCHS:-15}" -b 64 --opt adam --lr 2e-3 --schedule cosine -wd 5e-4)
 start=$(date +%s)
 stamp() { [ "$DRY_RUN" = "1" ] || echo "   ($(( $(date +%s) - start )) s so far)"; }
 

@@ -38,7 +38,7 @@ OCM=(--ocm --code_length 16 --output_act tanh)
 case "$RECIPE" in
   quick)
     VANILLA_RECIPE=(-e 30 -b 128 --opt sgd --lr 0.1 --schedule constant -wd 5e-4)
-    OCM_RECIPE=(-e 15 -b 64 --opt adam --lr 2e-3 --schedule cosine -wd 1e-4) ;;
+    OCM_RECIPE=(-e 15 -b 64 --opt adam --lr 2e-3 --schedule cosine -wd 5e-4) ;;
   public)
     VANILLA_RECIPE=()
     OCM_RECIPE=() ;;
