@@ -77,3 +77,22 @@ def test_quickstart_prints_the_readme_table(tmp_path):
     for attack in ("tbfa", "talbf"):
         key = f"{attack}_n_flips_mean"
         assert float(rows["ocm16"][key]) >= 3 * float(rows["vanilla"][key]), (attack, rows)
+
+
+def _run_small_quickstart(out) -> list[str]:
+    env = dict(os.environ, OUT=str(out), DEVICE="cpu", PYTHON=sys.executable, EPOCHS="1",
+               PAIRS="0:1", TALBF_ATTACKS="1", TBFA_ITERS="10")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh")], env=env,
+                          cwd=str(out.parent), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return _table(proc.stdout)
+
+
+@pytest.mark.slow
+def test_two_runs_print_identical_tables(tmp_path):
+    """Determinism on any machine (issue: the same command prints the same numbers): two
+    separate runs of a shortened quick start (1 epoch, one pair of at most 10 T-BFA
+    iterations, one TA-LBF attack) train, attack and print the same table, digit for digit."""
+    first = _run_small_quickstart(tmp_path / "a")
+    second = _run_small_quickstart(tmp_path / "b")
+    assert len(first) == 4 and first == second, "\n".join(first + ["--"] + second)
