@@ -259,58 +259,72 @@ def clear_results_folder(results: str) -> None:
         shutil.rmtree(os.path.join(results, "tb"))
 
 
+class ProfileRecorder:
+    """Writes the attack profile as it grows: a ``profile.csv`` row and TensorBoard points per
+    flipped bit (flushed at once, so an interrupted run keeps every flip), a log line each."""
+
+    def __init__(self, results: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(results, "tb"), purge_step=0)  # replaces old
+        self.file = open(os.path.join(results, "profile.csv"), "w", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=PROFILE_FIELDS)
+        self.csv.writeheader()
+        self.file.flush()
+
+    def _points(self, step: int, accuracy: float, loss: float, hamming: int) -> None:
+        for name, value in (("test_acc", accuracy), ("loss", loss), ("hamming", hamming)):
+            self.writer.add_scalar(f"attack/{name}", value, step)
+        self.writer.flush()
+
+    def on_start(self, result) -> None:
+        self._points(0, result.clean_accuracy, result.clean_loss, 0)
+        log.info("clean: test accuracy %.2f%%, attack loss %.4f", result.clean_accuracy,
+                 result.clean_loss)
+
+    def on_flip(self, row) -> None:
+        d = row.as_dict()
+        for key in ("accuracy", "accuracy_drop"):
+            d[key] = round(d[key], 4)
+        d["loss"] = round(d["loss"], 6)
+        self.csv.writerow(d)
+        self.file.flush()
+        self._points(row.flip, row.accuracy, row.loss, row.hamming)
+        log.info("iter %d flip %d: %s[%d] bit %d: %d -> %d | loss %.4f | test acc %.2f%% "
+                 "(drop %.2f) | hamming %d", row.iteration, row.flip, row.layer, row.index,
+                 row.bit, row.before, row.after, row.loss, row.accuracy, row.accuracy_drop,
+                 row.hamming)
+
+    def close(self) -> None:
+        self.file.close()
+        self.writer.close()
+
+
 def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -> int:
-    from torch.utils.tensorboard import SummaryWriter
-
+    """Run the attack, recording every flip (:class:`ProfileRecorder`), then ``summary.json``
+    (also after Ctrl-C: ``stopped_by`` says ``interrupted``, exit status 130)."""
     t0 = time.time()
-    writer = SummaryWriter(os.path.join(results, "tb"), purge_step=0)  # replaces an old run
-    with open(os.path.join(results, "profile.csv"), "w", newline="") as fcsv:
-        out = csv.DictWriter(fcsv, fieldnames=PROFILE_FIELDS)
-        out.writeheader()
-        fcsv.flush()
-
-        def on_start(result):
-            writer.add_scalar("attack/test_acc", result.clean_accuracy, 0)
-            writer.add_scalar("attack/loss", result.clean_loss, 0)
-            writer.add_scalar("attack/hamming", 0, 0)
-            writer.flush()
-            log.info("clean: test accuracy %.2f%%, attack loss %.4f", result.clean_accuracy,
-                     result.clean_loss)
-
-        def on_flip(row):
-            d = row.as_dict()
-            for key in ("accuracy", "accuracy_drop"):
-                d[key] = round(d[key], 4)
-            d["loss"] = round(d["loss"], 6)
-            out.writerow(d)
-            fcsv.flush()
-            writer.add_scalar("attack/test_acc", row.accuracy, row.flip)
-            writer.add_scalar("attack/loss", row.loss, row.flip)
-            writer.add_scalar("attack/hamming", row.hamming, row.flip)
-            writer.flush()
-            log.info("iter %d flip %d: %s[%d] bit %d: %d -> %d | loss %.4f | test acc %.2f%% "
-                     "(drop %.2f) | hamming %d", row.iteration, row.flip, row.layer, row.index,
-                     row.bit, row.before, row.after, row.loss, row.accuracy,
-                     row.accuracy_drop, row.hamming)
-
-        try:
-            with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-                result = attack.run(attack_x, eval_set, args.n_iter, break_acc=args.break_acc,
-                                    on_flip=on_flip, on_start=on_start,
-                                    progress=args.progress)
-            status = 0
-        except KeyboardInterrupt:
-            result = attack.result
-            if result is not None:
-                result.stopped_by = "interrupted"
-            status = 130
-    writer.close()
+    recorder = ProfileRecorder(results)
+    try:
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            result = attack.run(attack_x, eval_set, args.n_iter, break_acc=args.break_acc,
+                                on_flip=recorder.on_flip, on_start=recorder.on_start,
+                                progress=args.progress)
+        status = 0
+    except KeyboardInterrupt:
+        result = attack.result
+        if result is not None:
+            result.stopped_by = "interrupted"
+        status = 130
+    finally:
+        recorder.close()
     summary = {
         "attack": "random" if args.random_bfa else "bfa",
         "source": target.source,
         "dataset": target.dataset.name,
         "model_config": target.config.to_dict(),
-        **(result.to_dict(exclude=("profile",)) if result is not None else {"stopped_by": "interrupted"}),
+        **(result.to_dict(exclude=("profile",)) if result is not None
+           else {"stopped_by": "interrupted"}),
         "n_iter": args.n_iter, "break_acc": args.break_acc, "k_top": args.k_top,
         "seconds": round(time.time() - t0, 2),
         "argv": list(argv), "flags": vars(args),

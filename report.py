@@ -65,6 +65,22 @@ def main(argv=None) -> int:
     check_number(args.band, "--band", minimum=0)
     check_number(args.max_flips, "--max-flips", minimum=1)
     check_output_dir(args.out, "--out")
+    pairs, attacks = model_folders(args), attack_kinds(args.attacks)
+    models = [load_model(label, folder, args.tbfa_dir, args.talbf_dir, expect=attacks,
+                         curves=not args.no_figures) for label, folder in pairs]
+    report = write_report(models, args.out, published=published_values(args.published, models),
+                          band=args.band, max_flips=args.max_flips, title=args.title,
+                          figures=not args.no_figures, attacks=attacks)
+    print(report.markdown)
+    for path, lines in report.figures.items():
+        log.info("figure %s (%d lines)", path, lines)
+    log.info("report in %s (%d files%s)", args.out, len(report.files),
+             f"; {len(report.missing)} things missing, see report.md" if report.missing else "")
+    return 0
+
+
+def model_folders(args) -> list[tuple[str, str]]:
+    """``(label, folder)`` of the positional LABEL=FOLDER arguments, then ``--models-file``."""
     if args.models_file:
         check_input_file(args.models_file, "--models-file")
     pairs = parse_model_specs(args.models)
@@ -77,32 +93,28 @@ def main(argv=None) -> int:
     if not pairs:
         raise UserError("no models: give LABEL=FOLDER arguments (e.g. ocm16=runs/paper/ocm16) "
                         "or --models-file")
-    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown or not attacks:
-        raise UserError(f"--attacks {args.attacks!r}: use a comma-separated subset of "
+    return pairs
+
+
+def attack_kinds(text: str) -> tuple[str, ...]:
+    attacks = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not attacks or any(a not in ATTACKS for a in attacks):
+        raise UserError(f"--attacks {text!r}: use a comma-separated subset of "
                         f"{','.join(ATTACKS)}")
-    models = [load_model(label, folder, args.tbfa_dir, args.talbf_dir, expect=attacks,
-                         curves=not args.no_figures) for label, folder in pairs]
-    if args.published == "auto":
+    return attacks
+
+
+def published_values(choice: str, models) -> dict | None:
+    """The published numbers beside ours: ``auto`` (the one data set of the models), a data
+    set's name, or ``none``."""
+    if choice == "auto":
         found = datasets_of(models)
-        published = PUBLISHED.get(next(iter(found))) if len(found) == 1 else None
-    elif args.published == "none":
-        published = None
-    elif args.published in PUBLISHED:
-        published = PUBLISHED[args.published]
-    else:
-        raise UserError(f"--published {args.published!r}: use one of "
-                        f"{', '.join(PUBLISHED)}, none or auto")
-    report = write_report(models, args.out, published=published, band=args.band,
-                          max_flips=args.max_flips, title=args.title,
-                          figures=not args.no_figures, attacks=attacks)
-    print(report.markdown)
-    for path, lines in report.figures.items():
-        log.info("figure %s (%d lines)", path, lines)
-    log.info("report in %s (%d files%s)", args.out, len(report.files),
-             f"; {len(report.missing)} things missing, see report.md" if report.missing else "")
-    return 0
+        return PUBLISHED.get(next(iter(found))) if len(found) == 1 else None
+    if choice == "none":
+        return None
+    if choice in PUBLISHED:
+        return PUBLISHED[choice]
+    raise UserError(f"--published {choice!r}: use one of {', '.join(PUBLISHED)}, none or auto")
 
 
 def cli() -> None:

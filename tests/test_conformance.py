@@ -67,7 +67,14 @@ def _outputs(model, x, batch=128):
 @pytest.mark.parametrize("name", ["vanilla", "ocm16"])
 def test_public_checkpoint_outputs_are_the_public_outputs(name):
     """Through the attack scripts' loader (integer mode) and the float quantized forward: every
-    raw output equal to the public code's to the last bit, hence every predicted class."""
+    predicted class the public code's, every raw output its value.
+
+    The raw outputs are equal to the last bit on the CPU kind the artifacts were written on
+    (Intel Xeon; CI checks this there). Another CPU kind runs other convolution kernels, which
+    sum in another order: on a 2-core AMD EPYC 2918 of the vanilla model's 3590 outputs differ,
+    by at most 7.6e-6 (one OCM16 output by 6e-8). A wrong model (a shortcut, a scale, a
+    rounding rule) moves outputs by far more than ``_ATOL``; the predictions must match
+    everywhere."""
     ref = _predictions(name)
     x, labels = _test_inputs()
     assert labels.tolist() == ref["labels"]
@@ -79,13 +86,24 @@ def test_public_checkpoint_outputs_are_the_public_outputs(name):
     if name == "ocm16":
         assert torch.equal(target.output.codebook.float(), torch.tensor(ref["codebook"]).float())
     out = _outputs(target.model, x)
-    assert torch.equal(out, torch.tensor(ref["out_integer"], dtype=torch.float32))
+    _assert_public_outputs(out, ref["out_integer"])
     assert target.output.predict(out).tolist() == ref["pred_integer"]
 
     model, output = model_from_checkpoint(load_checkpoint(path), target.config, path)
     out = _outputs(model.eval(), x)  # quantized float forward, before the integer conversion
-    assert torch.equal(out, torch.tensor(ref["out_float"], dtype=torch.float32))
+    _assert_public_outputs(out, ref["out_float"])
     assert output.predict(out).tolist() == ref["pred_float"]
+
+
+_ATOL = 1e-5  # float32 reduction-order noise between CPU kinds (see the test above)
+
+
+def _assert_public_outputs(out: torch.Tensor, public) -> None:
+    """Bit-equal to the public outputs where the CPU sums as the public run's did; elsewhere
+    within the reduction-order noise of float32 (never more than ``_ATOL``)."""
+    ref = torch.tensor(public, dtype=torch.float32)
+    if not torch.equal(out, ref):
+        torch.testing.assert_close(out, ref, rtol=0.0, atol=_ATOL)
 
 
 @pytest.mark.parametrize("name", ["vanilla", "ocm16"])
