@@ -1,9 +1,9 @@
-"""The README's quick-start demo, end to end (slow: about 10 minutes on 2 CPU cores).
+"""The README's quick-start demo, end to end (slow: 3.5 minutes on a 2-core AMD EPYC).
 
 Its printed comparison table must be the README's, line for line, on a machine of the kind the
 README's table was measured on (same PyTorch, same CPU model): the run is deterministic (seeded
-draws, a fixed thread count). Elsewhere the table may differ in the last digits (another CPU's
-kernels round differently), and the test checks what the table shows instead.
+draws, a fixed thread count). Another CPU kind rounds differently, so there the full run is
+skipped, and on every machine two shortened runs must print the same table.
 """
 
 import csv
@@ -60,16 +60,21 @@ def test_readme_table_block_is_well_formed():
 
 @pytest.mark.slow
 def test_quickstart_prints_the_readme_table(tmp_path):
+    expected, machine = _readme_block()
+    if machine["torch"] != torch.__version__ or machine["cpu"] != _cpu_model():
+        # Another CPU kind or PyTorch rounds differently, so the numbers differ by design (the
+        # README says so); determinism here is test_two_runs_print_identical_tables' job.
+        pytest.skip(f"the README's table is for cpu={machine['cpu']} torch={machine['torch']}; "
+                    f"this is cpu={_cpu_model()} torch={torch.__version__}")
     env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh")], env=env,
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     printed = _table(proc.stdout)
-    expected, machine = _readme_block()
-    if machine["torch"] == torch.__version__ and machine["cpu"] == _cpu_model():
-        assert printed == expected, "\n".join(["printed:"] + printed + ["README:"] + expected)
-    # What the table shows, on any machine: both models learned, and the OCM model needs
-    # several times the bit-flips under both attacks (the paper's first claim).
+    assert printed == expected, "\n".join(["printed:"] + printed + ["README:"] + expected)
+    # What the table shows: both models learned, the OCM model needs several times the
+    # bit-flips under both attacks (the paper's first claim) and ends lower in PA-ACC after
+    # T-BFA (its second claim).
     rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "report" / "table.csv"))}
     for model in ("vanilla", "ocm16"):
         assert float(rows[model]["clean_acc_mean"]) >= 95.0, rows[model]
@@ -77,6 +82,7 @@ def test_quickstart_prints_the_readme_table(tmp_path):
     for attack in ("tbfa", "talbf"):
         key = f"{attack}_n_flips_mean"
         assert float(rows["ocm16"][key]) >= 3 * float(rows["vanilla"][key]), (attack, rows)
+    assert float(rows["ocm16"]["tbfa_pa_acc_mean"]) < float(rows["vanilla"]["tbfa_pa_acc_mean"])
 
 
 def _run_small_quickstart(out) -> list[str]:
