@@ -33,8 +33,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attacks.bfa import BFA, PROFILE_FIELDS, RandomFlips
 from attacks.common import EvalSet
-from utils.cli import (add_attack_model_args, add_runtime_args, check_number, check_output_dir,
-                       check_runtime_args, runtime_device, explicit_dests, load_attack_target, run,
+from utils.cli import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
+                       check_number, check_output_dir, check_runtime_args, explicit_dests,
+                       fault_model_from_args, load_attack_target, run, runtime_device,
                        setup_logging)
 from utils.data import load_split_tensors
 from utils.errors import UserError
@@ -50,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
+    add_format_args(p)
+    add_fault_args(p)
     a = p.add_argument_group("attack (flags of the BFA repository)")
     a.add_argument("--attack_sample_size", type=int, default=128,
                    help="training images in the attack batch, a seeded random draw "
@@ -116,7 +119,7 @@ RESULT_FILES = ("profile.csv", "summary.json", "attack.log")
 
 def check_numbers(args) -> None:
     """Reject impossible numeric flags and paths before anything is loaded or written."""
-    for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch"):
+    for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch", "calibration_images"):
         check_number(getattr(args, flag), f"--{flag}", minimum=1)
     if args.max_bits_per_layer < 0:
         raise UserError(f"--max_bits_per_layer must be at least 1 (or 0: no bound), got "
@@ -189,6 +192,7 @@ def main(argv=None) -> int:
 
     # 1. Everything that can be wrong, checked before the results folder exists.
     check_numbers(args)
+    fault = fault_model_from_args(args)
     device = runtime_device(args)
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
@@ -201,18 +205,16 @@ def main(argv=None) -> int:
     check_results_folder(results, args.overwrite)
     eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
                        batch_size=args.test_batch)
-    attack = build_attack(args, target)
+    attack = build_attack(args, target, fault)
 
     # 2. The attack, recorded as it goes (replacing an interrupted run, or with --overwrite).
     clear_results_folder(results)
     os.makedirs(results, exist_ok=True)
     setup_logging(os.path.join(results, "attack.log"))
-    config = target.config
-    model_desc = f"{config.arch} {config.bits}-bit" + (f" OCM{config.code_length}"
-                                                       if config.ocm else "")
-    log.info("%s on %s (%s, %s): %d attack images from the training split, %d test images, "
-             "%s", "random bit-flips" if args.random_bfa else "BFA", target.source, model_desc,
-             dataset.name, len(attack_x), len(test_y), device)
+    log.info("%s on %s, %s: %d attack images from the training split, %d test images, %s, "
+             "fault model: %s", "random bit-flips" if args.random_bfa else "BFA",
+             target.describe(), dataset.name, len(attack_x), len(test_y), device,
+             fault.label() if fault else "none")
     return attack_and_record(args, argv, attack, attack_x, eval_set, target, results)
 
 
@@ -236,16 +238,19 @@ def load_images(args, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return attack_x, test_x, test_y
 
 
-def build_attack(args, target):
-    """:class:`BFA` with the search flags, or :class:`RandomFlips` (``--random_bfa``)."""
+def build_attack(args, target, fault=None):
+    """:class:`BFA` with the search flags, or :class:`RandomFlips` (``--random_bfa``), under
+    the fault model ``fault`` (None: every flip)."""
     try:
         if args.random_bfa:
             return RandomFlips(target.model, target.output, seed=args.seed,
-                               python_random=args.public_random_stream)
+                               python_random=args.public_random_stream, fault=fault,
+                               eval_model=target.eval_model)
         return BFA(target.model, target.output, k_top=args.k_top,
                    incremental=not args.plain_search,
                    max_bits_per_layer=args.max_bits_per_layer or None,
-                   public_binary_mask=args.public_binary_mask)
+                   public_binary_mask=args.public_binary_mask, fault=fault,
+                   eval_model=target.eval_model)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -340,7 +345,9 @@ def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -
 
 def print_summary(args, result, results) -> None:
     reasons = {"break_acc": f"test accuracy <= --break_acc {args.break_acc:g}%",
-               "n_iter": f"--n_iter {args.n_iter} reached", "interrupted": "interrupted"}
+               "n_iter": f"--n_iter {args.n_iter} reached", "interrupted": "interrupted",
+               "budget": f"--flip-budget {args.flip_budget} spent",
+               "no_flip": "no admissible flip left"}
     lines = [
         f"{'random bit-flips' if args.random_bfa else 'BFA'} summary",
         f"  clean accuracy   {result.clean_accuracy:.2f}%  ({result.test_images} test images)",
@@ -351,10 +358,20 @@ def print_summary(args, result, results) -> None:
         f"  bit-flips        {result.bit_flips}  (Hamming distance {result.hamming_distance})",
         f"  attack loss      {result.clean_loss:.4f} -> {result.final_loss:.4f}  "
         f"({result.attack_images} attack images)",
+        f"  weights          {result.number_format}",
+        f"  fault model      {_fault_label(result.fault_model)}"
+        + (f"  ({result.fault_violations} inadmissible flips on the final weights)"
+           if result.fault_model else ""),
         f"  results          {results}: profile.csv, summary.json, tb/",
     ]
     for line in lines:
         log.info("%s", line)
+
+
+def _fault_label(fault: dict | None) -> str:
+    from utils.faults import FaultModel
+
+    return FaultModel.from_dict(fault).label() if fault else "none (every flip allowed)"
 
 
 def cli() -> None:

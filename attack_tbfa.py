@@ -29,9 +29,10 @@ from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_si
                           plan_experiments, plan_pinned, protocol_pairs, run_campaign)
 from utils.campaign import CampaignRunner, open_campaign
 from utils.distributed import cleanup, init_distributed, is_main
-from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
-                       check_output_dir, check_output_file, check_runtime_args, runtime_device,
-                       explicit_dests, load_attack_target, run)
+from utils.cli import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
+                       check_input_file, check_number, check_output_dir, check_output_file,
+                       check_runtime_args, explicit_dests, fault_model_from_args,
+                       load_attack_target, run, runtime_device)
 from utils.errors import UserError
 from utils.results import default_results_dir, summarize
 
@@ -39,13 +40,16 @@ log = logging.getLogger("attack_tbfa")
 
 # Settings that define a campaign: a results folder holds one campaign.
 CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_gradient",
-                 "oscillation_by_layer", "stop_on_src_only", "iters", "sets_file")
+                 "oscillation_by_layer", "stop_on_src_only", "iters", "sets_file",
+                 "number_format", "fault")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
+    add_format_args(p)
+    add_fault_args(p)
     a = p.add_argument_group("T-BFA protocol (defaults: the paper's)")
     a.add_argument("--iters", type=int, default=5000, help="max bit flips per experiment (5000)")
     a.add_argument("--source_start", type=int, default=0, help="first source class (0)")
@@ -129,9 +133,11 @@ def main(argv=None) -> int:
                                  ("--curve-every", args.curve_every, 0),
                                  ("--n-src", args.n_src, 1), ("--n-aux", args.n_aux, 1),
                                  ("--source_start", args.source_start, 0),
-                                 ("--source_end", args.source_end, 1)):
+                                 ("--source_end", args.source_end, 1),
+                                 ("--calibration_images", args.calibration_images, 1)):
         check_number(value, flag, minimum=minimum)
     check_runtime_args(args)
+    args.fault = fault_model_from_args(args)
     if args.sets:
         check_input_file(args.sets, "--sets")
     if args.save_sets:
@@ -164,20 +170,20 @@ def _main(args, explicit, device) -> int:
     del images
     runner = CampaignRunner(results, experiments, "T-BFA experiments", args.progress,
                             tag="tbfa", scalars=("asr", "pa_acc", "n_flips", "test_acc"))
-    clean_acc = data.accuracy(target.model, target.output)
+    clean_acc = data.accuracy(target.eval_model or target.model, target.output)
     runner.announce(f"T-BFA on {target.describe()}: clean test accuracy {clean_acc:.2f}%")
     config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
                         incremental=not args.plain_search,
                         oscillation_by_layer=args.oscillation_by_layer,
                         stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every,
-                        flip_log=args.flip_log)
+                        flip_log=args.flip_log, fault=args.fault)
 
     def on_flip(it, record):
         runner.bar.set_postfix(flips=it, loss=f"{record['loss']:.4f}")
 
     def attack_items(todo, on_result):
         run_campaign(target.model, target.output, data, todo, config, results, clean_acc,
-                     on_result=on_result, on_flip=on_flip)
+                     on_result=on_result, on_flip=on_flip, eval_model=target.eval_model)
 
     return runner.run(attack_items, describe_record,
                       lambda records: summarize(records, SUMMARY_METRICS), closing_line)
@@ -226,7 +232,10 @@ def campaign_settings(args, target, n_src, n_aux) -> dict:
             "seed": args.seed, "full_gradient": args.full_gradient,
             "oscillation_by_layer": args.oscillation_by_layer,
             "stop_on_src_only": args.stop_on_src_only, "iters": args.iters,
-            "sets_file": os.path.abspath(args.sets) if args.sets else None}
+            "sets_file": os.path.abspath(args.sets) if args.sets else None,
+            # None for the defaults, so that campaigns written before these settings resume
+            "number_format": target.number_format or None,
+            "fault": args.fault.to_dict() if args.fault else None}
 
 
 def describe_record(record: dict) -> str:

@@ -85,11 +85,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from models import quant_layers
 from models.quantization import settle_zero_codes
-from models.bits import Flip, changed_bits, random_flip, snapshot
+from models.bits import Flip, bit_layers, changed_bits, flip_and_record, random_flip, snapshot
 from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep
 from utils.data import normalize_images
+from utils.faults import FaultModel, FaultState
 
 from .base import Attack, AttackResult
 from .common import EvalSet
@@ -133,8 +133,9 @@ class ProfileRow:
 class BFAResult(AttackResult):
     """Outcome of :meth:`BFA.run` / :meth:`RandomFlips.run`.
 
-    ``stopped_by`` is ``"break_acc"`` (accuracy fell to the threshold) or ``"n_iter"``;
-    a run in progress (see ``attack.result``) says ``"running"``.
+    ``stopped_by`` is ``"break_acc"`` (accuracy fell to the threshold), ``"n_iter"``, and under
+    a fault model ``"budget"`` (the flip budget is spent) or ``"no_flip"`` (no admissible flip
+    left); a run in progress (see ``attack.result``) says ``"running"``.
     """
 
     attack: str
@@ -147,6 +148,9 @@ class BFAResult(AttackResult):
     stopped_by: str = "running"
     attack_images: int = 0
     test_images: int = 0
+    number_format: str = ""       # the attacked weights' format(s), e.g. int8 or fp16
+    fault_model: dict | None = None   # utils.faults.FaultModel.to_dict(); None: unconstrained
+    fault_violations: int = 0     # flips the fault model forbids, found on the final weights
     profile: list[ProfileRow] = field(default_factory=list)
 
     DERIVED = ("bit_flips", "accuracy_drop")
@@ -167,8 +171,9 @@ class _FlipAttack(Attack):
 
     name = "attack"
 
-    def __init__(self, model: nn.Module, output: nn.Module):
-        layers = quant_layers(model)
+    def __init__(self, model: nn.Module, output: nn.Module, fault: FaultModel | None = None,
+                 eval_model: nn.Module | None = None):
+        layers = bit_layers(model)
         if not layers:
             raise ValueError("the model has no quantized layers to attack")
         for lname, layer in layers:
@@ -177,7 +182,17 @@ class _FlipAttack(Attack):
                                  f"models.to_integer(model) before attacking")
         self.model = model
         self.output = output
+        # The model the test accuracy is measured on: the attacked one, or e.g. the deployed
+        # torch.ao model its codes are written back to (models.formats.DeployedModel).
+        self.eval_model = eval_model if eval_model is not None else model
+        self.fault = fault if fault is not None and not fault.unconstrained else None
+        self.faults: FaultState | None = None   # this run's fault state
         self.result: BFAResult | None = None  # the run in progress, updated per iteration
+
+    def new_fault_state(self) -> FaultState | None:
+        """A fresh fault state for a run (pages unused, budget whole), or None."""
+        self.faults = FaultState(self.model, self.fault) if self.fault is not None else None
+        return self.faults
 
     @property
     def device(self) -> torch.device:
@@ -231,13 +246,17 @@ class _FlipAttack(Attack):
         self.model.eval()
         x = self.prepare(attack_x, eval_set)
         y = self.label(x)
-        clean_acc = eval_set.accuracy(self.model, self.output)
+        clean_acc = eval_set.accuracy(self.eval_model, self.output)
         with torch.inference_mode():
             clean_loss = float(self.loss(x, y))
         settle_zero_codes(self.model)  # difference 6 of the module docstring
         clean_codes = snapshot(self.model)
+        faults = self.new_fault_state()
+        formats = sorted({layer.bit_format.name for _, layer in bit_layers(self.model)})
         result = BFAResult(self.name, clean_acc, clean_loss, clean_acc, clean_loss,
-                              attack_images=len(x), test_images=len(eval_set))
+                           attack_images=len(x), test_images=len(eval_set),
+                           number_format="+".join(formats),
+                           fault_model=self.fault.to_dict() if self.fault else None)
         self.result = result
         log.debug("%s: clean accuracy %.2f%%, attack loss %.4f", self.name, clean_acc,
                   clean_loss)
@@ -247,7 +266,10 @@ class _FlipAttack(Attack):
                    dynamic_ncols=True, leave=False)
         for iteration in bar:
             step = self.step(x, y)
-            accuracy = eval_set.accuracy(self.model, self.output)
+            if faults is not None and not step.flips:
+                result.stopped_by = "budget" if faults.remaining == 0 else "no_flip"
+                break
+            accuracy = eval_set.accuracy(self.eval_model, self.output)
             hamming = changed_bits(self.model, clean_codes)
             for flip in step.flips:
                 row = ProfileRow(iteration, result.bit_flips + 1, flip.layer, flip.index,
@@ -266,6 +288,8 @@ class _FlipAttack(Attack):
         else:
             result.stopped_by = "n_iter"
         bar.close()
+        if faults is not None:
+            result.fault_violations = len(faults.violations(self.model, clean_codes))
         return result
 
 
@@ -289,6 +313,9 @@ class BFA(_FlipAttack):
             public code; module docstring, difference 1).
         public_binary_mask: choose the candidates of 1-bit layers with the public code's
             inverted mask (module docstring, difference 3).
+        fault: a :class:`utils.faults.FaultModel`: only the flips it admits are made (default
+            None: every flip, as the papers).
+        eval_model: the model the test accuracy is measured on (default: ``model``).
 
     Example::
 
@@ -302,8 +329,9 @@ class BFA(_FlipAttack):
 
     def __init__(self, model: nn.Module, output: nn.Module, k_top: int | None = None,
                  max_bits_per_layer: int | None = MAX_BITS_PER_LAYER, incremental: bool = True,
-                 public_binary_mask: bool = False):
-        super().__init__(model, output)
+                 public_binary_mask: bool = False, fault: FaultModel | None = None,
+                 eval_model: nn.Module | None = None):
+        super().__init__(model, output, fault, eval_model)
         if k_top is not None and k_top < 1:
             raise ValueError(f"k_top must be at least 1 (or None for all weights), got {k_top}")
         if max_bits_per_layer is not None and max_bits_per_layer < 1:
@@ -318,6 +346,7 @@ class BFA(_FlipAttack):
     def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
         """One progressive-search iteration on ``(x, y)``; ``y`` are the model's predictions."""
         settle_zero_codes(self.model)
+        self.search.faults = self.faults
 
         def gradient_loss():
             loss = self.loss(x, y)
@@ -345,8 +374,12 @@ class RandomFlips(_FlipAttack):
     name = "random"
 
     def __init__(self, model: nn.Module, output: nn.Module, seed: int = 0,
-                 generator: torch.Generator | None = None, python_random: bool = False):
-        super().__init__(model, output)
+                 generator: torch.Generator | None = None, python_random: bool = False,
+                 fault: FaultModel | None = None, eval_model: nn.Module | None = None):
+        super().__init__(model, output, fault, eval_model)
+        if python_random and self.fault is not None:
+            raise ValueError("the public random stream draws among all bits: it cannot be "
+                             "combined with a fault model")
         self.generator = generator if generator is not None else \
             torch.Generator().manual_seed(seed)
         self.python_rng = random.Random(seed) if python_random else None
@@ -354,15 +387,18 @@ class RandomFlips(_FlipAttack):
     def _python_flip(self) -> Flip:
         """The public ``random_flip_one_bit``'s draws: module, weight, bit (LSB = 0)."""
         rng = self.python_rng
-        layers = quant_layers(self.model)
+        layers = bit_layers(self.model)
         name = rng.choice([n for n, _ in layers])
         layer = dict(layers)[name]
         index = rng.choice(range(layer.weight.numel()))
-        bit = layer.n_bits - 1 - rng.choice(range(layer.n_bits))  # ours counts from the MSB
+        n_bits = layer.bit_format.n_bits
+        bit = n_bits - 1 - rng.choice(range(n_bits))  # ours counts from the MSB
         flat = layer.weight.data.view(-1)
-        before = int(layer._bit_codes(flat[index]))
-        layer.flip_bit(index, bit)
-        return Flip(name, index, bit, before, int(flat[index].round()))
+        if hasattr(layer, "_bit_codes"):  # a binarized 0 is read as -1, as the public code
+            before = int(layer._bit_codes(flat[index]))
+            layer.flip_bit(index, bit)
+            return Flip(name, index, bit, before, int(flat[index].round()))
+        return flip_and_record(name, layer, index, bit)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
         """Flip one random bit; the losses on ``(x, y)`` before and after are reported."""
@@ -372,8 +408,33 @@ class RandomFlips(_FlipAttack):
             before = float(self.loss(x, y))
         if self.python_rng is not None:
             flip = self._python_flip()
+        elif self.faults is not None:
+            flip = random_admissible_flip(self.model, self.faults, self.generator)
+            if flip is None:
+                return SearchStep([], before, before, False, 0)
+            self.faults.record([flip])
         else:
             flip = random_flip(self.model, self.generator)
         with torch.inference_mode():
             after = float(self.loss(x, y))
         return SearchStep([flip], before, after, True, 1)
+
+
+def random_admissible_flip(model: nn.Module, faults: FaultState,
+                           generator: torch.Generator) -> Flip | None:
+    """Flip one bit chosen uniformly among the admissible ones: a layer (among those with an
+    admissible flip), then one of its admissible (weight, bit) pairs: the unconstrained draw's
+    distribution restricted to what the fault model allows. None when nothing is admissible."""
+    if faults.remaining == 0:
+        return None
+    options = []
+    for name, layer in bit_layers(model):
+        allowed = faults.mask(name, layer).reshape(-1).nonzero().view(-1)
+        if len(allowed):
+            options.append((name, layer, allowed))
+    if not options:
+        return None
+    name, layer, allowed = options[int(torch.randint(len(options), (1,), generator=generator))]
+    pick = int(allowed[int(torch.randint(len(allowed), (1,), generator=generator))])
+    index, bit = divmod(pick, layer.bit_format.n_bits)
+    return flip_and_record(name, layer, index, bit)

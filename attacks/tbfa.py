@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from models.bits import changed_bits, restore, snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
+from utils.faults import FaultModel, FaultState
 
 from .base import Attack, AttackResult
 from .common import EvalSet
@@ -183,6 +184,9 @@ class TBFAConfig:
       the layer;
     - ``curve_every``: record ASR and PA-ACC every K flips (0 = never);
     - ``flip_log``: record every flip (layer, index, bit, values, attack loss);
+    - ``fault``: a :class:`utils.faults.FaultModel`: only the flips it admits (default None:
+      every flip, as the papers); the attack then also stops with ``budget`` (the flip budget
+      is spent) or ``no_bit`` (no admissible flip left);
     - ``incremental``: score trial flips by re-running the network from the flipped layer on
       (same flips as the plain search, faster; see :class:`utils.bitsearch.ProgressiveBitSearch`).
     """
@@ -195,6 +199,7 @@ class TBFAConfig:
     curve_every: int = 0
     flip_log: bool = False
     incremental: bool = True
+    fault: FaultModel | None = None
 
 
 @dataclass
@@ -211,20 +216,25 @@ class TBFAResult(AttackResult):
     test_acc: float       # % accuracy on the whole test set after the attack
     n_flips: int          # iterations (the papers' "# bit-flips")
     hamming: int          # bits that differ from the clean model
-    stop_reason: str      # success | no_bit | oscillation | max_iters
+    stop_reason: str      # success | no_bit | oscillation | max_iters | budget
     success_on: str | None  # "src" or "rest": the set whose ASR passed the threshold first
     pa_acc_clean: float
     asr_clean: float
     flips: list = field(default_factory=list)
     curve: list = field(default_factory=list)
+    fault_violations: int = 0  # flips the fault model forbids, found on the final weights
 
 
 class TBFA(Attack):
     """Stealthy T-BFA on a model in integer mode (see module docstring)."""
 
-    def __init__(self, model: nn.Module, output: nn.Module, config: TBFAConfig | None = None):
+    def __init__(self, model: nn.Module, output: nn.Module, config: TBFAConfig | None = None,
+                 eval_model: nn.Module | None = None):
         self.model = model
         self.output = output
+        # where ASR and accuracies are measured (e.g. the deployed torch.ao model the codes are
+        # written back to, models.formats.DeployedModel); the attacked model by default
+        self.eval_model = eval_model if eval_model is not None else model
         self.config = config or TBFAConfig()
         if self.config.max_iters < 1:
             raise ValueError("max_iters must be at least 1")
@@ -244,11 +254,14 @@ class TBFA(Attack):
         if self._search is None:
             self._search = ProgressiveBitSearch(model, MINIMIZE, incremental=cfg.incremental)
         search = self._search
+        faults = search.faults = (FaultState(model, cfg.fault) if cfg.fault is not None
+                                  and not cfg.fault.unconstrained else None)
         x_src = data.inputs(sets.src)
         x_both = torch.cat([x_src, data.inputs(sets.aux)])
         ns = len(x_src)
         t_src = torch.full((ns,), target, dtype=torch.int64, device=data.device)
         y_aux = data.labels[sets.aux]
+        judge = self.eval_model
         src_rest = torch.cat([sets.src, sets.rest])
         t_src_rest = torch.full((len(src_rest),), target, dtype=torch.int64, device=data.device)
 
@@ -265,18 +278,21 @@ class TBFA(Attack):
             return output.loss(model(x_src), t_src), None
 
         def asr_pair():
-            hits = data.predict(model, output, src_rest) == t_src_rest
+            hits = data.predict(judge, output, src_rest) == t_src_rest
             return (100.0 * int(hits[:ns].sum()) / ns,
                     100.0 * int(hits[ns:].sum()) / (len(hits) - ns))
 
-        pa_clean = data.accuracy(model, output, sets.pa)
-        asr_clean = data.accuracy(model, output, sets.rest, t_src_rest[ns:])
+        pa_clean = data.accuracy(judge, output, sets.pa)
+        asr_clean = data.accuracy(judge, output, sets.rest, t_src_rest[ns:])
         flips, curve, recent = [], [], []
         if cfg.curve_every:
             curve.append({"flips": 0, "asr": asr_clean, "pa_acc": pa_clean})
         stop, success_on, it = "max_iters", None, 0
         for it in range(1, cfg.max_iters + 1):
             step = search.step(gradient_loss, attack_loss)
+            if not step.flips:  # a fault model left no admissible flip
+                stop, it = ("budget" if faults.remaining == 0 else "no_bit"), it - 1
+                break
             flip = step.flips[0]
             record = {**flip.as_dict(), "loss": step.loss_after}
             if cfg.flip_log:
@@ -286,7 +302,7 @@ class TBFA(Attack):
             asr_src, asr_rest = asr_pair()
             if cfg.curve_every and it % cfg.curve_every == 0:
                 curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src,
-                              "pa_acc": data.accuracy(model, output, sets.pa)})
+                              "pa_acc": data.accuracy(judge, output, sets.pa)})
             recent = (recent + [(flip.layer, flip.index)])[-3:]
             if asr_src > cfg.success_threshold:
                 stop, success_on = "success", "src"
@@ -302,16 +318,18 @@ class TBFA(Attack):
                 stop = "oscillation"
                 break
         asr_src, asr_rest = asr_pair()
-        pa_hits = data.predict(model, output, sets.pa) == data.labels[sets.pa]
+        pa_hits = data.predict(judge, output, sets.pa) == data.labels[sets.pa]
         pa_acc = 100.0 * int(pa_hits.sum()) / len(pa_hits) if len(pa_hits) else float("nan")
         if cfg.curve_every and (not curve or curve[-1]["flips"] != it):
             curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src, "pa_acc": pa_acc})
         return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
                           pa_acc=pa_acc, pa_acc_public=pa_acc_public(pa_hits),
-                          test_acc=data.accuracy(model, output), n_flips=it,
+                          test_acc=data.accuracy(judge, output), n_flips=it,
                           hamming=changed_bits(model, clean), stop_reason=stop,
                           success_on=success_on,
-                          pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve)
+                          pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve,
+                          fault_violations=(len(faults.violations(model, clean))
+                                            if faults is not None else 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +395,8 @@ def plan_pinned(labels: torch.Tensor, entries: list[dict]) -> list[Experiment]:
 def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
                  experiments: list[Experiment], config: TBFAConfig, results,
                  clean_acc: float, on_result: Callable[[dict], None] | None = None,
-                 on_flip: Callable[[int, dict], None] | None = None) -> list[dict]:
+                 on_flip: Callable[[int, dict], None] | None = None,
+                 eval_model: nn.Module | None = None) -> list[dict]:
     """Run every experiment not yet in ``results`` (a :class:`utils.results.JsonlResults`),
     appending one line per finished experiment; the model is restored to its clean codes
     before each experiment and at the end. Returns the new records."""
@@ -386,7 +405,7 @@ def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
 
     clean = snapshot(model)
     done = results.done()
-    attack = TBFA(model, output, config)
+    attack = TBFA(model, output, config, eval_model)
     new = []
     try:
         for exp in experiments:

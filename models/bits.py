@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 MIN_BITS = 1
 MAX_BITS = 16
+# ModelConfig.bits of a float (unquantized) model: plain Conv2d/Linear layers, attacked as
+# fp32, bf16 or fp16 (models.formats).
+FLOAT_BITS = 32
 
 
 def check_bits(n_bits: int) -> int:
@@ -104,18 +107,210 @@ def hamming_distance(codes_a: torch.Tensor, codes_b: torch.Tensor, n_bits: int) 
 
 
 # ---------------------------------------------------------------------------------------------
+# Number formats: the bits of a stored weight, whatever it is (docs/algorithms.md section 1b)
+# ---------------------------------------------------------------------------------------------
+
+class NumberFormat:
+    """How one weight is stored: ``n_bits`` bits, MSB first (bit 0 = MSB, as every record says).
+
+    A layer that can be attacked holds its weights *as stored* in its ``weight`` parameter
+    (dtype ``storage_dtype``) and names their format in ``bit_format``; the bit search, the
+    random flips, the fault models and the Hamming distance see only this interface, never
+    the kind of layer. ``bytes_per_value`` is the weight's size in the memory layout the fault
+    models use (:mod:`utils.faults`).
+    """
+
+    name: str
+    n_bits: int
+    storage_dtype: torch.dtype
+    bytes_per_value: int
+
+    def to_bits(self, values: torch.Tensor) -> torch.Tensor:
+        """Bits of stored values, MSB first: shape ``values.shape + (n_bits,)``, uint8."""
+        raise NotImplementedError
+
+    def from_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """Stored values (``storage_dtype``) from bits along the last dimension."""
+        raise NotImplementedError
+
+    def flip(self, values: torch.Tensor, bit: torch.Tensor | int) -> torch.Tensor:
+        """``values`` with bit ``bit`` (0 = MSB; scalar or one per value) flipped, same dtype."""
+        raise NotImplementedError
+
+    def flip_deltas(self, values: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """``[numel, n_bits]`` change of each value when each of its bits flips (the factor of
+        the search's first-order score, docs/algorithms.md section 5); may be inf or NaN."""
+        raise NotImplementedError
+
+    def hamming(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """Number of differing bits between two tensors of stored values (NaN-safe)."""
+        return int((self.to_bits(a) != self.to_bits(b)).sum())
+
+    def describe(self, value: float) -> float | int | str:
+        """A stored value as the records write it (JSON-safe: inf and NaN become strings)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NumberFormat) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+class IntFormat(NumberFormat):
+    """N-bit two's complement integer codes (N = 1: binarized, bit 1 means -1), held as
+    integer-valued floats (the quantized layers' integer mode). The layout of this module's
+    first half; ``bytes_per_value`` is the smallest whole number of bytes holding N bits."""
+
+    storage_dtype = torch.float32
+
+    def __init__(self, n_bits: int):
+        self.n_bits = check_bits(n_bits)
+        self.name = f"int{n_bits}"
+        self.bytes_per_value = (n_bits + 7) // 8
+
+    def codes(self, values: torch.Tensor) -> torch.Tensor:
+        return values.round().to(torch.int64)
+
+    def to_bits(self, values):
+        return int_to_bits(self.codes(values), self.n_bits)
+
+    def from_bits(self, bits):
+        return bits_to_int(bits, self.n_bits).to(self.storage_dtype)
+
+    def flip(self, values, bit):
+        return flip_bits(self.codes(values), bit, self.n_bits).to(values.dtype)
+
+    def flip_deltas(self, values, dtype=torch.float32):
+        b = int_to_bits(self.codes(values).reshape(-1), self.n_bits).to(dtype)
+        base = bit_values(self.n_bits, dtype=dtype, device=values.device)
+        return (1.0 - 2.0 * b) * base
+
+    def describe(self, value):
+        return int(round(float(value)))
+
+
+class FloatFormat(NumberFormat):
+    """IEEE-754 floats: sign, exponent, mantissa, MSB first (fp32: 1+8+23 bits, bf16: 1+8+7,
+    fp16: 1+5+10). The weight tensor has the format's own dtype, so every bit pattern (inf,
+    NaN payloads, subnormals) is held exactly; flips act on the pattern through an integer
+    view of the same width."""
+
+    _SPECS = {"fp32": (torch.float32, torch.int32, 32),
+              "bf16": (torch.bfloat16, torch.int16, 16),
+              "fp16": (torch.float16, torch.int16, 16)}
+
+    def __init__(self, name: str):
+        if name not in self._SPECS:
+            raise ValueError(f"unknown float format {name!r}: one of {', '.join(self._SPECS)}")
+        self.name = name
+        self.storage_dtype, self._int_dtype, self.n_bits = self._SPECS[name]
+        self.bytes_per_value = self.n_bits // 8
+        # Mask of bit k (0 = MSB) as a signed integer of the pattern's width.
+        masks = [1 << (self.n_bits - 1 - k) for k in range(self.n_bits)]
+        masks[0] -= 1 << self.n_bits  # the sign bit as a negative signed number
+        self._masks = torch.tensor(masks, dtype=torch.int64)
+
+    def patterns(self, values: torch.Tensor) -> torch.Tensor:
+        """The raw bit patterns as non-negative int64 (0 .. 2**n_bits - 1)."""
+        raw = values.to(self.storage_dtype).contiguous().view(self._int_dtype).to(torch.int64)
+        return torch.remainder(raw, 1 << self.n_bits)
+
+    def from_patterns(self, patterns: torch.Tensor) -> torch.Tensor:
+        half = 1 << (self.n_bits - 1)
+        signed = torch.where(patterns >= half, patterns - (1 << self.n_bits), patterns)
+        return signed.to(self._int_dtype).view(self.storage_dtype)
+
+    def to_bits(self, values):
+        shifts = torch.arange(self.n_bits - 1, -1, -1, device=values.device)
+        return ((self.patterns(values).unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
+
+    def from_bits(self, bits):
+        shifts = torch.arange(self.n_bits - 1, -1, -1, device=bits.device)
+        return self.from_patterns((bits.to(torch.int64) << shifts).sum(-1))
+
+    def flip(self, values, bit):
+        bit = torch.as_tensor(bit, device=values.device, dtype=torch.int64)
+        masks = self._masks.to(values.device)[bit]
+        raw = values.to(self.storage_dtype).contiguous().view(self._int_dtype)
+        flipped = torch.bitwise_xor(raw, masks.to(self._int_dtype)).view(self.storage_dtype)
+        return flipped.to(values.dtype)
+
+    def flip_deltas(self, values, dtype=torch.float64):
+        raw = values.reshape(-1).to(self.storage_dtype).contiguous().view(self._int_dtype)
+        masks = self._masks.to(device=values.device, dtype=self._int_dtype)
+        flipped = torch.bitwise_xor(raw.unsqueeze(1), masks).view(self.storage_dtype)
+        # float64 keeps (huge value) * (gradient) finite where float32 would overflow
+        wide = dtype if dtype == torch.float64 else torch.float64
+        deltas = flipped.to(wide) - values.reshape(-1, 1).to(wide)
+        return deltas.to(dtype)
+
+    def describe(self, value):
+        value = float(value)
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return value
+
+
+FORMAT_NAMES = ("int8", "fp32", "bf16", "fp16")
+
+
+def get_format(name: str) -> NumberFormat:
+    """A format by name: ``intN`` (N = 1..16, two's complement), ``fp32``, ``bf16``, ``fp16``."""
+    if name in FloatFormat._SPECS:
+        return FloatFormat(name)
+    if name.startswith("int") and name[3:].isdigit():
+        return IntFormat(int(name[3:]))
+    raise ValueError(f"unknown number format {name!r}: intN (N = 1..16), fp32, bf16 or fp16")
+
+
+def bit_layers(model: "nn.Module") -> list[tuple[str, "nn.Module"]]:
+    """``(name, module)`` of every layer of ``model`` whose weights can be attacked: modules
+    with a ``bit_format`` (quantized layers, per-channel int8 layers, float-format layers),
+    in registration order: the order of the search and of the memory layout."""
+    return [(name, m) for name, m in model.named_modules()
+            if getattr(m, "bit_format", None) is not None]
+
+
+class StoredWeights:
+    """Mixin of the layers whose ``weight`` holds stored values of ``bit_format`` at all times
+    (per-channel int8 and float-format layers, :mod:`models.formats`): always ready to be
+    attacked (``integer_mode`` is True, the name the quantized layers use for that state)."""
+
+    integer_mode = True
+    bit_format: NumberFormat
+
+    @torch.no_grad()
+    def flip_bit(self, index, bit) -> None:
+        """Flip bit ``bit`` (0 = MSB) of the weight(s) at flat ``index`` (ints or tensors)."""
+        flat = self.weight.data.view(-1)
+        index = torch.as_tensor(index, device=flat.device, dtype=torch.int64)
+        flat[index] = self.bit_format.flip(flat[index], bit)
+
+    def read_bit(self, index: int, bit: int) -> int:
+        """Bit ``bit`` (0 = MSB) of the weight at flat index ``index``."""
+        return int(self.bit_format.to_bits(self.weight.detach().reshape(-1)[index])[bit])
+
+
+# ---------------------------------------------------------------------------------------------
 # Bits of quantized layers in integer mode, and of whole models
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Flip:
-    """One flipped bit: layer name, flat weight index, bit (0 = MSB), code before and after."""
+    """One flipped bit: layer name, flat weight index, bit (0 = MSB), stored value before and
+    after (an integer code, or a float; inf and NaN written as strings)."""
 
     layer: str
     index: int
     bit: int
-    before: int
-    after: int
+    before: int | float | str
+    after: int | float | str
 
     def as_dict(self) -> dict:
         return {"layer": self.layer, "index": self.index, "bit": self.bit,
@@ -133,54 +328,55 @@ def restore_codes(layer, indices: torch.Tensor, saved: torch.Tensor) -> None:
 
 
 def trial_flip(layer, indices: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Flip ``bits`` of the codes at flat ``indices`` with tensor ops only (nothing read back to
-    the host: the bit search's inner loop); returns the codes before, for :func:`restore_codes`."""
+    """Flip ``bits`` of the stored weights at flat ``indices`` with tensor ops only (nothing
+    read back to the host: the bit search's inner loop); returns the values before, for
+    :func:`restore_codes`."""
     flat = layer.weight.data.view(-1)
     saved = flat[indices].clone()
-    flat[indices] = flip_bits(saved.round().to(torch.int64), bits, layer.n_bits).to(flat.dtype)
+    flat[indices] = layer.bit_format.flip(saved, bits).to(flat.dtype)
     return saved
 
 
-def random_flip(model: "nn.Module", generator: torch.Generator) -> Flip:
-    """Flip one bit chosen uniformly: a quantized layer, a weight in it, a bit (docs/algorithms.md section 6)."""
-    from .quantization import quant_layers
+def flip_and_record(name: str, layer, index: int, bit: int) -> Flip:
+    """Flip one bit of ``layer`` (through its own ``flip_bit``) and return the :class:`Flip`."""
+    fmt = layer.bit_format
+    flat = layer.weight.data.view(-1)
+    before = fmt.describe(flat[index])
+    layer.flip_bit(index, bit)
+    return Flip(name, index, bit, before, fmt.describe(flat[index]))
 
-    layers = quant_layers(model)
+
+def random_flip(model: "nn.Module", generator: torch.Generator) -> Flip:
+    """Flip one bit chosen uniformly: a layer, a weight in it, a bit (docs/algorithms.md section 6)."""
+    layers = bit_layers(model)
     i = int(torch.randint(len(layers), (1,), generator=generator))
     name, layer = layers[i]
     index = int(torch.randint(layer.weight.numel(), (1,), generator=generator))
-    bit = int(torch.randint(layer.n_bits, (1,), generator=generator))
-    before = int(layer.weight.data.view(-1)[index].round())
-    layer.flip_bit(index, bit)
-    return Flip(name, index, bit, before, int(layer.weight.data.view(-1)[index].round()))
+    bit = int(torch.randint(layer.bit_format.n_bits, (1,), generator=generator))
+    return flip_and_record(name, layer, index, bit)
 
 
 def snapshot(model: "nn.Module") -> dict[str, torch.Tensor]:
-    """Copy of every quantized layer's integer codes (to restore or to compare later)."""
-    from .quantization import quant_layers
-
-    return {name: layer.weight.detach().clone() for name, layer in quant_layers(model)}
+    """Copy of every attackable layer's stored weights (to restore or to compare later)."""
+    return {name: layer.weight.detach().clone() for name, layer in bit_layers(model)}
 
 
 @torch.no_grad()
 def restore(model: "nn.Module", saved: dict[str, torch.Tensor]) -> None:
-    """Write back the codes saved by :func:`snapshot` (undoes every flip since)."""
-    from .quantization import quant_layers
-
-    for name, layer in quant_layers(model):
+    """Write back the weights saved by :func:`snapshot` (undoes every flip since)."""
+    for name, layer in bit_layers(model):
         layer.weight.copy_(saved[name])
 
 
 def changed_bits(model: "nn.Module", saved: dict[str, torch.Tensor]) -> int:
-    """Number of bits that differ between the model's codes and a :func:`snapshot` (the
-    Hamming distance of the whole model's weights)."""
-    from .quantization import quant_layers
-
+    """Number of bits that differ between the model's stored weights and a :func:`snapshot`
+    (the Hamming distance of the whole model's weights)."""
     total = 0
-    for name, layer in quant_layers(model):
-        now = layer.weight.detach().round().to(torch.int64)
-        then = saved[name].round().to(torch.int64)
-        changed = now != then
+    for name, layer in bit_layers(model):
+        now, then = layer.weight.detach(), saved[name]
+        if isinstance(layer.bit_format, IntFormat):
+            now, then = now.round(), then.round()
+        changed = now != then  # NaN != NaN: counted by the bits below, 0 if the same pattern
         if bool(changed.any()):
-            total += hamming_distance(now[changed], then[changed], layer.n_bits)
+            total += layer.bit_format.hamming(now[changed], then[changed])
     return total

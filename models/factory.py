@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .base import check_layout
-from .bits import check_bits
+from .bits import FLOAT_BITS, check_bits
 from .ocm import LEGACY_SEED, build_output, check_code_length
 from .registry import get_model, get_model_entry
 
@@ -36,8 +36,16 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError (one line, with the fix) for an impossible combination."""
-        get_model_entry(self.arch)
-        check_bits(self.bits)
+        entry = get_model_entry(self.arch)
+        if self.bits == FLOAT_BITS:
+            if entry.fixed_bits is not None:
+                raise ValueError(f"{self.arch} is a {entry.fixed_bits}-bit architecture; it has "
+                                 f"no float version (--bits {FLOAT_BITS})")
+        else:
+            try:
+                check_bits(self.bits)
+            except ValueError as e:
+                raise ValueError(f"{e}; or {FLOAT_BITS} for a float model") from None
         check_layout(self.layout)
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"number of classes must be at least 2, got {self.num_classes}")
@@ -64,11 +72,17 @@ def build_model(config: ModelConfig, codebook: torch.Tensor | None = None
                 ) -> tuple[nn.Module, nn.Module]:
     """``(network, output)`` for ``config``; ``output`` is the loss/decoding interface.
 
-    ``codebook`` (OCM only) overrides the seeded codebook, e.g. the one a checkpoint stored.
+    ``bits == 32`` (:data:`models.bits.FLOAT_BITS`) builds the float model: plain
+    ``nn.Conv2d`` / ``nn.Linear`` layers. ``codebook`` (OCM only) overrides the seeded codebook, e.g. the one a checkpoint stored.
     """
     config.validate()
-    model = get_model(config.arch, config.num_outputs, config.bits, config.output_act,
-                      layout=config.layout)
+    float_model = config.bits == FLOAT_BITS
+    model = get_model(config.arch, config.num_outputs, None if float_model else config.bits,
+                      config.output_act, layout=config.layout)
+    if float_model:  # the same architecture with plain float layers
+        from .formats import plain_layers
+
+        plain_layers(model)
     output = build_output(config.num_classes, config.ocm, config.code_length, codebook,
                           config.codebook_seed)
     if config.ocm and tuple(output.codebook.shape) != (config.num_classes, config.code_length):

@@ -42,10 +42,12 @@ class NotTraceable(RuntimeError):
 
 
 class _Tracer(fx.Tracer):
-    """Keeps quantized layers (and torch.nn's own modules) as single calls."""
+    """Keeps attackable layers (any module with a ``bit_format``: quantized, per-channel int8
+    and float-format layers) and torch.nn's own modules as single calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, QuantLayer) or getattr(m, "bit_format", None) is not None
+                or super().is_leaf_module(m, qualname))
 
 
 def _out_of_place(node: fx.Node, modules: dict[str, nn.Module],

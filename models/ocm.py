@@ -86,7 +86,14 @@ class SoftmaxOutput(nn.Module):
         return outputs
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.argmax(dim=1)
+        """Argmax; a row with a NaN (a weight flipped to inf or NaN) predicts no class (-1)."""
+        return no_class_where_nan(outputs.argmax(dim=1), outputs)
+
+
+def no_class_where_nan(predictions: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """``predictions`` with -1 (no class: always a misclassification) where the output row holds
+    a NaN, as a float model does after a flip to inf or NaN (docs/algorithms.md section 1b)."""
+    return predictions.masked_fill(outputs.isnan().any(dim=1), -1)
 
 
 class OutputCodeMatching(nn.Module):
@@ -136,9 +143,10 @@ class OutputCodeMatching(nn.Module):
         """Argmax of :meth:`scores`, ties to the lowest class index.
 
         *quirk* (public code): when every correlation is <= 0 all scores equal log(1e-6) and the
-        prediction is class 0.
+        prediction is class 0. A row with a NaN (a weight flipped to inf or NaN) predicts no
+        class (-1): a misclassification, whatever the argmax of NaNs would say.
         """
-        return self.scores(outputs).argmax(dim=1)
+        return no_class_where_nan(self.scores(outputs).argmax(dim=1), outputs)
 
 
 def build_output(num_classes: int, ocm: bool = False, code_length: int | None = None,

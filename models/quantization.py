@@ -106,6 +106,11 @@ class QuantLayer:
         self.register_buffer("step_size", torch.ones(()))
         self.register_buffer("b_w", bitlib.bit_values(n_bits, dtype=torch.float32).view(-1, 1))
 
+    @property
+    def bit_format(self) -> bitlib.IntFormat:
+        """The stored format of the codes (:mod:`models.bits`): N-bit two's complement."""
+        return bitlib.IntFormat(self.n_bits)
+
     # -- step size -----------------------------------------------------------------------------
     @torch.no_grad()
     def compute_step(self) -> torch.Tensor:

@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from models import bits as bitlib
-from models import quant_layers
 from models.bits import Flip
 
 if TYPE_CHECKING:
     from models.incremental import IncrementalForward
+    from utils.faults import FaultState
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,39 @@ class SearchStep:
 
 
 def first_order_change(codes: torch.Tensor, grad: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """``[numel, N]`` first-order loss change of flipping each bit of each weight (docs/algorithms.md section 5)."""
+    """``[numel, N]`` first-order loss change of flipping each bit of each integer code (docs/algorithms.md section 5)."""
     b = bitlib.int_to_bits(codes.reshape(-1), n_bits).to(grad.dtype)
     base = bitlib.bit_values(n_bits, dtype=grad.dtype, device=grad.device)
     return (1.0 - 2.0 * b) * base * grad.reshape(-1, 1)
 
 
+def flip_scores(fmt: bitlib.NumberFormat, values: torch.Tensor, grad: torch.Tensor,
+                direction: int) -> torch.Tensor:
+    """``[numel, n_bits]`` first-order change of the attack loss in the attack's direction when
+    each bit of each stored value flips: ``direction * (v' - v) * g`` (docs/algorithms.md
+    section 5) for any number format. Integer formats compute it as :func:`first_order_change`
+    does, in the gradient's dtype; float formats in float64, where a flip to a huge value times
+    the gradient stays finite. A flip to inf scores +-inf; NaN scores (a NaN value, inf times a
+    zero gradient) become -inf: never chosen."""
+    if isinstance(fmt, bitlib.IntFormat):
+        score = direction * first_order_change(values.round().to(torch.int64), grad, fmt.n_bits)
+    else:
+        deltas = fmt.flip_deltas(values.reshape(-1), dtype=torch.float64)
+        score = direction * (deltas * grad.reshape(-1, 1).to(torch.float64))
+    return torch.nan_to_num(score, nan=float("-inf"), posinf=float("inf"),
+                            neginf=float("-inf"))
+
+
+def _grad_of(name: str, layer: nn.Module) -> torch.Tensor:
+    grad = layer.weight.grad
+    if grad is None:
+        raise RuntimeError(f"layer {name} has no gradient: run backward on the attack loss first")
+    return grad.detach().reshape(-1)
+
+
 def layer_candidate(name: str, layer: nn.Module, direction: int, n_bits_to_flip: int = 1,
-                    k_top: int | None = None) -> LayerCandidate:
+                    k_top: int | None = None, faults: "FaultState | None" = None
+                    ) -> LayerCandidate | None:
     """The ``n_bits_to_flip`` bits of ``layer`` with the largest first-order change in
     ``direction`` (+1 raise the loss, -1 lower it), among the ``k_top`` weights with the
     largest ``|g|`` (all weights by default).
@@ -78,32 +103,50 @@ def layer_candidate(name: str, layer: nn.Module, direction: int, n_bits_to_flip:
     not admissible and, as in the public T-BFA code (*quirk*), its candidate is an arbitrary
     bit: the MSB of the weight with the largest ``|g|`` (what the public code's ``topk`` over
     an all-zero tensor returns first).
+
+    ``faults`` (:class:`utils.faults.FaultState`): only the flips the fault model admits are
+    candidates; several bits of one candidate lie in different pages under one-flip-per-page
+    (the best bit of each page, then the best pages) and never exceed the budget left. The
+    fallback of a layer with no bit pointing the attack's way is then its best admissible flip,
+    and a layer with no admissible flip at all proposes nothing (None).
     """
-    grad = layer.weight.grad
-    if grad is None:
-        raise RuntimeError(f"layer {name} has no gradient: run backward on the attack loss first")
-    g = grad.detach().reshape(-1)
-    codes = layer.weight.detach().reshape(-1).round().to(torch.int64)
+    g = _grad_of(name, layer)
+    values = layer.weight.detach().reshape(-1)
+    fmt = layer.bit_format
+    n_bits = fmt.n_bits
     if k_top is not None and k_top < g.numel():
         pool = g.abs().topk(k_top).indices
     else:
         pool = None
     g_pool = g if pool is None else g[pool]
-    codes_pool = codes if pool is None else codes[pool]
-    score = direction * first_order_change(codes_pool, g_pool, layer.n_bits)
-    n_bits = layer.n_bits
+    values_pool = values if pool is None else values[pool]
+    score = flip_scores(fmt, values_pool, g_pool, direction)
+    if faults is not None:
+        allowed = faults.mask(name, layer)
+        if pool is not None:
+            allowed = allowed[pool]
+        score = score.masked_fill(~allowed, float("-inf"))
+        if faults.remaining is not None:
+            n_bits_to_flip = min(n_bits_to_flip, faults.remaining)
     flat = score.reshape(-1)
     k = min(n_bits_to_flip, flat.numel())
-    if k == 1:
+    if faults is not None and faults.fault.one_per_page and k > 1:
+        values_k, best = _best_per_page(faults, name, flat, n_bits, pool, k)
+    elif k == 1:
         best = flat.argmax().view(1)
-        values = flat[best]
+        values_k = flat[best]
     else:
-        values, best = flat.topk(k)
-    keep = values > 0
+        values_k, best = flat.topk(k)
+    keep = values_k > 0
     if bool(keep.any()):
         best = best[keep]  # flip only bits that move the loss the attack's way
         local, bit = best // n_bits, best % n_bits
         admissible = True
+    elif faults is not None:
+        if k == 0 or float(flat[best[0]]) == float("-inf"):
+            return None  # no admissible flip in this layer
+        local, bit = best[:1] // n_bits, best[:1] % n_bits
+        admissible = False
     else:
         local = g_pool.abs().argmax().view(1)
         bit = torch.zeros_like(local)
@@ -112,28 +155,44 @@ def layer_candidate(name: str, layer: nn.Module, direction: int, n_bits_to_flip:
     return LayerCandidate(name, layer, indices, bit, admissible)
 
 
+def _best_per_page(faults, name, flat, n_bits, pool, k):
+    """Top ``k`` scores of ``flat`` with at most one per memory page: the best bit of each
+    page, then the ``k`` best pages (which maximises the summed score under the rule)."""
+    weights = torch.arange(flat.numel(), device=flat.device) // n_bits
+    if pool is not None:
+        weights = pool[weights]
+    pages = faults.pages_of(name, weights)
+    order = torch.argsort(flat, descending=True, stable=True)
+    sorted_pages = pages[order]
+    # the first occurrence of each page in score order is that page's best bit
+    _, inverse = torch.unique(sorted_pages, return_inverse=True)
+    seen = torch.full((int(inverse.max()) + 1 if len(inverse) else 0,), len(order),
+                      device=flat.device, dtype=torch.int64)
+    seen.scatter_reduce_(0, inverse, torch.arange(len(order), device=flat.device),
+                         reduce="amin")
+    first = torch.zeros_like(order, dtype=torch.bool)
+    first[seen] = True
+    chosen = order[first][:k]
+    return flat[chosen], chosen
+
+
 def _apply(cand: LayerCandidate) -> list[Flip]:
     """Flip the candidate's bits one after the other (the same weight may appear twice)."""
-    flips = []
-    flat = cand.layer.weight.data.view(-1)
-    for index, bit in zip(cand.indices.tolist(), cand.bits.tolist()):
-        before = int(flat[index].round())
-        cand.layer.flip_bit(index, bit)
-        flips.append(Flip(cand.name, index, bit, before, int(flat[index].round())))
-    return flips
+    return [bitlib.flip_and_record(cand.name, cand.layer, index, bit)
+            for index, bit in zip(cand.indices.tolist(), cand.bits.tolist())]
 
 
 def _single_candidate(name: str, layer: nn.Module, direction: int) -> LayerCandidate:
     """:func:`layer_candidate` for one bit over all weights, without reading anything back to
     the host (``admissible`` stays a 0-d bool tensor): the search's inner loop on a GPU."""
     g = layer.weight.grad.detach().reshape(-1)
-    codes = layer.weight.detach().reshape(-1).round().to(torch.int64)
-    score = (direction * first_order_change(codes, g, layer.n_bits)).reshape(-1)
+    fmt = layer.bit_format
+    score = flip_scores(fmt, layer.weight.detach().reshape(-1), g, direction).reshape(-1)
     best = score.argmax()
     admissible = score[best] > 0
     fallback = g.abs().argmax()  # the public T-BFA code's arbitrary bit (see layer_candidate)
-    local = torch.where(admissible, best // layer.n_bits, fallback).view(1)
-    bit = torch.where(admissible, best % layer.n_bits, torch.zeros_like(best)).view(1)
+    local = torch.where(admissible, best // fmt.n_bits, fallback).view(1)
+    bit = torch.where(admissible, best % fmt.n_bits, torch.zeros_like(best)).view(1)
     return LayerCandidate(name, layer, local, bit, admissible)
 
 
@@ -179,6 +238,12 @@ class ProgressiveBitSearch:
     public BFA code flips no bit there); by default it proposes its arbitrary bit and competes
     like the others (the public T-BFA code). When every layer is skipped, nothing is flipped.
 
+    ``faults`` (:class:`utils.faults.FaultState`, default None: every flip allowed): only the
+    flips the fault model admits are tried (see :func:`layer_candidate`); a layer without any
+    proposes nothing, and ``all_admissible`` then counts only the layers that propose; the
+    flips kept are recorded in it (pages used, budget spent). Once the budget is spent a step
+    flips nothing.
+
     ``incremental`` (default): when the attack loss is an :class:`AttackLoss`, a trial flip in a
     layer re-runs the network from that layer onward on activations cached from the clean
     forward (which is itself reused from the previous step when the weights are unchanged).
@@ -189,7 +254,7 @@ class ProgressiveBitSearch:
     def __init__(self, model: nn.Module, direction: int, k_top: int | None = None,
                  multi_bit_retry: bool = False, max_bits_per_layer: int | None = 32,
                  skip_inadmissible: bool = False, incremental: bool = True,
-                 invert_binary: bool = False):
+                 invert_binary: bool = False, faults: "FaultState | None" = None):
         if direction not in (MAXIMIZE, MINIMIZE):
             raise ValueError("direction must be MAXIMIZE (+1) or MINIMIZE (-1)")
         self.model = model
@@ -200,7 +265,8 @@ class ProgressiveBitSearch:
         self.skip_inadmissible = skip_inadmissible
         self.incremental = incremental
         self.invert_binary = invert_binary
-        self.layers = quant_layers(model)
+        self.faults = faults
+        self.layers = bitlib.bit_layers(model)
         if not self.layers:
             raise ValueError("the model has no quantized layers to attack")
         for name, layer in self.layers:
@@ -293,18 +359,22 @@ class ProgressiveBitSearch:
                 return torch.as_tensor(attack_loss()).detach()
 
         unbounded = self.max_bits_per_layer is None
+        faults = self.faults
+        if faults is not None and faults.remaining == 0:
+            return SearchStep([], current, current, False, 0)
         n_bits = 1
         while True:
             cands, losses = [], []
             for name, layer in self.layers:
                 direction = self.direction
-                if self.invert_binary and layer.n_bits == 1:
+                if self.invert_binary and layer.bit_format.n_bits == 1:
                     direction = -direction
-                if n_bits == 1 and not self.skip_inadmissible and self.k_top is None:
+                if (n_bits == 1 and not self.skip_inadmissible and self.k_top is None
+                        and faults is None):
                     cand = _single_candidate(name, layer, direction)
                 else:
-                    cand = layer_candidate(name, layer, direction, n_bits, self.k_top)
-                    if self.skip_inadmissible and not cand.admissible:
+                    cand = layer_candidate(name, layer, direction, n_bits, self.k_top, faults)
+                    if cand is None or (self.skip_inadmissible and not cand.admissible):
                         continue
                 if len(cand.indices) == 1:  # one bit: tensor ops only, nothing read back
                     saved = bitlib.trial_flip(layer, cand.indices, cand.bits)
@@ -318,9 +388,10 @@ class ProgressiveBitSearch:
                 return SearchStep([], current, current, False, n_bits)
             best = self._select(losses)
             best_cand, best_loss = cands[best], float(losses[best])
-            all_admissible = all(bool(c.admissible) for c in cands) and \
-                len(cands) == len(self.layers)
-            improves = self._better(best_loss, current)
+            all_admissible = all(bool(c.admissible) for c in cands) and (
+                faults is not None or len(cands) == len(self.layers))
+            improves = self._better(best_loss, current) or (current != current
+                                                             and best_loss == best_loss)
             if not self.multi_bit_retry or improves:
                 break
             if unbounded:
@@ -330,8 +401,13 @@ class ProgressiveBitSearch:
                     break
             elif n_bits >= self.max_bits_per_layer:
                 break
+            elif faults is not None and faults.remaining is not None \
+                    and n_bits >= faults.remaining:
+                break
             n_bits += 1
         flips = _apply(best_cand)
+        if faults is not None:
+            faults.record(flips)
         if engine is not None:
             self._commit(engine, best_cand)
         return SearchStep(flips, current, best_loss, all_admissible, n_bits)

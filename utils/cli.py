@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from models import list_models
+from models.bits import FLOAT_BITS
 from models.factory import ModelConfig
 from models.ocm import LEGACY_SEED
 from models.registry import default_bits
@@ -55,7 +56,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", "-a", default=None,
                    help=f"architecture (default resnet20_quan): {', '.join(list_models())}")
     g.add_argument("--bits", type=int, default=None,
-                   help="weight bits, 2-16, or 1 for binarized (default: 8)")
+                   help="weight bits, 2-16, 1 for binarized, or 32 for a float (unquantized) "
+                        "model (default: 8)")
     g.add_argument("-c", "--num_classes", type=int, default=None,
                    help="number of classes (default: the data set's)")
     g.add_argument("--ocm", action="store_true", default=None,
@@ -271,12 +273,17 @@ class AttackTarget:
     source: str                # checkpoint path, or "torchvision:<name>"
     mean: tuple
     std: tuple
+    number_format: str = ""    # the attacked weights' format (ATTACK_FORMATS; "" = as trained)
+    eval_model: nn.Module | None = None  # where accuracy is measured (torch-int8: the torch.ao
+    #                                      model with the codes written back), None: ``model``
 
     def describe(self) -> str:
-        """``<source> (<arch>, <bits>-bit[, OCM<n>])``, as the attack logs name the model."""
+        """``<source> (<arch>, <bits>-bit[, OCM<n>][, as <format>])``, as the attack logs name
+        the model."""
         c = self.config
-        return (f"{self.source} ({c.arch}, {c.bits}-bit"
-                f"{f', OCM{c.code_length}' if c.ocm else ''})")
+        bits = "float" if c.bits == FLOAT_BITS else f"{c.bits}-bit"
+        return (f"{self.source} ({c.arch}, {bits}{f', OCM{c.code_length}' if c.ocm else ''}"
+                f"{f', as {self.number_format}' if self.number_format else ''})")
 
     def load_test_split(self, args) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split of the model's data set as uint8 images and labels (``--data_dir``,
@@ -289,6 +296,92 @@ class AttackTarget:
             raise UserError(f"the test set has labels up to {int(labels.max())} but the model "
                             f"has {self.config.num_classes} classes")
         return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Attack scripts: the attacked number format and the fault model
+# ---------------------------------------------------------------------------------------------
+
+# --format: the weights' number format during the attack (docs/algorithms.md section 1b).
+ATTACK_FORMATS = ("trained", "fp32", "bf16", "fp16", "torch-int8")
+
+
+def add_format_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("number format of the attacked weights")
+    g.add_argument("--format", default="trained", choices=ATTACK_FORMATS,
+                   help="trained (default): as the model was trained (N-bit per-layer codes, fp32 "
+                        "for --bits 32 models; --pretrained: quantized to --bits); fp32, bf16, "
+                        "fp16: the float weights in that IEEE format; torch-int8: quantized per "
+                        "channel to int8 by PyTorch's own tools (torch.ao, CPU only), accuracy "
+                        "measured on that model with the flipped codes written back")
+    g.add_argument("--calibration_images", type=int, default=512,
+                   help="torch-int8: training images that calibrate the activation ranges "
+                        "(default: 512, a seeded draw)")
+
+
+def add_fault_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("fault model: which flips are possible (default: every flip)")
+    g.add_argument("--fault-bits", default=None, metavar="BITS",
+                   help="bit positions that may flip, 0 = MSB: e.g. 0 (only the MSB), 1-7 (no "
+                        "MSB), 0,3-5")
+    g.add_argument("--fault-direction", default="any", choices=("any", "0to1", "1to0"),
+                   help="only 0 -> 1 or only 1 -> 0 flips (default: any)")
+    g.add_argument("--fault-profile", default=None, metavar="FILE",
+                   help="vulnerability profile: lines '<byte offset> <bit 0-7, 0 = LSB> "
+                        "<0to1|1to0>'; only those cells flip, each in its direction (offsets "
+                        "in the weight layout of docs/algorithms.md section 9)")
+    g.add_argument("--one-flip-per-page", action="store_true",
+                   help="at most one flip per memory page of the weights as stored")
+    g.add_argument("--page-bytes", type=int, default=4096,
+                   help="page size for --one-flip-per-page (default: 4096)")
+    g.add_argument("--flip-budget", type=int, default=None, metavar="N",
+                   help="at most N flips in the whole attack (per experiment for T-BFA)")
+
+
+def fault_model_from_args(args):
+    """The :class:`utils.faults.FaultModel` the flags describe (None when unconstrained);
+    raises UserError for a bad value or an unreadable profile, before anything is written."""
+    from .faults import FaultModel, parse_bit_positions, read_profile
+
+    try:
+        positions = (parse_bit_positions(args.fault_bits) if args.fault_bits is not None
+                     else None)
+        profile = None
+        if args.fault_profile is not None:
+            check_input_file(args.fault_profile, "--fault-profile")
+            read_profile(args.fault_profile)  # a malformed file fails here, with its line
+            profile = os.path.abspath(args.fault_profile)
+        fault = FaultModel(bit_positions=positions, direction=args.fault_direction,
+                           profile=profile, one_per_page=args.one_flip_per_page,
+                           page_bytes=args.page_bytes, budget=args.flip_budget)
+    except ValueError as e:
+        raise UserError(f"fault model: {e}") from None
+    return None if fault.unconstrained else fault
+
+
+def _attack_format(model: nn.Module, config: ModelConfig, name: str, calibration, device):
+    """``(attacked model, eval model or None, format label)`` for ``--format name``."""
+    from models import to_integer
+    from models.formats import (DeployedModel, from_ao, plain_layers, quantize_per_channel,
+                                to_float_format)
+    from models.quantization import quant_layers
+
+    if name == "trained":
+        if config.bits == FLOAT_BITS:
+            return to_float_format(model, "fp32"), None, "fp32"
+        return to_integer(model), None, ""
+    if quant_layers(model):
+        plain_layers(model)  # the float weights the quantized layers were trained with
+    if name in ("fp32", "bf16", "fp16"):
+        return to_float_format(model, name), None, name
+    # torch-int8: PyTorch's per-channel post-training quantization, attacked through its twin
+    if torch.device(device).type != "cpu":
+        raise UserError("--format torch-int8 runs PyTorch's quantized kernels, which are "
+                        "CPU-only: add --device cpu")
+    model = model.cpu().eval()
+    ao_model = quantize_per_channel(model, calibration())
+    twin = from_ao(ao_model, model)
+    return twin, DeployedModel(twin, ao_model), "torch-int8"
 
 
 def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
@@ -340,5 +433,16 @@ def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
                         f"which has {dataset.num_classes} classes")
     model.to(device).eval()
     output.to(device)
-    to_integer(model)
-    return AttackTarget(model, output, config, dataset, source, mean, std)
+    fmt = getattr(args, "format", "trained")
+
+    def calibration():
+        from .data import load_split_tensors, normalize_images
+
+        images, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
+                                       download=args.download, workers=args.workers,
+                                       max_images=args.calibration_images, seed=args.seed)
+        return [normalize_images(images[i:i + 64], mean, std)
+                for i in range(0, len(images), 64)]
+
+    model, eval_model, label = _attack_format(model, config, fmt, calibration, device)
+    return AttackTarget(model, output, config, dataset, source, mean, std, label, eval_model)
