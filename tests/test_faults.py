@@ -1,4 +1,4 @@
-"""Fault models (utils/faults.py, docs/algorithms.md section 9): the candidate under each
+"""Fault models (utils/faults.py, docs/algorithms.md section 5b): the candidate under each
 constraint equals a brute-force search over the admissible flips written here with Python
 integers, and constrained attacks never make an inadmissible flip (checked bit by bit on the
 final weights against the clean ones, by a checker independent of utils/faults.py)."""

@@ -13,7 +13,8 @@ import pytest
 import report as report_script
 from utils import campaign
 from utils.cli import run
-from utils.report import (PUBLISHED, ModelResults, asr_budget_curve, bfa_curve, budget_curve,
+from utils.report import (PUBLISHED, ModelResults, asr_budget_curve, bfa_curve, bfa_rows,
+                          budget_curve, format_markdown_bfa,
                           load_model, read_jsonl, table_rows, value_at_budget, write_report)
 from utils.results import TALBF, read_records, results_files, talbf_summary, write_csv
 
@@ -120,8 +121,8 @@ def test_report_writes_the_known_table(results, tmp_path):
     assert [r["model"] for r in rows] == ["vanilla", "ocm16"]
     assert float(rows[0]["tbfa_n_flips_mean"]) == 4.0 and float(rows[0]["tbfa_n_flips_std"]) == 2.0
     bfa = (out / "bfa_table.md").read_text()
-    assert "| vanilla | BFA | 2 | 90.00 ± 0.00 | 10.00 ± 0.00 | 2.50 ± 0.71 | 2 n_iter |" in bfa
-    assert "| vanilla | random flips | 1 |" in bfa
+    assert "| vanilla | – | none | BFA | 2 | 90.00 ± 0.00 | 10.00 ± 0.00 | 2.50 ± 0.71 | 2 n_iter |" in bfa
+    assert "| vanilla | – | none | random flips | 1 |" in bfa
     md = (out / "report.md").read_text()
     assert "fig1_asr_vs_max_flips.png" in md and "ocm16: no TA-LBF results" in md
     assert any("results.jsonl:3: corrupt results line skipped" in p for p in rep.problems)
@@ -313,3 +314,25 @@ def test_write_csv_is_utf8_and_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["t.csv"]
     write_csv(str(tmp_path / "none.csv"), [])
     assert os.listdir(tmp_path) == ["t.csv"]  # no rows: no file
+
+
+def test_runs_are_grouped_by_number_format_and_fault_model(tmp_path):
+    """BFA runs on other formats / under a fault model are rows of their own; a T-BFA campaign
+    under a fault model names it beside the model."""
+    m = tmp_path / "float"
+    for name, fmt, fault, accs in (("fp32", "fp32", None, [10.0]),
+                                   ("fp16", "fp16", None, [40.0, 10.0]),
+                                   ("fp16page", "fp16", {"one_per_page": True}, [60.0, 30.0, 10.0])):
+        _write_bfa(str(m / name), "bfa", 90.0, accs)
+        summary = json.loads((m / name / "summary.json").read_text())
+        summary.update(number_format=fmt, fault_model=fault)
+        (m / name / "summary.json").write_text(json.dumps(summary))
+    _write_jsonl(str(m / "attack_tbfa" / "results.jsonl"), [_tbfa("a", 2, 80.0, 70.0)])
+    (m / "attack_tbfa" / "campaign.json").write_text(json.dumps(
+        {"dataset": "digits", "fault": {"direction": "0to1"}, "number_format": None}))
+    model = load_model("float", str(m))
+    assert model.name == "float [0to1]"
+    rows = [(r["number_format"], r["fault"], r["bit_flips_mean"]) for r in bfa_rows([model])]
+    assert rows == [("fp16", "none", 2.0), ("fp16", "1/page", 3.0), ("fp32", "none", 1.0)]
+    table = format_markdown_bfa(bfa_rows([model]))
+    assert "| float [0to1] | fp16 | 1/page | BFA | 1 |" in table

@@ -329,7 +329,7 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fault-profile", default=None, metavar="FILE",
                    help="vulnerability profile: lines '<byte offset> <bit 0-7, 0 = LSB> "
                         "<0to1|1to0>'; only those cells flip, each in its direction (offsets "
-                        "in the weight layout of docs/algorithms.md section 9)")
+                        "in the weight layout of docs/algorithms.md section 5b)")
     g.add_argument("--one-flip-per-page", action="store_true",
                    help="at most one flip per memory page of the weights as stored")
     g.add_argument("--page-bytes", type=int, default=4096,

@@ -1,4 +1,4 @@
-"""Fault models: which bit-flips a real attacker can make (docs/algorithms.md section 9).
+"""Fault models: which bit-flips a real attacker can make (docs/algorithms.md section 5b).
 
 The public attacks may flip any bit of any weight. A :class:`FaultModel` restricts the bit
 search (and the random flips) to the admissible ones:

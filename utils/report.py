@@ -96,6 +96,18 @@ class BFARun:
     bit_flips: int
     iterations: int
     stopped_by: str
+    number_format: str = ""     # the attacked weights' format (summary.json; "" before it)
+    fault: str = "none"         # the fault model's label (utils.faults.FaultModel.label)
+
+
+def fault_label(fault: dict | None) -> str:
+    """Short name of a recorded fault model (``none`` for an unconstrained attack)."""
+    from .faults import FaultModel
+
+    try:
+        return FaultModel.from_dict(fault).label() if fault else "none"
+    except (TypeError, ValueError):
+        return "unknown"
 
 
 def read_bfa_run(folder: str, problems: list[str] | None = None) -> BFARun | None:
@@ -131,7 +143,8 @@ def read_bfa_run(folder: str, problems: list[str] | None = None) -> BFARun | Non
         curve.append(value)
     kind = summary.get("attack") or ("random" if "random" in folder else "bfa")
     return BFARun(folder, kind, clean, curve, int(summary.get("bit_flips", last)),
-                  int(summary.get("iterations", last)), str(summary.get("stopped_by", "?")))
+                  int(summary.get("iterations", last)), str(summary.get("stopped_by", "?")),
+                  str(summary.get("number_format") or ""), fault_label(summary.get("fault_model")))
 
 
 @dataclass
@@ -146,10 +159,13 @@ class ModelResults:
     dataset: str | None = None
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    tbfa_setting: str = ""      # the T-BFA campaign's format / fault model when not the default
 
     @property
     def name(self) -> str:
-        return display_name(self.label)
+        """The paper's name of the label, with the T-BFA campaign's number format and fault
+        model when they are not the defaults, e.g. ``Vanilla [1/page]``."""
+        return display_name(self.label) + (f" [{self.tbfa_setting}]" if self.tbfa_setting else "")
 
     def clean_acc(self) -> tuple[float, float]:
         """Clean test accuracy of the integer-mode model, as the attack scripts measured it."""
@@ -162,12 +178,26 @@ class ModelResults:
         return float("nan"), float("nan")
 
 
-def _campaign_dataset(folder: str) -> str | None:
+def _campaign(folder: str) -> dict:
     try:
         with open(os.path.join(folder, "campaign.json"), encoding="utf-8") as f:
-            return json.load(f).get("dataset")
-    except (OSError, ValueError, AttributeError):
-        return None
+            settings = json.load(f)
+        return settings if isinstance(settings, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _campaign_dataset(folder: str) -> str | None:
+    return _campaign(folder).get("dataset")
+
+
+def _campaign_setting(folder: str) -> str:
+    """``"<format>, <fault model>"`` of a campaign, the defaults left out ("" for both)."""
+    settings = _campaign(folder)
+    parts = [settings["number_format"]] if settings.get("number_format") else []
+    if settings.get("fault"):
+        parts.append(fault_label(settings["fault"]))
+    return ", ".join(parts)
 
 
 ATTACKS = ("tbfa", "talbf", "bfa")
@@ -195,6 +225,8 @@ def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str
         records = read_records(results_dir, m.problems)
         setattr(m, attr, records)
         m.dataset = m.dataset or _campaign_dataset(results_dir)
+        if attr == "tbfa":
+            m.tbfa_setting = _campaign_setting(results_dir)
         if not records:
             m.missing.append(f"{label}: {path} holds no complete {kind} result")
     if curves and m.tbfa and not any(r.get(TBFA.curve) for r in m.tbfa):
@@ -303,11 +335,13 @@ def bfa_rows(models: list[ModelResults]) -> list[dict]:
     """One row per model and attack kind (BFA, random flips): runs, accuracies, flips."""
     rows = []
     for m in models:
-        for kind in ("bfa", "random"):
-            runs = [r for r in m.bfa if r.attack == kind]
-            if not runs:
-                continue
-            row = {"model": m.label, "name": m.name, "attack": kind, "runs": len(runs)}
+        groups = sorted({(r.attack, r.number_format, r.fault) for r in m.bfa},
+                        key=lambda g: (g[0] != "bfa", g[1], g[2] != "none", g[2]))
+        for kind, number_format, fault in groups:
+            runs = [r for r in m.bfa if (r.attack, r.number_format, r.fault) ==
+                    (kind, number_format, fault)]
+            row = {"model": m.label, "name": m.name, "attack": kind, "runs": len(runs),
+                   "number_format": number_format, "fault": fault}
             for key, values in (("clean_acc", [r.clean_accuracy for r in runs]),
                                 ("final_acc", [r.accuracy[-1] for r in runs]),
                                 ("bit_flips", [r.bit_flips for r in runs]),
@@ -322,12 +356,13 @@ def bfa_rows(models: list[ModelResults]) -> list[dict]:
 
 
 def format_markdown_bfa(rows: list[dict]) -> str:
-    heads = ["model", "attack", "runs", "clean %", "after attack %", "# bit-flips (bits flipped)",
-             "stopped by"]
-    lines = ["| " + " | ".join(heads) + " |", "|---|---|---:|---:|---:|---:|---|"]
+    heads = ["model", "weights", "fault model", "attack", "runs", "clean %", "after attack %",
+             "# bit-flips (bits flipped)", "stopped by"]
+    lines = ["| " + " | ".join(heads) + " |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["name"], "BFA" if r["attack"] == "bfa" else "random flips", str(r["runs"]),
+            r["name"], r.get("number_format") or "–", r.get("fault", "none"),
+            "BFA" if r["attack"] == "bfa" else "random flips", str(r["runs"]),
             _pm(r["clean_acc_mean"], r["clean_acc_std"]),
             _pm(r["final_acc_mean"], r["final_acc_std"]),
             _pm(r["bit_flips_mean"], r["bit_flips_std"]), r["stopped_by"]]) + " |")
