@@ -295,14 +295,19 @@ class ProfileRecorder:
         self.csv.writerow(d)
         self.file.flush()
         self._points(row.flip, row.accuracy, row.loss, row.hamming)
-        log.info("iter %d flip %d: %s[%d] bit %d: %d -> %d | loss %.4f | test acc %.2f%% "
+        log.info("iter %d flip %d: %s[%d] bit %d: %s -> %s | loss %.4f | test acc %.2f%% "
                  "(drop %.2f) | hamming %d", row.iteration, row.flip, row.layer, row.index,
-                 row.bit, row.before, row.after, row.loss, row.accuracy, row.accuracy_drop,
-                 row.hamming)
+                 row.bit, _value(row.before), _value(row.after), row.loss, row.accuracy,
+                 row.accuracy_drop, row.hamming)
 
     def close(self) -> None:
         self.file.close()
         self.writer.close()
+
+
+def _value(v) -> str:
+    """A stored value for the log: an integer code as is, a float in 6 significant digits."""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -> int:
@@ -323,6 +328,8 @@ def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -
         status = 130
     finally:
         recorder.close()
+    if result is not None and target.number_format:
+        result.number_format = target.number_format  # e.g. torch-int8, not just int8
     summary = {
         "attack": "random" if args.random_bfa else "bfa",
         "source": target.source,

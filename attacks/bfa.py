@@ -118,8 +118,8 @@ class ProfileRow:
     layer: str            # module name of the quantized layer
     index: int            # flat index of the weight in that layer
     bit: int              # flipped bit, 0 = MSB (docs/algorithms.md section 1)
-    before: int           # integer code before the flip
-    after: int            # integer code after the flip
+    before: int | float | str  # stored value before the flip (an integer code, or a float;
+    after: int | float | str   # inf and NaN as strings) and after it
     accuracy: float       # test accuracy (%) after the iteration
     accuracy_drop: float  # clean accuracy minus ``accuracy`` (percentage points)
     loss: float           # attack loss on the attack batch after the iteration

@@ -78,7 +78,10 @@ TALBF_METRICS = (("talbf_asr", TALBF.asr, "ASR %"), ("talbf_pa_acc", TALBF.pa_ac
 
 
 def display_name(label: str) -> str:
-    return DISPLAY_NAMES.get(label, label)
+    """The paper's name of a label; ``LABEL@TAG`` (the same model in another setting, e.g.
+    ``vanilla@page``) shows as LABEL's name: the setting itself is read from the results."""
+    base = label.split("@", 1)[0] or label
+    return DISPLAY_NAMES.get(base, base)
 
 
 # ---------------------------------------------------------------------------------------------
