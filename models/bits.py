@@ -269,6 +269,20 @@ def get_format(name: str) -> NumberFormat:
     raise ValueError(f"unknown number format {name!r}: intN (N = 1..16), fp32, bf16 or fp16")
 
 
+def weight_grad(layer) -> torch.Tensor | None:
+    """``dLoss/d(stored value)`` of a layer at full precision: the float32 gradient a bf16/fp16
+    layer keeps (its ``full_grad``) when there is one, else ``weight.grad``."""
+    full = getattr(layer, "full_grad", None)
+    return full if full is not None else layer.weight.grad
+
+
+def clear_grad(layer) -> None:
+    """Forget a layer's gradients before the next backward (both of :func:`weight_grad`'s)."""
+    layer.weight.grad = None
+    if getattr(layer, "full_grad", None) is not None:
+        layer.full_grad = None
+
+
 def bit_layers(model: "nn.Module") -> list[tuple[str, "nn.Module"]]:
     """``(name, module)`` of every layer of ``model`` whose weights can be attacked: modules
     with a ``bit_format`` (quantized layers, per-channel int8 layers, float-format layers),
@@ -284,6 +298,9 @@ class StoredWeights:
 
     integer_mode = True
     bit_format: NumberFormat
+    # dLoss/d(stored value) in float32 when the weights' own dtype is narrower (bf16, fp16):
+    # set by the layer's forward hook at each backward, read by weight_grad()
+    full_grad: torch.Tensor | None = None
 
     @torch.no_grad()
     def flip_bit(self, index, bit) -> None:

@@ -86,7 +86,7 @@ def flip_scores(fmt: bitlib.NumberFormat, values: torch.Tensor, grad: torch.Tens
 
 
 def _grad_of(name: str, layer: nn.Module) -> torch.Tensor:
-    grad = layer.weight.grad
+    grad = bitlib.weight_grad(layer)
     if grad is None:
         raise RuntimeError(f"layer {name} has no gradient: run backward on the attack loss first")
     return grad.detach().reshape(-1)
@@ -185,7 +185,7 @@ def _apply(cand: LayerCandidate) -> list[Flip]:
 def _single_candidate(name: str, layer: nn.Module, direction: int) -> LayerCandidate:
     """:func:`layer_candidate` for one bit over all weights, without reading anything back to
     the host (``admissible`` stays a 0-d bool tensor): the search's inner loop on a GPU."""
-    g = layer.weight.grad.detach().reshape(-1)
+    g = bitlib.weight_grad(layer).detach().reshape(-1)
     fmt = layer.bit_format
     score = flip_scores(fmt, layer.weight.detach().reshape(-1), g, direction).reshape(-1)
     best = score.argmax()
@@ -341,7 +341,7 @@ class ProgressiveBitSearch:
         """
         self.model.eval()
         for _, layer in self.layers:
-            layer.weight.grad = None
+            bitlib.clear_grad(layer)
         with torch.enable_grad():
             loss, current = gradient_loss()
             loss.backward()
