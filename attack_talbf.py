@@ -175,6 +175,10 @@ def _main(argv=None) -> int:
     device = init_distributed(runtime_device(args))  # torchrun: one GPU per rank
     torch.manual_seed(args.seed)
     target = load_attack_target(args, explicit, device)
+    if not hasattr(target.model.final_layer(), "step_size"):
+        raise UserError(f"TA-LBF's relaxation needs a final layer of N-bit codes with one step "
+                        f"per layer; {target.describe()} is a float model: attack it with "
+                        f"attack_bfa.py or attack_tbfa.py (--format lists the number formats)")
     images, labels = target.load_test_split(args)
     if cfg.n_aux > len(labels) - 1:
         raise UserError(f"--n_aux {cfg.n_aux} is larger than the test set allows: it has "

@@ -135,3 +135,29 @@ def test_torchvision_resnet18_fp32_and_torch_int8_on_image_folders(tmp_path, mon
         assert summary["iterations"] == 1 and summary["fault_violations"] == 0
         assert summary["fault_model"]["one_per_page"] is True
         assert summary["test_images"] == 12
+
+
+def test_talbf_refuses_a_float_model(float_checkpoint, tmp_path, capsys):
+    import attack_talbf
+
+    status = run(attack_talbf.main, ["--checkpoint", float_checkpoint, "--n-attacks", "1",
+                                     "--device", "cpu", "--results", str(tmp_path / "t")])
+    assert status == 2 and "float model" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--fault-bits", "x"], "bit positions"),
+    (["--fault-profile", "missing.txt"], "--fault-profile"),
+    (["--fault-direction", "0to1", "--flip-budget", "0"], "budget"),
+    (["--one-flip-per-page", "--page-bytes", "6"], "page size"),
+])
+def test_bad_fault_flags_are_one_line_errors(float_checkpoint, tmp_path, capsys, flags,
+                                             message):
+    for script in (attack_bfa, attack_tbfa):
+        results = tmp_path / script.__name__
+        status = run(script.main, ["--checkpoint", float_checkpoint, *flags, "--device", "cpu",
+                                   "--results", str(results)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and err[-1].startswith("error: ") and message in err[-1]
+        assert not results.exists()
