@@ -354,7 +354,7 @@ def print_summary(args, result, results) -> None:
     reasons = {"break_acc": f"test accuracy <= --break_acc {args.break_acc:g}%",
                "n_iter": f"--n_iter {args.n_iter} reached", "interrupted": "interrupted",
                "budget": f"--flip-budget {args.flip_budget} spent",
-               "no_flip": "no admissible flip left"}
+               "no_admissible": "no admissible flip left"}
     lines = [
         f"{'random bit-flips' if args.random_bfa else 'BFA'} summary",
         f"  clean accuracy   {result.clean_accuracy:.2f}%  ({result.test_images} test images)",

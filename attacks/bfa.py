@@ -46,8 +46,9 @@ Different (deliberate, each with the option that selects the public behaviour):
    (``--public_binary_mask``).
 4. When no layer has any admissible bit the public loop never ends; ours flips nothing that
    iteration (``SearchStep.flips`` empty).
-5. A NaN trial loss never wins here; the public ``max`` over a dict with NaN depends on the
-   layer order.
+5. A NaN trial loss ranks as +inf here (the flip destroyed the output: the highest loss);
+   the public ``max`` over a dict with NaN depends on the layer order. Only float formats
+   (docs/algorithms.md section 1b) produce one: integer codes give finite losses.
 6. Exactly-zero binarized codes (only with :func:`models.quantization.use_public_sign`) are
    written as -1 before the first flip (the public BFA writes -1 over them when it rewrites
    their layer, its random flip reads them as -1 without writing the others).
@@ -134,8 +135,8 @@ class BFAResult(AttackResult):
     """Outcome of :meth:`BFA.run` / :meth:`RandomFlips.run`.
 
     ``stopped_by`` is ``"break_acc"`` (accuracy fell to the threshold), ``"n_iter"``, and under
-    a fault model ``"budget"`` (the flip budget is spent) or ``"no_flip"`` (no admissible flip
-    left); a run in progress (see ``attack.result``) says ``"running"``.
+    a fault model ``"budget"`` (the flip budget is spent) or ``"no_admissible"`` (no admissible
+    flip left); a run in progress (see ``attack.result``) says ``"running"``.
     """
 
     attack: str
@@ -267,7 +268,7 @@ class _FlipAttack(Attack):
         for iteration in bar:
             step = self.step(x, y)
             if faults is not None and not step.flips:
-                result.stopped_by = "budget" if faults.remaining == 0 else "no_flip"
+                result.stopped_by = "budget" if faults.remaining == 0 else "no_admissible"
                 break
             accuracy = eval_set.accuracy(self.eval_model, self.output)
             hamming = changed_bits(self.model, clean_codes)

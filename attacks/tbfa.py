@@ -186,7 +186,7 @@ class TBFAConfig:
     - ``flip_log``: record every flip (layer, index, bit, values, attack loss);
     - ``fault``: a :class:`utils.faults.FaultModel`: only the flips it admits (default None:
       every flip, as the papers); the attack then also stops with ``budget`` (the flip budget
-      is spent) or ``no_bit`` (no admissible flip left);
+      is spent) or ``no_admissible`` (no admissible flip left, e.g. every page used);
     - ``incremental``: score trial flips by re-running the network from the flipped layer on
       (same flips as the plain search, faster; see :class:`utils.bitsearch.ProgressiveBitSearch`).
     """
@@ -216,7 +216,7 @@ class TBFAResult(AttackResult):
     test_acc: float       # % accuracy on the whole test set after the attack
     n_flips: int          # iterations (the papers' "# bit-flips")
     hamming: int          # bits that differ from the clean model
-    stop_reason: str      # success | no_bit | oscillation | max_iters | budget
+    stop_reason: str      # success | no_bit | oscillation | max_iters | budget | no_admissible
     success_on: str | None  # "src" or "rest": the set whose ASR passed the threshold first
     pa_acc_clean: float
     asr_clean: float
@@ -291,7 +291,7 @@ class TBFA(Attack):
         for it in range(1, cfg.max_iters + 1):
             step = search.step(gradient_loss, attack_loss)
             if not step.flips:  # a fault model left no admissible flip
-                stop, it = ("budget" if faults.remaining == 0 else "no_bit"), it - 1
+                stop, it = ("budget" if faults.remaining == 0 else "no_admissible"), it - 1
                 break
             flip = step.flips[0]
             record = {**flip.as_dict(), "loss": step.loss_after}

@@ -8,7 +8,8 @@
 #      float (--bits 32) model with the vanilla recipe;
 #   2. BFA (attack_bfa.py) until the test accuracy falls to 11 %: the 8-bit per-layer model as
 #      trained, and the float model as fp32, bf16, fp16, and quantized per channel to int8 by
-#      PyTorch's own tools (--format torch-int8: accuracy measured on the torch.ao model);
+#      PyTorch's own tools (--format torch-int8: accuracy measured on the torch.ao model); then
+#      fp32 without its two top bits, and both int8 models with one flip per page;
 #   3. stealthy T-BFA (attack_tbfa.py) on vanilla and OCM16 under (a) no constraint, (b) one flip
 #      per 4 KiB page, (c) 0 -> 1 flips only;
 #   4. the two tables (report.py).
@@ -63,6 +64,17 @@ for spec in vanilla:trained float:fp32 float:bf16 float:fp16 float:torch-int8; d
   "$PY" attack_bfa.py --checkpoint "$OUT/$model/model_best.pth.tar" --format "$format" \
     --n_iter "$BFA_ITERS" --seed "$SEED" "${ATTACK_FLAGS[@]}" \
     --results "$OUT/$model/bfa_$format" > /dev/null
+done
+# and three under a fault model: no sign bit and no exponent MSB for fp32 (bits 2-31 only); one
+# flip per 4 KiB page for the 8-bit per-layer and the torch-int8 models
+"$PY" attack_bfa.py --checkpoint "$OUT/float/model_best.pth.tar" --format fp32 --fault-bits 2-31 \
+  --n_iter "$BFA_ITERS" --seed "$SEED" "${ATTACK_FLAGS[@]}" --results "$OUT/float/bfa_fp32_bits2-31" \
+  > /dev/null
+for spec in vanilla:trained float:torch-int8; do
+  model="${spec%%:*}" format="${spec#*:}"
+  "$PY" attack_bfa.py --checkpoint "$OUT/$model/model_best.pth.tar" --format "$format" \
+    --one-flip-per-page --n_iter "$BFA_ITERS" --seed "$SEED" "${ATTACK_FLAGS[@]}" \
+    --results "$OUT/$model/bfa_${format}_page" > /dev/null
 done
 echo "   ($(( $(date +%s) - start )) s so far)"
 

@@ -129,3 +129,15 @@ def test_multi_bit_retry_grows_when_nothing_improves():
 def test_search_requires_integer_mode():
     with pytest.raises(ValueError, match="integer mode"):
         ProgressiveBitSearch(get_model("resnet20_quan", 10), MAXIMIZE)
+
+
+def test_a_nan_trial_loss_ranks_as_infinite():
+    """A flip that makes the output NaN destroyed it: BFA (maximize) takes it, T-BFA (minimize)
+    never does unless every trial is NaN."""
+    model = torch.nn.Sequential(QuantLinear(3, 2, n_bits=8))
+    model[0].to_integer()
+    nan, t = float("nan"), torch.tensor
+    up, down = ProgressiveBitSearch(model, MAXIMIZE), ProgressiveBitSearch(model, MINIMIZE)
+    assert up._select([t(1.0), t(nan), t(5.0)]) == 1
+    assert down._select([t(1.0), t(nan), t(0.5)]) == 2
+    assert down._select([t(nan), t(nan)]) == 0

@@ -196,6 +196,10 @@ def _single_candidate(name: str, layer: nn.Module, direction: int) -> LayerCandi
     return LayerCandidate(name, layer, local, bit, admissible)
 
 
+def _nan_is_inf(value: float) -> float:
+    return float("inf") if value != value else value
+
+
 class AttackLoss:
     """An attack loss of the form ``loss_fn(model(inputs))``.
 
@@ -220,7 +224,7 @@ class ProgressiveBitSearch:
     One :meth:`step`: (1) backward of the gradient loss; (2) for each quantized layer apply its
     candidate flip, score the attack loss (forward only), undo it; (3) keep the flip of the best
     layer (highest loss for ``MAXIMIZE``, lowest for ``MINIMIZE``; the first such layer on a
-    tie; a NaN loss never wins unless every layer's is NaN).
+    tie; a NaN loss ranks as +inf: see :meth:`_select`).
 
     ``multi_bit_retry`` (BFA, docs/algorithms.md section 6): when no layer's candidate improves on the current
     loss, retry with the top-2 bits per layer flipped together, then 3, ... up to
@@ -286,10 +290,12 @@ class ProgressiveBitSearch:
         return a > b if self.direction == MAXIMIZE else a < b
 
     def _select(self, losses: list[torch.Tensor]) -> int:
-        """Index of the best trial loss (first on ties; NaN loses unless all are NaN)."""
+        """Index of the best trial loss (first on ties). A NaN loss ranks as +inf: the flip
+        destroyed the output (a NaN row is no class, :func:`models.ocm.no_class_where_nan`),
+        the most an untargeted attack can do and the worst for a targeted one. Only a float
+        format's flip to inf or NaN produces one; integer codes never do."""
         stacked = torch.stack([loss.detach().reshape(()).float() for loss in losses])
-        worst = float("-inf") if self.direction == MAXIMIZE else float("inf")
-        stacked = torch.nan_to_num(stacked, nan=worst)
+        stacked = torch.nan_to_num(stacked, nan=float("inf"))
         pick = stacked.argmax() if self.direction == MAXIMIZE else stacked.argmin()
         return int(pick)
 
@@ -390,8 +396,9 @@ class ProgressiveBitSearch:
             best_cand, best_loss = cands[best], float(losses[best])
             all_admissible = all(bool(c.admissible) for c in cands) and (
                 faults is not None or len(cands) == len(self.layers))
-            improves = self._better(best_loss, current) or (current != current
-                                                             and best_loss == best_loss)
+            improves = self._better(_nan_is_inf(best_loss), _nan_is_inf(current))
+            if current != current and self.direction == MAXIMIZE:
+                improves = True  # the output is already destroyed: nothing ranks higher
             if not self.multi_bit_retry or improves:
                 break
             if unbounded:
