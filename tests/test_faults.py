@@ -275,6 +275,8 @@ def test_parsing_and_validation(tmp_path):
         FaultModel(budget=0)
     assert FaultModel().unconstrained and FaultModel().label() == "none"
     assert FaultModel(one_per_page=True).label() == "1/page"
+    assert FaultModel(bit_positions=(0, 2, 3, 4, 7)).label() == "bits 0,2-4,7"
+    assert parse_bit_positions("0,2-4,7") == (0, 2, 3, 4, 7)
     f = FaultModel(bit_positions=(3, 1), direction="0to1", budget=4)
     assert FaultModel.from_dict(json.loads(json.dumps(f.to_dict()))) == f
 

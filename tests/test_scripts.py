@@ -159,6 +159,37 @@ def test_quickstart_commands_parse(attack, tmp_path):
         assert parsed[-1][1].models == [f"vanilla={out / 'vanilla'}", f"ocm16={out / 'ocm16'}"]
 
 
+def test_formats_faults_commands_parse(tmp_path):
+    """scripts/formats_faults.sh: three trainings (8-bit vanilla, 8-bit OCM16, float), BFA on
+    every format and under fault models, T-BFA on both 8-bit models under the three fault
+    models of the README table, then the two reports; every command parses."""
+    env, calls = fake_python(tmp_path)
+    out = tmp_path / "ff"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "formats_faults.sh")],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
+                          env=dict(env, OUT=str(out), EPOCHS="1", PAIRS="all"))
+    assert proc.returncode == 0, proc.stderr
+    parsed = [(name, parse(name, argv)) for _, name, argv in recorded(calls)]
+    assert [n for n, _ in parsed] == (["main.py"] * 3 + ["attack_bfa.py"] * 8
+                                      + ["attack_tbfa.py"] * 6 + ["report.py"] * 2)
+    train = [a for n, a in parsed if n == "main.py"]
+    assert [a.bits for a in train] == [8, 8, 32] and train[1].ocm and not train[2].ocm
+    assert all(a.epochs == 1 for a in train)
+    bfa = [(a.format, a.fault_bits, a.one_flip_per_page, os.path.basename(a.results))
+           for n, a in parsed if n == "attack_bfa.py"]
+    assert bfa == [("trained", None, False, "bfa_trained"), ("fp32", None, False, "bfa_fp32"),
+                   ("bf16", None, False, "bfa_bf16"), ("fp16", None, False, "bfa_fp16"),
+                   ("torch-int8", None, False, "bfa_torch-int8"),
+                   ("fp32", "2-31", False, "bfa_fp32_bits2-31"),
+                   ("trained", None, True, "bfa_trained_page"),
+                   ("torch-int8", None, True, "bfa_torch-int8_page")]
+    tbfa = [(a.one_flip_per_page, a.fault_direction, a.pairs, a.results)
+            for n, a in parsed if n == "attack_tbfa.py"]
+    assert [t[:3] for t in tbfa] == [(False, "any", None)] * 2 + [(True, "any", None)] * 2 + [
+        (False, "0to1", None)] * 2
+    assert len({t[3] for t in tbfa}) == 6  # each campaign in its own folder
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_command_parses_and_attacks_a_trained_model(script, tmp_path):
     commands = dry_run(script, tmp_path, DATA_DIR="cifar", OUT_ROOT="out", OUT="smoke",

@@ -88,7 +88,7 @@ class FaultModel:
         """Short name for tables: ``none``, ``1/page``, ``0to1``, ``bits 0``, ``budget 10``, ..."""
         parts = []
         if self.bit_positions is not None:
-            parts.append("bits " + ",".join(map(str, self.bit_positions)))
+            parts.append("bits " + _ranges(self.bit_positions))
         if self.direction != "any":
             parts.append(self.direction)
         if self.profile is not None:
@@ -99,6 +99,17 @@ class FaultModel:
         if self.budget is not None:
             parts.append(f"budget {self.budget}")
         return " + ".join(parts) if parts else "none"
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """``(0, 2, 3, 4, 7)`` -> ``"0,2-4,7"`` (the inverse of :func:`parse_bit_positions`)."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_bit_positions(text: str) -> tuple[int, ...]:
