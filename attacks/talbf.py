@@ -242,10 +242,11 @@ class FinalLayer:
         """Snapshot of ``model.final_layer()`` (which must be in integer mode)."""
         layer = model.final_layer()
         if not hasattr(layer, "step_size"):
-            raise ValueError("TA-LBF's relaxation needs a final layer of N-bit codes with one "
-                             "step per layer (a quantized model); this model's final layer "
-                             f"holds {layer.bit_format.name if hasattr(layer, 'bit_format') else 'float'} "
-                             "weights: attack it with attack_bfa.py or attack_tbfa.py")
+            fmt = getattr(getattr(layer, "bit_format", None), "name", "float")
+            raise ValueError(f"TA-LBF's relaxation needs a final layer of N-bit codes with one "
+                             f"step per layer (a quantized model); this model's final layer "
+                             f"holds {fmt} weights: attack it with attack_bfa.py or "
+                             f"attack_tbfa.py")
         if not getattr(layer, "integer_mode", False):
             raise ValueError("TA-LBF needs the model in integer mode: call "
                              "models.to_integer(model) first")

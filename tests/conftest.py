@@ -17,6 +17,15 @@ def rng():
     return torch.Generator().manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast, and two crawl when the cores are shared."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 # The two public checkpoints of the conformance folder (trained by the public code on digits,
 # 98.9 % and 98.3 %) and the model flags that describe them.
 PUBLIC_MODELS = {

@@ -25,12 +25,7 @@ from utils.faults import (FaultModel, FaultState, MemoryLayout, parse_bit_positi
                           read_profile)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class HalfLinear(nn.Linear, StoredWeights):
