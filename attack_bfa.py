@@ -15,6 +15,10 @@ Examples:
       --arch resnet20_quan --bits 8 --ocm --code_length 16 --output_act tanh   # published
   python attack_bfa.py --pretrained --arch resnet18_quan --dataset imagenet \
       --data_dir /data/imagenet --k_top 10
+  python attack_bfa.py --pretrained --arch resnet18_quan --dataset imagenet \
+      --data_dir /data/imagenet --format fp32          # the float weights, not quantized
+  python attack_bfa.py --checkpoint runs/float/model_best.pth.tar --format torch-int8 \
+      --device cpu --one-flip-per-page --fault-direction 0to1   # PyTorch int8, a fault model
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Examples:
   python attack_tbfa.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
       --bits 8 --ocm --code_length 16 --output_act tanh        # a published checkpoint
   python attack_tbfa.py --checkpoint ckpt.pth.tar --pairs 3:5,1:2 --avgs 2 --curve-every 5
+  python attack_tbfa.py --checkpoint ckpt.pth.tar --one-flip-per-page   # a fault model
   torchrun --nproc_per_node=4 attack_tbfa.py --checkpoint ckpt.pth.tar --device cuda
       # the campaign's experiments shared among 4 GPUs; resume with any number of processes
 """

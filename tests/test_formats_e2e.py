@@ -55,7 +55,7 @@ def test_bfa_on_each_format_of_a_float_model(float_checkpoint, fmt, dtype, tmp_p
     summary = _summary(results)
     assert summary["number_format"] == fmt and summary["iterations"] == 2
     rows = _profile(results)
-    assert len(rows) >= 2
+    assert rows  # fp32/bf16: the first flip makes the output NaN; nothing can follow it
     for row in rows:
         if fmt == "torch-int8":
             assert -128 <= int(row["before"]) <= 127 and -128 <= int(row["after"]) <= 127

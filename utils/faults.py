@@ -28,6 +28,7 @@ layer's ``[weights, bits]`` candidates (used by :mod:`utils.bitsearch`), records
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass
 import re
 
@@ -225,7 +226,6 @@ class FaultState:
         masks = {}
         spans = sorted(self.layout.spans.values(), key=lambda s: s.start)
         starts = [s.start for s in spans]
-        import bisect
         for offset, bit_in_byte, direction in cells:
             i = bisect.bisect_right(starts, offset) - 1
             if i < 0 or offset >= spans[i].end:
