@@ -386,8 +386,8 @@ def _attack_format(model: nn.Module, config: ModelConfig, name: str, calibration
 
 def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
     """Build the attacked model from ``--checkpoint``/``--outdir`` or ``--pretrained``, load its
-    weights, move it to ``device`` and put it in integer mode (docs/algorithms.md section 1)."""
-    from models import to_integer
+    weights, move it to ``device`` and put it in the ``--format`` it is attacked in: integer
+    mode by default (docs/algorithms.md sections 1 and 1b)."""
     from models.factory import build_model
     from models.loading import load_weights
     from models.pretrained import torchvision_state_dict
