@@ -37,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attacks.bfa import BFA, PROFILE_FIELDS, RandomFlips
 from attacks.common import EvalSet
-from utils.cli import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
+from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
                        check_number, check_output_dir, check_runtime_args, explicit_dests,
                        fault_model_from_args, load_attack_target, run, runtime_device,
                        setup_logging)

@@ -36,14 +36,14 @@ from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
                            check_attack_info, format_attack_info, generate_attack_list,
                            items_from_pinned, read_attack_info, run_campaign, summary_rows,
                            with_drawn_aux)
-from utils.attacks_file import check_attacks, read_attacks_file, write_attacks_file
-from utils.campaign import CampaignRunner, open_campaign
+from attacks.talbf_file import check_attacks, read_attacks_file, write_attacks_file
+from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import cleanup, init_distributed, is_main
-from utils.cli import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
+from cli.args import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
                        check_output_dir, check_output_file, check_runtime_args, runtime_device,
                        explicit_dests, load_attack_target, run)
 from utils.errors import UserError
-from utils.results import default_results_dir
+from campaigns.results import default_results_dir
 
 log = logging.getLogger("attack_talbf")
 

@@ -28,14 +28,14 @@ import torch
 from attacks.common import EvalSet
 from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_size,
                           plan_experiments, plan_pinned, protocol_pairs, run_campaign)
-from utils.campaign import CampaignRunner, open_campaign
+from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import cleanup, init_distributed, is_main
-from utils.cli import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
+from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
                        check_input_file, check_number, check_output_dir, check_output_file,
                        check_runtime_args, explicit_dests, fault_model_from_args,
                        load_attack_target, run, runtime_device)
 from utils.errors import UserError
-from utils.results import default_results_dir, summarize
+from campaigns.results import default_results_dir, summarize
 
 log = logging.getLogger("attack_tbfa")
 

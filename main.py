@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from utils import distributed
 from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from utils.cli import (add_data_args, add_model_args, add_runtime_args, check_number,
+from cli.args import (add_data_args, add_model_args, add_runtime_args, check_number,
                        check_output_dir, check_runtime_args, runtime_device, explicit_dests,
                        resolve_dataset, resolve_model_config, run)
 from utils.data import build_loaders

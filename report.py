@@ -22,9 +22,9 @@ import argparse
 import logging
 import sys
 
-from utils.cli import check_input_file, check_number, check_output_dir, run, setup_logging
+from cli.args import check_input_file, check_number, check_output_dir, run, setup_logging
 from utils.errors import UserError
-from utils.report import (ATTACKS, PUBLISHED, datasets_of, load_model, parse_model_specs,
+from campaigns.report import (ATTACKS, PUBLISHED, datasets_of, load_model, parse_model_specs,
                           read_models_file, write_report)
 
 log = logging.getLogger("report")

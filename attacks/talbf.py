@@ -32,7 +32,7 @@ for this one (the public code agrees with itself on 81 of 97 tries of the confor
 when PyTorch's AVX2 kernels replace its AVX-512 ones; see tests/test_conformance_talbf.py).
 
 D_aux of an attack can be pinned (``aux`` of :meth:`TALBF.run`, ``AttackItem.aux``, the
-JSON-lines attacks file of :mod:`utils.attacks_file`); the attacked image is appended after
+JSON-lines attacks file of :mod:`attacks.talbf_file`); the attacked image is appended after
 D_aux in the order given, as the public code does. Example::
 
     from attacks.common import EvalSet
@@ -698,7 +698,7 @@ class AttackItem:
 
 
 def items_from_pinned(attacks) -> list[AttackItem]:
-    """Attack items of :func:`utils.attacks_file.parse_attacks` output, in file order."""
+    """Attack items of :func:`attacks.talbf_file.parse_attacks` output, in file order."""
     return [AttackItem(pos, a.target, a.idx, tuple(a.aux_idx)) for pos, a in enumerate(attacks)]
 
 
@@ -813,7 +813,7 @@ def aux_seed(seed: int, item: AttackItem) -> int:
 
 def run_campaign(attack: TALBF, items: list[AttackItem], results, seed: int,
                  on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Attack every item not yet in ``results`` (a :class:`utils.results.JsonlResults`),
+    """Attack every item not yet in ``results`` (a :class:`campaigns.results.JsonlResults`),
     appending one line per finished attack. Returns the new records."""
     done = results.done()
     clean_acc = attack.clean_accuracy()
@@ -840,8 +840,8 @@ SUMMARY_METRICS = ["pa_acc", "n_flips", "pa_acc_clean", "k", "gamma", "outer_ite
 
 def summary_rows(records: list[dict]) -> list[dict]:
     """ASR over every attack; the other metrics averaged over the successful ones (docs/algorithms.md section 8,
-    :func:`utils.results.talbf_summary`, the rule the report's table uses too)."""
-    from utils.results import TALBF, mean_std, successful, talbf_summary
+    :func:`campaigns.results.talbf_summary`, the rule the report's table uses too)."""
+    from campaigns.results import TALBF, mean_std, successful, talbf_summary
 
     rows = talbf_summary(records, SUMMARY_METRICS)
     ok = successful(records)

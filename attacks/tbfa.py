@@ -397,7 +397,7 @@ def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
                  clean_acc: float, on_result: Callable[[dict], None] | None = None,
                  on_flip: Callable[[int, dict], None] | None = None,
                  eval_model: nn.Module | None = None) -> list[dict]:
-    """Run every experiment not yet in ``results`` (a :class:`utils.results.JsonlResults`),
+    """Run every experiment not yet in ``results`` (a :class:`campaigns.results.JsonlResults`),
     appending one line per finished experiment; the model is restored to its clean codes
     before each experiment and at the end. Returns the new records."""
     import time

@@ -35,7 +35,7 @@ from models.bits import restore, snapshot
 from utils.bitsearch import MAXIMIZE, MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.device import resolve_device
 from utils.faults import FaultModel, FaultState, MemoryLayout
-from utils.results import format_table
+from campaigns.results import format_table
 
 
 def write_profile(path: str, model, fraction: float, seed: int = 0) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from attacks.talbf import (FinalLayer, TALBF, TALBFConfig, aux_seed,
                            generate_attack_list)
 from models import bits as bitlib
-from utils.results import format_table
+from campaigns.results import format_table
 
 DEFAULT_CHECKPOINTS = [os.path.join("runs", "quickstart", m, "model_best.pth.tar")
                        for m in ("vanilla", "ocm16")]

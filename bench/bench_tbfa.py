@@ -44,7 +44,7 @@ from attacks.common import EvalSet
 from models import build_output, get_model, quant_layers, to_integer
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.device import resolve_device
-from utils.results import format_table
+from campaigns.results import format_table
 
 
 # ---------------------------------------------------------------------------------------------

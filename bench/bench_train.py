@@ -45,7 +45,7 @@ from models import get_model
 from models.ocm import SoftmaxOutput
 from models.quantization import QuantLayer
 from utils.data import DATASETS, TensorLoader
-from utils.results import format_table
+from campaigns.results import format_table
 from utils.schedules import LRSchedule
 from utils.training import build_optimizer, train_one_epoch
 

@@ -18,7 +18,7 @@ from models.factory import ModelConfig, build_model
 from models.bits import changed_bits, random_flip, snapshot
 from utils.bitsearch import MAXIMIZE, ProgressiveBitSearch
 from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.cli import run
+from cli.args import run
 from utils.data import get_dataset_info
 
 CONFIGS = {

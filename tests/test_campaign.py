@@ -1,5 +1,5 @@
 """Attack campaigns shared among torchrun processes and resumed with another process count
-(utils/campaign.py, attack_tbfa.py, attack_talbf.py)."""
+(campaigns/runner.py, attack_tbfa.py, attack_talbf.py)."""
 
 import json
 import os
@@ -11,9 +11,9 @@ import time
 import pytest
 
 import attack_tbfa
-from utils import campaign as C
-from utils.cli import run
-from utils.results import JsonlResults
+from campaigns import runner as C
+from cli.args import run
+from campaigns.results import JsonlResults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

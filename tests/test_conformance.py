@@ -28,7 +28,7 @@ from models import to_integer
 from models.factory import ModelConfig, build_model
 from models.loading import load_weights
 from utils.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint
-from utils.cli import explicit_dests, load_attack_target, run
+from cli.args import explicit_dests, load_attack_target, run
 from utils.data import get_dataset_info, load_split_tensors, normalize_images
 
 # The public scripts' model flags for the two checkpoints of the conformance folder.

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import attack_talbf
-from utils.cli import explicit_dests, load_attack_target, run
+from cli.args import explicit_dests, load_attack_target, run
 
 MODES = {
     "vanilla": [],

@@ -14,7 +14,7 @@ import torch
 import attack_bfa
 import attack_tbfa
 from models.pretrained import torchvision_weights_path
-from utils.cli import run
+from cli.args import run
 
 
 def _summary(folder):

@@ -11,7 +11,7 @@ import main
 from fakedata import make_cifar10
 from utils import trainer
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.cli import run
+from cli.args import run
 
 COMMON = ["--dataset", "cifar10", "--arch", "resnet20_quan", "-b", "32", "--no-progress",
           "--device", "cpu"]
@@ -418,7 +418,7 @@ def test_kill_at_any_checkpoint_write_then_resume_equals_uninterrupted(
 
 def test_threads_flag_sets_pytorchs_cpu_threads():
     """--threads N is applied before the run (CPU results depend on the thread count)."""
-    from utils.cli import runtime_device
+    from cli.args import runtime_device
 
     before = torch.get_num_threads()
     args = main.get_args_parser().parse_args(["--threads", "1", "--device", "cpu"])
@@ -443,4 +443,4 @@ def test_main_is_parse_build_call():
                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     imports |= {n.module for n in ast.walk(ast.parse(open(lib.__file__).read()))
                 if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imports & {"argparse", "cli", "utils.cli"}
+    assert not imports & {"argparse", "cli", "cli.args"}

@@ -15,7 +15,7 @@ from PIL import Image
 import attack_bfa
 from models import quant_layers
 from models.pretrained import torchvision_weights_path
-from utils.cli import explicit_dests, load_attack_target, run
+from cli.args import explicit_dests, load_attack_target, run
 
 ARCH = "resnet18_quan"
 

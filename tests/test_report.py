@@ -1,4 +1,4 @@
-"""The report generator (utils/report.py, report.py) on fixture result folders: table values,
+"""The report generator (campaigns/report.py, report.py) on fixture result folders: table values,
 published columns, figures, missing and corrupt results (docs/algorithms.md section 9)."""
 
 import csv
@@ -11,12 +11,12 @@ import sys
 import pytest
 
 import report as report_script
-from utils import campaign
-from utils.cli import run
-from utils.report import (PUBLISHED, ModelResults, asr_budget_curve, bfa_curve, bfa_rows,
+from campaigns import runner as campaign
+from cli.args import run
+from campaigns.report import (PUBLISHED, ModelResults, asr_budget_curve, bfa_curve, bfa_rows,
                           budget_curve, format_markdown_bfa,
                           load_model, read_jsonl, table_rows, value_at_budget, write_report)
-from utils.results import TALBF, read_records, results_files, talbf_summary, write_csv
+from campaigns.results import TALBF, read_records, results_files, talbf_summary, write_csv
 
 
 def _tbfa(key, n_flips, asr, pa_acc, clean=90.0, curve=True):
@@ -238,7 +238,7 @@ def test_without_matplotlib_tables_are_still_written(results, tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------
-# One reader for the campaigns and the report (utils/results.py)
+# One reader for the campaigns and the report (campaigns/results.py)
 # ---------------------------------------------------------------------------------------------
 
 def _bytes_of(folder):

@@ -16,10 +16,10 @@ from attacks.common import EvalSet
 from models import bits as bitlib
 from models import to_integer
 from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from utils.cli import run
+from cli.args import run
 from utils.data import get_dataset_info, load_split_tensors
-from utils import attacks_file as AF
-from utils.results import TALBF, JsonlResults
+from attacks import talbf_file as AF
+from campaigns.results import TALBF, JsonlResults
 
 # Faster penalty growth and fewer outer iterations than the paper (rho_fact 1.01, 2000): the
 # attacks on the digits models still succeed, in well under a second each.
@@ -498,7 +498,7 @@ def test_script_end_to_end_resume_and_attack_info(digits_checkpoints, tmp_path, 
     for k in ("target", "index", "source", "success", "k", "gamma", "n_flips", "pa_acc",
               "converged"):
         assert k in rec
-    assert set(astuple(TALBF)) <= set(rec)  # the fields the report reads (utils/results.py)
+    assert set(astuple(TALBF)) <= set(rec)  # the fields the report reads (campaigns/results.py)
     assert os.path.exists(tmp_path / "r" / "summary.csv")
     assert len(listed.read_text().splitlines()) == 2
     # running again does nothing new; a longer list only runs the new attack

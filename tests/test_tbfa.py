@@ -13,9 +13,9 @@ from attacks.common import EvalSet
 from models.bits import Flip, changed_bits, snapshot
 from utils.bitsearch import SearchStep
 from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from utils.cli import run
+from cli.args import run
 from utils.data import get_dataset_info, load_split_tensors
-from utils.results import CURVE, TBFA, JsonlResults
+from campaigns.results import CURVE, TBFA, JsonlResults
 from models import to_integer
 
 
@@ -226,7 +226,7 @@ def test_script_end_to_end_and_resume(digits_checkpoints, tmp_path, capsys):
     assert len(lines) == 2
     rec = json.loads(lines[0])
     assert rec["key"] == "s2-t3-r0" and rec["curve"][0]["flips"] == 0
-    # the fields the report reads (named once, in utils/results.py) are the ones written
+    # the fields the report reads (named once, in campaigns/results.py) are the ones written
     assert set(astuple(TBFA)) <= set(rec) and set(astuple(CURVE)) <= set(rec["curve"][1])
     assert os.path.exists(tmp_path / "r" / "summary.csv")
     # running again does nothing new

@@ -23,10 +23,10 @@ from models.factory import ModelConfig
 from models.ocm import LEGACY_SEED
 from models.registry import default_bits
 
-from .data import get_dataset_info, list_datasets
-from .device import resolve_device
-from .logs import setup_logging  # noqa: F401 (the scripts import it from here)
-from .errors import UserError
+from utils.data import get_dataset_info, list_datasets
+from utils.device import resolve_device
+from utils.logs import setup_logging  # noqa: F401 (the scripts import it from here)
+from utils.errors import UserError
 
 log = logging.getLogger("bitflip")
 
@@ -288,7 +288,7 @@ class AttackTarget:
     def load_test_split(self, args) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split of the model's data set as uint8 images and labels (``--data_dir``,
         ``--download``, ``--workers``); labels the model cannot output are refused."""
-        from .data import load_split_tensors
+        from utils.data import load_split_tensors
 
         images, labels = load_split_tensors(self.dataset.name, args.data_dir, "test",
                                             download=args.download, workers=args.workers)
@@ -341,7 +341,7 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
 def fault_model_from_args(args):
     """The :class:`utils.faults.FaultModel` the flags describe (None when unconstrained);
     raises UserError for a bad value or an unreadable profile, before anything is written."""
-    from .faults import FaultModel, parse_bit_positions, read_profile
+    from utils.faults import FaultModel, parse_bit_positions, read_profile
 
     try:
         positions = (parse_bit_positions(args.fault_bits) if args.fault_bits is not None
@@ -392,7 +392,7 @@ def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
     from models.loading import load_weights
     from models.pretrained import torchvision_state_dict
 
-    from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+    from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 
     if args.pretrained:
         if args.checkpoint:
@@ -436,7 +436,7 @@ def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
     fmt = getattr(args, "format", "trained")
 
     def calibration():
-        from .data import load_split_tensors, normalize_images
+        from utils.data import load_split_tensors, normalize_images
 
         images, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
                                        download=args.download, workers=args.workers,

@@ -11,15 +11,15 @@ attack scripts write beside the checkpoint by default:
   random-flip run (docs/algorithms.md section 6), e.g. ``attack_bfa/``, ``attack_bfa_random/`` or
   ``attack_bfa/seed1/``.
 
-:func:`load_model` reads one folder with :func:`utils.results.read_records` (read-only: a
+:func:`load_model` reads one folder with :func:`campaigns.results.read_records` (read-only: a
 corrupt line is reported with its file and line number and skipped, never rewritten; a key found
 in several results files counts once, the first occurrence winning); the record fields read are
-named in utils/results.py (:data:`~utils.results.TBFA`, :data:`~utils.results.TALBF`).
+named in campaigns/results.py (:data:`~campaigns.results.TBFA`, :data:`~campaigns.results.TALBF`).
 :func:`table_rows` gives one row per model (mean and sample std over experiments, published
 values of docs/algorithms.md section 9 beside ours); :func:`asr_budget_curve` is the
 supplement's Figure 1 statistic and :func:`write_report` writes everything::
 
-    from utils.report import load_model, write_report, PUBLISHED
+    from campaigns.report import load_model, write_report, PUBLISHED
     models = [load_model("vanilla", "runs/paper/cifar10/vanilla"),
               load_model("ocm16", "runs/paper/cifar10/ocm16")]
     report = write_report(models, "runs/paper/cifar10/report", published=PUBLISHED["cifar10"])
@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from utils.errors import UserError
 from .results import (CURVE, MERGED, TALBF, TBFA, mean_std, read_records, results_files,
                       successful, talbf_summary, write_csv)
 from .results import read_jsonl  # noqa: F401 (the one parser; importable from here as before)
@@ -70,7 +70,7 @@ DISPLAY_NAMES = {
 TBFA_DIR, TALBF_DIR = "attack_tbfa", "attack_talbf"
 
 # (column key, field of the records, heading) of the main table, in order; the fields are
-# defined (and what each counts said) in utils/results.py.
+# defined (and what each counts said) in campaigns/results.py.
 TBFA_METRICS = (("tbfa_asr", TBFA.asr, "ASR %"), ("tbfa_pa_acc", TBFA.pa_acc, "PA-ACC %"),
                 ("tbfa_n_flips", TBFA.n_flips, "# bit-flips (iterations)"))
 TALBF_METRICS = (("talbf_asr", TALBF.asr, "ASR %"), ("talbf_pa_acc", TALBF.pa_acc, "PA-ACC %"),
@@ -105,7 +105,7 @@ class BFARun:
 
 def fault_label(fault: dict | None) -> str:
     """Short name of a recorded fault model (``none`` for an unconstrained attack)."""
-    from .faults import FaultModel
+    from utils.faults import FaultModel
 
     try:
         return FaultModel.from_dict(fault).label() if fault else "none"
@@ -282,7 +282,7 @@ def table_rows(models: list[ModelResults], published: dict | None = None) -> lis
 
     T-BFA: mean and sample std over experiments. TA-LBF: ASR over every attack, PA-ACC and
     # bit-flips over the successful ones (docs/algorithms.md section 8,
-    :func:`utils.results.talbf_summary`)."""
+    :func:`campaigns.results.talbf_summary`)."""
     rows = []
     for m in models:
         row = {"model": m.label, "name": m.name}

@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 import os
 
-from . import distributed as dist
+from utils import distributed as dist
 from .results import MERGED, JsonlResults, read_records, results_files, write_jsonl
 
 log = logging.getLogger(__name__)
 
 # results_files and read_records (each key once, the first occurrence wins) live in
-# utils/results.py, shared with the report; they are imported here for the campaign's callers.
+# campaigns/results.py, shared with the report; they are imported here for the campaign's callers.
 
 
 def merge_results(results_dir: str) -> list[dict]:
@@ -51,7 +51,7 @@ def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
     """Create the folder (``overwrite``: first remove what a campaign wrote there), log to
     ``attack.log`` (rank r > 0: ``attack.rank<r>.log``) and, on rank 0, record the campaign's
     settings. Returns True on rank 0 (the one that reports)."""
-    from .logs import setup_logging
+    from utils.logs import setup_logging
     from .results import clear_campaign, write_campaign
 
     main_rank = dist.is_main()
@@ -70,7 +70,7 @@ def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
 class CampaignResults:
     """This process's view of a campaign folder: what is done, where to append, its share.
 
-    Offers what the campaign runners need of :class:`utils.results.JsonlResults`:
+    Offers what the campaign runners need of :class:`campaigns.results.JsonlResults`:
     ``done()``, ``append(record)``, ``records`` (the done ones, then this process's new ones)
     and ``path`` (the file this process writes).
     """
@@ -110,7 +110,7 @@ class CampaignResults:
 
 def open_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = False
                   ) -> CampaignResults:
-    """Check ``results_dir`` against ``campaign`` (:func:`utils.results.check_campaign`: raises
+    """Check ``results_dir`` against ``campaign`` (:func:`campaigns.results.check_campaign`: raises
     a :class:`~utils.errors.UserError` before anything is written), then create it, log to
     it, record the settings and return this process's view of it."""
     from .results import check_campaign

@@ -1,8 +1,8 @@
 """Result records: their fields, the JSON-lines files that hold them, and summary tables.
 
 The one module that writes and reads the records of the attack campaigns (attack_tbfa.py,
-attack_talbf.py), for the campaigns themselves (:mod:`utils.campaign`) and for the report
-(:mod:`utils.report`, report.py):
+attack_talbf.py), for the campaigns themselves (:mod:`campaigns.runner`) and for the report
+(:mod:`campaigns.report`, report.py):
 
 - :data:`TBFA`, :data:`CURVE` and :data:`TALBF` name the fields of a record that summaries
   and the report read (the records themselves are written by attacks/tbfa.py and
@@ -294,7 +294,7 @@ def check_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = Fal
     tool's campaigns did not write (no ``campaign.json``), unless ``overwrite``: then what a
     campaign writes is removed from it. Returns the path of its ``campaign.json`` (written by
     :func:`write_campaign` once everything is valid)."""
-    from .errors import UserError
+    from utils.errors import UserError
 
     path = os.path.join(results_dir, "campaign.json")
     leftovers = _campaign_leftovers(results_dir)
