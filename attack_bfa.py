@@ -1,12 +1,14 @@
 r"""Untargeted bit-flip attack (BFA) on a quantized model, or the random-flip baseline (docs/algorithms.md section 6).
 
-The attack batch is --attack_sample_size training images labelled with the model's own
+A campaign of --avgs runs (default 1), run r seeded --seed + r: its attack batch is
+--attack_sample_size training images drawn with that seed, labelled with the model's own
 predictions. Each iteration flips the bit(s) the progressive bit search finds (or one random
-bit with --random_bfa) and evaluates the whole test split; the attack stops when the test
-accuracy falls to --break_acc or after --n_iter iterations. Each flipped bit is appended to
-<results>/profile.csv as soon as its iteration ends; <results>/summary.json and TensorBoard
-scalars in <results>/tb complete the record (a folder holding an earlier run is refused
-unless --overwrite is given).
+bit with --random_bfa) and evaluates the whole test split; a run stops when the test accuracy
+falls to --break_acc or after --n_iter iterations. Every flipped bit is logged as it happens
+(<results>/attack.log); each finished run is appended to <results>/results.jsonl with its whole
+profile (every flipped bit, the accuracy after it), and the same command again continues the
+campaign (torchrun shares the runs among processes, as for T-BFA). At the end: the summary
+table, <results>/summary.csv and TensorBoard scalars in <results>/tb.
 
 Examples:
   python attack_bfa.py --checkpoint runs/r20/model_best.pth.tar --data_dir data
@@ -24,24 +26,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
-import shutil
 import sys
-import time
 
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from attacks.bfa import BFA, PROFILE_FIELDS, RandomFlips
+from attacks.bfa import BFA, RandomFlips, Stopping, plan_repetitions
 from attacks.common import EvalSet
+from campaigns.runner import CampaignRunner, open_campaign
 from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
-                       check_number, check_output_dir, check_runtime_args, explicit_dests,
-                       fault_model_from_args, load_attack_target, run, runtime_device,
-                       setup_logging)
+                      check_number, check_output_dir, check_runtime_args,
+                      fault_model_from_args, load_attack_target, run, runtime_device)
 from utils.data import load_split_tensors
+from utils.distributed import cleanup, init_distributed, is_main
 from utils.errors import UserError
 
 log = logging.getLogger("attack_bfa")
@@ -58,6 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_format_args(p)
     add_fault_args(p)
     a = p.add_argument_group("attack (flags of the BFA repository)")
+    a.add_argument("--avgs", type=int, default=1,
+                   help="runs, each with its own seed (--seed + r) and attack batch (default 1)")
     a.add_argument("--attack_sample_size", type=int, default=128,
                    help="training images in the attack batch, a seeded random draw "
                         "(default: 128)")
@@ -86,8 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--test_batch", type=int, default=None,
                    help="evaluation batch size (default: 256; 128 on ImageNet)")
     a.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --results (without it such a folder is "
-                        "refused)")
+                   help="replace the results already in --results (a campaign with other "
+                        "settings, or a run of an earlier version) instead of refusing the folder")
     pub = p.add_argument_group("public-code behaviours (attacks/bfa.py lists the differences)")
     pub.add_argument("--public_binary_mask", action="store_true",
                      help="binarized layers: choose their candidate bits with the public code's "
@@ -117,13 +117,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# What a run writes into its results folder (--overwrite replaces an earlier run's).
-RESULT_FILES = ("profile.csv", "summary.json", "attack.log")
+# What a BFA run of an earlier version (before campaigns) wrote into its results folder.
+LEGACY_FILES = ("profile.csv", "summary.json")
+
+# Settings that define a campaign: a results folder holds one campaign.
+CAMPAIGN_KEYS = ("attack", "source", "dataset", "config", "seed", "n_iter", "break_acc", "k_top",
+                 "attack_sample_size", "max_bits_per_layer", "public_binary_mask",
+                 "public_random_stream", "augment_attack_batch", "number_format", "fault",
+                 "defenses")
 
 
 def check_numbers(args) -> None:
     """Reject impossible numeric flags and paths before anything is loaded or written."""
-    for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch", "calibration_images"):
+    for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch", "calibration_images",
+                 "avgs"):
         check_number(getattr(args, flag), f"--{flag}", minimum=1)
     if args.max_bits_per_layer < 0:
         raise UserError(f"--max_bits_per_layer must be at least 1 (or 0: no bound), got "
@@ -134,21 +141,18 @@ def check_numbers(args) -> None:
         check_output_dir(args.results, "--results")
 
 
-def check_results_folder(results: str, overwrite: bool) -> None:
-    """A finished run's results (a ``summary.json`` of a run that was not interrupted) are
-    never replaced without ``--overwrite``; an interrupted or killed run's are."""
-    summary = os.path.join(results, "summary.json")
-    if overwrite or not os.path.exists(summary):
+def check_legacy_folder(results: str, overwrite: bool) -> None:
+    """A folder holding a BFA run of an earlier version (``summary.json``, no campaign) is never
+    mixed with a campaign: refused, or with ``--overwrite`` its files are removed."""
+    present = [n for n in LEGACY_FILES if os.path.exists(os.path.join(results, n))]
+    if not present or os.path.exists(os.path.join(results, "campaign.json")):
         return
-    try:
-        with open(summary) as f:
-            stopped_by = json.load(f).get("stopped_by")
-    except (OSError, ValueError, AttributeError):
-        stopped_by = None
-    if stopped_by != "interrupted":
-        raise UserError(f"--results {results} already holds an attack run (summary.json, "
-                        f"stopped by {stopped_by or 'unknown'}): choose another --results "
-                        f"folder, or add --overwrite to replace it")
+    if not overwrite:
+        raise UserError(f"--results {results} already holds an attack run of an earlier version "
+                        f"({', '.join(present)}): choose another --results folder, or add "
+                        f"--overwrite to replace it")
+    for name in present:
+        os.remove(os.path.join(results, name))
 
 
 def apply_defaults(args, dataset) -> None:
@@ -192,197 +196,105 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    explicit = explicit_dests(parser, argv)
+    check_numbers(args)  # everything that can be wrong, checked before the folder exists
+    args.fault = fault_model_from_args(args)
+    device = init_distributed(runtime_device(args))
+    try:
+        return _main(args, device)
+    finally:
+        cleanup()
 
-    # 1. Everything that can be wrong, checked before the results folder exists.
-    check_numbers(args)
-    fault = fault_model_from_args(args)
-    device = runtime_device(args)
+
+def _main(args, device) -> int:
     torch.manual_seed(args.seed)
-    target = load_attack_target(args, explicit, device)
-    dataset = target.dataset
-    apply_defaults(args, dataset)
-    attack_x, test_x, test_y = load_images(args, dataset)
-    results = args.results or default_results_dir(args, target.source)
-    args.results = results
-    check_output_dir(results, "--results")
-    check_results_folder(results, args.overwrite)
+    target = load_attack_target(args, device)
+    apply_defaults(args, target.dataset)
+    test_x, test_y = target.load_test_split()
+    attack_batch(args, target.dataset, args.seed)  # the data can be read: fail here if not
+    results_dir = args.results or default_results_dir(args, target.source)
+    check_output_dir(results_dir, "--results")
     eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
                        batch_size=args.test_batch)
-    attack = build_attack(args, target, fault)
+    attack = build_attack(args, target, eval_set)
+    items = plan_repetitions(args.avgs, args.seed)
+    # Everything is valid: from here on, files are written.
+    if is_main():
+        check_legacy_folder(results_dir, args.overwrite)
+    results = open_campaign(results_dir, campaign_settings(args, target), CAMPAIGN_KEYS,
+                            args.overwrite)
+    attack.on_flip = log_flip
+    runner = CampaignRunner(results, attack, items, args.progress)
+    runner.announce(f"{'random bit-flips' if args.random_bfa else 'BFA'} on "
+                    f"{target.describe()}, {target.dataset.name}: {args.attack_sample_size} "
+                    f"attack images per run, {len(test_y)} test images, {device}, fault model: "
+                    f"{args.fault.label() if args.fault else 'none'}")
+    return runner.run()
 
-    # 2. The attack, recorded as it goes (replacing an interrupted run, or with --overwrite).
-    clear_results_folder(results)
-    os.makedirs(results, exist_ok=True)
-    setup_logging(os.path.join(results, "attack.log"))
-    log.info("%s on %s, %s: %d attack images from the training split, %d test images, %s, "
-             "fault model: %s", "random bit-flips" if args.random_bfa else "BFA",
-             target.describe(), dataset.name, len(attack_x), len(test_y), device,
-             fault.label() if fault else "none")
-    return attack_and_record(args, argv, attack, attack_x, eval_set, target, results)
+
+def campaign_settings(args, target) -> dict:
+    """What defines the campaign (``campaign.json``; a results folder holds one)."""
+    return {"attack": "random" if args.random_bfa else "bfa", "source": target.source,
+            "dataset": target.dataset.name, "config": target.config.to_dict(),
+            "seed": args.seed, "n_iter": args.n_iter, "break_acc": args.break_acc,
+            "k_top": args.k_top, "attack_sample_size": args.attack_sample_size,
+            "max_bits_per_layer": args.max_bits_per_layer,
+            "public_binary_mask": args.public_binary_mask,
+            "public_random_stream": args.public_random_stream,
+            "augment_attack_batch": args.augment_attack_batch,
+            "number_format": target.number_format or None,
+            "fault": args.fault.to_dict() if args.fault else None,
+            "test_batch": args.test_batch, "avgs": args.avgs,
+            "defenses": target.deployment_record()}
 
 
-def load_images(args, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attack batch (``--attack_sample_size`` seeded training images, augmented with
-    ``--augment_attack_batch``) and the test split, as uint8 images (and test labels)."""
-    attack_x, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
-                                     download=args.download, workers=args.workers,
-                                     max_images=args.attack_sample_size, seed=args.seed)
-    test_x, test_y = load_split_tensors(dataset.name, args.data_dir, split="test",
-                                        download=args.download, workers=args.workers)
-    if len(attack_x) == 0 or len(test_y) == 0:
-        raise UserError(f"{dataset.name} in {args.data_dir} has no "
-                        f"{'training' if len(attack_x) == 0 else 'test'} images to attack with")
+def log_flip(row) -> None:
+    log.info("iter %d flip %d: %s[%d] bit %d: %s -> %s | loss %.4f | test acc %.2f%% "
+             "(drop %.2f) | bits changed %d", row.iteration, row.flip, row.layer, row.index,
+             row.bit, _value(row.before), _value(row.after), row.loss, row.accuracy,
+             row.accuracy_drop, row.bits_changed)
+
+
+def attack_batch(args, dataset, seed: int) -> torch.Tensor:
+    """One run's attack batch: ``--attack_sample_size`` training images drawn with ``seed``
+    (augmented with ``--augment_attack_batch``), as uint8 images."""
+    images, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
+                                   download=args.download, workers=args.workers,
+                                   max_images=args.attack_sample_size, seed=seed)
+    if len(images) == 0:
+        raise UserError(f"{dataset.name} in {args.data_dir} has no training images to attack "
+                        f"with")
     if args.augment_attack_batch:
         if dataset.name == "imagenet":
             raise UserError("--augment_attack_batch needs a 32x32 data set: the public ImageNet "
                             "augmentation (RandomResizedCrop) needs the original images")
-        attack_x = augment_like_public_training(
-            attack_x, torch.Generator().manual_seed(args.seed))
-    return attack_x, test_x, test_y
+        images = augment_like_public_training(images, torch.Generator().manual_seed(seed))
+    return images
 
 
-def build_attack(args, target, fault=None):
+def build_attack(args, target, eval_set):
     """:class:`BFA` with the search flags, or :class:`RandomFlips` (``--random_bfa``), under
-    the fault model ``fault`` (None: every flip)."""
+    ``args.fault`` (None: every flip), running its campaign items on ``eval_set``."""
+    campaign = dict(data=eval_set, attack_batch=lambda seed: attack_batch(args, target.dataset,
+                                                                           seed),
+                    stopping=Stopping(args.n_iter, args.break_acc),
+                    number_format=target.number_format)
     try:
         if args.random_bfa:
             return RandomFlips(target.model, target.output, seed=args.seed,
-                               python_random=args.public_random_stream, fault=fault,
-                               eval_model=target.eval_model)
+                               python_random=args.public_random_stream, fault=args.fault,
+                               eval_model=target.eval_model, **campaign)
         return BFA(target.model, target.output, k_top=args.k_top,
                    incremental=not args.plain_search,
                    max_bits_per_layer=args.max_bits_per_layer or None,
-                   public_binary_mask=args.public_binary_mask, fault=fault,
-                   eval_model=target.eval_model)
+                   public_binary_mask=args.public_binary_mask, fault=args.fault,
+                   eval_model=target.eval_model, **campaign)
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-def clear_results_folder(results: str) -> None:
-    """``--overwrite``: remove what an earlier run wrote there (nothing else)."""
-    for name in RESULT_FILES:
-        if os.path.exists(os.path.join(results, name)):
-            os.remove(os.path.join(results, name))
-    if os.path.isdir(os.path.join(results, "tb")):
-        shutil.rmtree(os.path.join(results, "tb"))
-
-
-class ProfileRecorder:
-    """Writes the attack profile as it grows: a ``profile.csv`` row and TensorBoard points per
-    flipped bit (flushed at once, so an interrupted run keeps every flip), a log line each."""
-
-    def __init__(self, results: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(os.path.join(results, "tb"), purge_step=0)  # replaces old
-        self.file = open(os.path.join(results, "profile.csv"), "w", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=PROFILE_FIELDS)
-        self.csv.writeheader()
-        self.file.flush()
-
-    def _points(self, step: int, accuracy: float, loss: float, hamming: int) -> None:
-        for name, value in (("test_acc", accuracy), ("loss", loss), ("hamming", hamming)):
-            self.writer.add_scalar(f"attack/{name}", value, step)
-        self.writer.flush()
-
-    def on_start(self, result) -> None:
-        self._points(0, result.clean_accuracy, result.clean_loss, 0)
-        log.info("clean: test accuracy %.2f%%, attack loss %.4f", result.clean_accuracy,
-                 result.clean_loss)
-
-    def on_flip(self, row) -> None:
-        d = row.as_dict()
-        for key in ("accuracy", "accuracy_drop"):
-            d[key] = round(d[key], 4)
-        d["loss"] = round(d["loss"], 6)
-        self.csv.writerow(d)
-        self.file.flush()
-        self._points(row.flip, row.accuracy, row.loss, row.hamming)
-        log.info("iter %d flip %d: %s[%d] bit %d: %s -> %s | loss %.4f | test acc %.2f%% "
-                 "(drop %.2f) | hamming %d", row.iteration, row.flip, row.layer, row.index,
-                 row.bit, _value(row.before), _value(row.after), row.loss, row.accuracy,
-                 row.accuracy_drop, row.hamming)
-
-    def close(self) -> None:
-        self.file.close()
-        self.writer.close()
 
 
 def _value(v) -> str:
     """A stored value for the log: an integer code as is, a float in 6 significant digits."""
     return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def attack_and_record(args, argv, attack, attack_x, eval_set, target, results) -> int:
-    """Run the attack, recording every flip (:class:`ProfileRecorder`), then ``summary.json``
-    (also after Ctrl-C: ``stopped_by`` says ``interrupted``, exit status 130)."""
-    t0 = time.time()
-    recorder = ProfileRecorder(results)
-    try:
-        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-            result = attack.run(attack_x, eval_set, args.n_iter, break_acc=args.break_acc,
-                                on_flip=recorder.on_flip, on_start=recorder.on_start,
-                                progress=args.progress)
-        status = 0
-    except KeyboardInterrupt:
-        result = attack.result
-        if result is not None:
-            result.stopped_by = "interrupted"
-        status = 130
-    finally:
-        recorder.close()
-    if result is not None and target.number_format:
-        result.number_format = target.number_format  # e.g. torch-int8, not just int8
-    summary = {
-        "attack": "random" if args.random_bfa else "bfa",
-        "source": target.source,
-        "dataset": target.dataset.name,
-        "model_config": target.config.to_dict(),
-        **(result.to_dict(exclude=("profile",)) if result is not None
-           else {"stopped_by": "interrupted"}),
-        "n_iter": args.n_iter, "break_acc": args.break_acc, "k_top": args.k_top,
-        "seconds": round(time.time() - t0, 2),
-        "argv": list(argv), "flags": vars(args),
-    }
-    with open(os.path.join(results, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    if result is not None:
-        print_summary(args, result, results)
-    if status:
-        log.info("interrupted: %s holds the flips made so far", results)
-    return status
-
-
-def print_summary(args, result, results) -> None:
-    reasons = {"break_acc": f"test accuracy <= --break_acc {args.break_acc:g}%",
-               "n_iter": f"--n_iter {args.n_iter} reached", "interrupted": "interrupted",
-               "budget": f"--flip-budget {args.flip_budget} spent",
-               "no_admissible": "no admissible flip left"}
-    lines = [
-        f"{'random bit-flips' if args.random_bfa else 'BFA'} summary",
-        f"  clean accuracy   {result.clean_accuracy:.2f}%  ({result.test_images} test images)",
-        f"  final accuracy   {result.final_accuracy:.2f}%  (drop {result.accuracy_drop:.2f} "
-        f"points)",
-        f"  iterations       {result.iterations}  (stopped: "
-        f"{reasons.get(result.stopped_by, result.stopped_by)})",
-        f"  bit-flips        {result.bit_flips}  (Hamming distance {result.hamming_distance})",
-        f"  attack loss      {result.clean_loss:.4f} -> {result.final_loss:.4f}  "
-        f"({result.attack_images} attack images)",
-        f"  weights          {result.number_format}",
-        f"  fault model      {_fault_label(result.fault_model)}"
-        + (f"  ({result.fault_violations} inadmissible flips on the final weights)"
-           if result.fault_model else ""),
-        f"  results          {results}: profile.csv, summary.json, tb/",
-    ]
-    for line in lines:
-        log.info("%s", line)
-
-
-def _fault_label(fault: dict | None) -> str:
-    from utils.faults import FaultModel
-
-    return FaultModel.from_dict(fault).label() if fault else "none (every flip allowed)"
 
 
 def cli() -> None:

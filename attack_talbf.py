@@ -34,21 +34,20 @@ import torch
 from attacks.common import EvalSet
 from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
                            check_attack_info, format_attack_info, generate_attack_list,
-                           items_from_pinned, read_attack_info, run_campaign, summary_rows,
-                           with_drawn_aux)
+                           items_from_pinned, read_attack_info, with_drawn_aux)
 from attacks.talbf_file import check_attacks, read_attacks_file, write_attacks_file
 from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import cleanup, init_distributed, is_main
 from cli.args import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
                        check_output_dir, check_output_file, check_runtime_args, runtime_device,
-                       explicit_dests, load_attack_target, run)
+                       load_attack_target, run)
 from utils.errors import UserError
 from campaigns.results import default_results_dir
 
 log = logging.getLogger("attack_talbf")
 
 # Settings that define a campaign: a results folder holds one campaign.
-CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed")
+CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed", "defenses")
 # TA-LBF options that change the speed only (not part of the campaign).
 SPEED_ONLY = ("gamma_batch", "k_batch")
 
@@ -171,34 +170,22 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    args, explicit, cfg, given = parse_and_check(argv)
+    args, cfg, given = parse_and_check(argv)
     device = init_distributed(runtime_device(args))  # torchrun: one GPU per rank
     torch.manual_seed(args.seed)
-    target = load_attack_target(args, explicit, device)
-    if not hasattr(target.model.final_layer(), "step_size"):
-        raise UserError(f"TA-LBF's relaxation needs a final layer of N-bit codes with one step "
-                        f"per layer; {target.describe()} is a float model: attack it with "
-                        f"attack_bfa.py or attack_tbfa.py (--format lists the number formats)")
-    images, labels = target.load_test_split(args)
-    if cfg.n_aux > len(labels) - 1:
-        raise UserError(f"--n_aux {cfg.n_aux} is larger than the test set allows: it has "
-                        f"{len(labels)} samples, {len(labels) - 1} besides the attacked one")
+    target = load_attack_target(args, device)
+    images, labels = checked_test_split(target, cfg)
     data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
     del images
     listed = listed_attacks(args, given, labels, target.config.num_classes)
-    attack = TALBF.from_model(target.model, target.output, data, cfg)  # features, once
+    attack = TALBF.from_model(target.model, target.output, data, cfg, args.seed)  # features
     items, attack_list = listed or generated_attacks(args, labels, target.config.num_classes,
                                                      attack)
     attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
     results_dir = args.results or default_results_dir(target.source, args.pretrained,
                                                       "attack_talbf")
     check_output_dir(results_dir, "--results")
-    # An attack is defined by its key (position, target, index) and the settings below, so
-    # one folder can hold attacks of several lists (a longer list, another file).
-    campaign = {"source": target.source, "dataset": target.dataset.name,
-                "config": target.config.to_dict(),
-                "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
-                "seed": args.seed, "attack_list": attack_list}
+    campaign = campaign_settings(args, target, cfg, attack_list)
     # Everything is valid: from here on, files are written.
     results = open_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
     if args.save_attack_info and is_main():
@@ -206,24 +193,46 @@ def _main(argv=None) -> int:
             f.write(format_attack_info(items))
     if args.save_attacks and is_main():
         write_attacks_file(args.save_attacks, with_drawn_aux(attack, items, args.seed))
-    runner = CampaignRunner(results, items, "TA-LBF attacks", args.progress)
+    runner = CampaignRunner(results, attack, items, args.progress)
     runner.announce(f"TA-LBF on {target.describe()}: clean test accuracy "
                     f"{attack.clean_accuracy():.2f}% (final layer on the cached features)")
+    return runner.run()
 
-    def attack_items(todo, on_result):
-        run_campaign(attack, todo, results, args.seed, on_result=on_result)
 
-    return runner.run(attack_items, describe_record, summary_rows, closing_line)
+def checked_test_split(target, cfg: TALBFConfig) -> tuple:
+    """The test split, once the target is known to be one TA-LBF can attack."""
+    if not hasattr(target.model.final_layer(), "step_size"):
+        raise UserError(f"TA-LBF's relaxation needs a final layer of N-bit codes with one step "
+                        f"per layer; {target.describe()} is a float model: attack it with "
+                        f"attack_bfa.py or attack_tbfa.py (--format lists the number formats)")
+    if target.deployment_record():
+        raise UserError("TA-LBF attacks the final layer on cached features, which no "
+                        "deployment-time defense checks: attack a model with --defense with "
+                        "attack_bfa.py or attack_tbfa.py")
+    images, labels = target.load_test_split()
+    if cfg.n_aux > len(labels) - 1:
+        raise UserError(f"--n_aux {cfg.n_aux} is larger than the test set allows: it has "
+                        f"{len(labels)} samples, {len(labels) - 1} besides the attacked one")
+    return images, labels
+
+
+def campaign_settings(args, target, cfg: TALBFConfig, attack_list: dict) -> dict:
+    """What defines the campaign. An attack is defined by its key (position, target, index)
+    and these settings, so one folder can hold attacks of several lists (a longer list,
+    another file)."""
+    return {"attack": "talbf", "source": target.source, "dataset": target.dataset.name,
+            "config": target.config.to_dict(),
+            "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
+            "seed": args.seed, "attack_list": attack_list,
+            "defenses": target.deployment_record()}
 
 
 def parse_and_check(argv) -> tuple:
-    """Parse and check the flags before anything is loaded: ``(args, explicit, config,
-    given)``, ``given`` the read ``--attacks-file`` (a list) or ``--attack_info`` entries
+    """Parse and check the flags before anything is loaded: ``(args, config, given)``, ``given`` the read ``--attacks-file`` (a list) or ``--attack_info`` entries
     (a tuple ``(entries,)``), or None."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    explicit = explicit_dests(parser, argv)
     cfg = talbf_config(args)
     check_number(args.n_attacks, "--n-attacks", minimum=1)
     check_number(args.test_batch, "--test_batch", minimum=1)
@@ -256,7 +265,7 @@ def parse_and_check(argv) -> tuple:
             raise UserError(str(e)) from None
     elif args.attack_info:
         given = (_read_attack_info(args.attack_info),)
-    return args, explicit, cfg, given
+    return args, cfg, given
 
 
 def _read_attack_info(path: str) -> list:
@@ -300,19 +309,6 @@ def generated_attacks(args, labels, num_classes: int, attack: TALBF) -> tuple[li
     except ValueError as e:
         raise UserError(str(e)) from None
     return items, {"generated_seed": args.seed, "correct_only": args.correct_only}
-
-
-def describe_record(record: dict) -> str:
-    if not record["success"]:
-        return f"{record['key']}: failed after {record['runs']} runs ({record['seconds']:.1f}s)"
-    return (f"{record['key']}: success with k={record['k']:g} gamma={record['gamma']:g}, "
-            f"{record['n_flips']} bits changed, PA-ACC {record['pa_acc']:.2f}%"
-            f"{'' if record['converged'] else ', ADMM not converged'} "
-            f"({record['seconds']:.1f}s)")
-
-
-def closing_line(records: list[dict]) -> str:
-    return f"{len(records)} attacks, {sum(r['success'] for r in records)} successful"
 
 
 def cli() -> None:

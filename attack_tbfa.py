@@ -26,23 +26,23 @@ import sys
 import torch
 
 from attacks.common import EvalSet
-from attacks.tbfa import (PROTOCOLS, SUMMARY_METRICS, TBFAConfig, default_set_size,
-                          plan_experiments, plan_pinned, protocol_pairs, run_campaign)
+from attacks.tbfa import (PROTOCOLS, TBFA, TBFAConfig, default_set_size, plan_experiments,
+                          plan_pinned, protocol_pairs)
 from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import cleanup, init_distributed, is_main
 from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
                        check_input_file, check_number, check_output_dir, check_output_file,
-                       check_runtime_args, explicit_dests, fault_model_from_args,
+                       check_runtime_args, fault_model_from_args,
                        load_attack_target, run, runtime_device)
 from utils.errors import UserError
-from campaigns.results import default_results_dir, summarize
+from campaigns.results import default_results_dir
 
 log = logging.getLogger("attack_tbfa")
 
 # Settings that define a campaign: a results folder holds one campaign.
 CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_gradient",
                  "oscillation_by_layer", "stop_on_src_only", "iters", "sets_file",
-                 "number_format", "fault")
+                 "number_format", "fault", "defenses")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -128,7 +128,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    explicit = explicit_dests(parser, argv)
     for flag, value, minimum in (("--iters", args.iters, 1), ("--avgs", args.avgs, 1),
                                  ("--test_batch", args.test_batch, 1),
                                  ("--curve-every", args.curve_every, 0),
@@ -147,15 +146,15 @@ def main(argv=None) -> int:
         check_output_dir(args.results, "--results")
     device = init_distributed(runtime_device(args))
     try:
-        return _main(args, explicit, device)
+        return _main(args, device)
     finally:
         cleanup()
 
 
-def _main(args, explicit, device) -> int:
+def _main(args, device) -> int:
     torch.manual_seed(args.seed)
-    target = load_attack_target(args, explicit, device)
-    images, labels = target.load_test_split(args)
+    target = load_attack_target(args, device)
+    images, labels = target.load_test_split()
     experiments, n_src, n_aux = plan_from_args(args, labels, target)
     results_dir = args.results or default_results_dir(target.source, args.pretrained,
                                                       "attack_tbfa")
@@ -169,25 +168,16 @@ def _main(args, explicit, device) -> int:
                                         **e.sets.to_dict()} for e in experiments]}, f)
     data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
     del images
-    runner = CampaignRunner(results, experiments, "T-BFA experiments", args.progress,
-                            tag="tbfa", scalars=("asr", "pa_acc", "n_flips", "test_acc"))
-    clean_acc = data.accuracy(target.eval_model or target.model, target.output)
-    runner.announce(f"T-BFA on {target.describe()}: clean test accuracy {clean_acc:.2f}%")
     config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
                         incremental=not args.plain_search,
                         oscillation_by_layer=args.oscillation_by_layer,
                         stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every,
                         flip_log=args.flip_log, fault=args.fault)
-
-    def on_flip(it, record):
-        runner.bar.set_postfix(flips=it, loss=f"{record['loss']:.4f}")
-
-    def attack_items(todo, on_result):
-        run_campaign(target.model, target.output, data, todo, config, results, clean_acc,
-                     on_result=on_result, on_flip=on_flip, eval_model=target.eval_model)
-
-    return runner.run(attack_items, describe_record,
-                      lambda records: summarize(records, SUMMARY_METRICS), closing_line)
+    attack = TBFA(target.model, target.output, config, target.eval_model, data)
+    runner = CampaignRunner(results, attack, experiments, args.progress)
+    runner.announce(f"T-BFA on {target.describe()}: clean test accuracy "
+                    f"{attack.clean_accuracy():.2f}%")
+    return runner.run()
 
 
 def plan_from_args(args, labels: torch.Tensor, target) -> tuple[list, int | None, int | None]:
@@ -228,7 +218,7 @@ def plan_from_args(args, labels: torch.Tensor, target) -> tuple[list, int | None
 
 def campaign_settings(args, target, n_src, n_aux) -> dict:
     """What defines the campaign (``campaign.json``; a results folder holds one)."""
-    return {"source": target.source, "dataset": target.dataset.name,
+    return {"attack": "tbfa", "source": target.source, "dataset": target.dataset.name,
             "config": target.config.to_dict(), "n_src": n_src, "n_aux": n_aux,
             "seed": args.seed, "full_gradient": args.full_gradient,
             "oscillation_by_layer": args.oscillation_by_layer,
@@ -236,21 +226,8 @@ def campaign_settings(args, target, n_src, n_aux) -> dict:
             "sets_file": os.path.abspath(args.sets) if args.sets else None,
             # None for the defaults, so that campaigns written before these settings resume
             "number_format": target.number_format or None,
-            "fault": args.fault.to_dict() if args.fault else None}
-
-
-def describe_record(record: dict) -> str:
-    return (f"{record['key']}: {record['stop_reason']} after {record['n_flips']} iterations "
-            f"({record['hamming']} bits changed), ASR {record['asr']:.2f}%, PA-ACC "
-            f"{record['pa_acc']:.2f}%, test {record['test_acc']:.2f}% "
-            f"({record['seconds_per_flip']:.2f}s/iteration)")
-
-
-def closing_line(records: list[dict]) -> str:
-    stops: dict[str, int] = {}
-    for r in records:
-        stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
-    return f"{len(records)} experiments ({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})"
+            "fault": args.fault.to_dict() if args.fault else None,
+            "defenses": target.deployment_record()}
 
 
 def cli() -> None:

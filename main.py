@@ -4,13 +4,17 @@ Examples:
   python main.py --dataset cifar10 --arch resnet20_quan --bits 8 --outdir runs/r20_vanilla
   python main.py --dataset cifar10 --arch resnet20_quan --bits 8 --ocm --code_length 16 \
       --output_act tanh --outdir runs/r20_ocm16
+  python main.py --dataset cifar10 --arch resnet20_quan --defense ocm:code_length=16 \
+      --defense clustering:lambda_coeff=1e-3 --outdir runs/r20_ocm16_pc
   python main.py --resume runs/r20_ocm16/checkpoint.pth.tar
   python main.py --eval runs/r20_ocm16/model_best.pth.tar
   python main.py --dataset imagenet --arch resnet50_quan --finetune --ft_path vanilla.pth.tar \
       --ocm --code_length 1024 --output_act tanh --outdir runs/r50_ocm1024
   torchrun --nproc_per_node=4 main.py --dataset imagenet --data_dir /data/imagenet \
       --arch resnet50_quan --amp --channels-last --outdir runs/r50      # 4 GPUs, one node
-Defaults follow the papers' recipe (docs/algorithms.md section 4).
+Defaults follow the papers' recipe (docs/algorithms.md section 4). Defenses are components
+given by name (--defense, docs/algorithms.md section 11); the published flags --ocm,
+--clustering, --mixup and --manifold-mixup are aliases that add the same component.
 
 Several processes (torchrun, DistributedDataParallel): -b/--batch is the global batch (each
 of the W processes takes B/W samples of every step), so a recipe keeps its meaning on any
@@ -32,26 +36,30 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from defenses import (check_defenses, config_defenses, list_defenses, parse_defense,
+                      switch_defenses)
 from utils import distributed
 from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from cli.args import (add_data_args, add_model_args, add_runtime_args, check_number,
-                       check_output_dir, check_runtime_args, runtime_device, explicit_dests,
-                       resolve_dataset, resolve_model_config, run)
+from cli.args import (MODEL_FLAGS, add_data_args, add_model_args, add_runtime_args,
+                       check_number, check_output_dir, check_runtime_args, runtime_device,
+                       explicit_dests, resolve_dataset, resolve_model_config, run)
 from utils.data import build_loaders
 from utils.errors import UserError
 from utils.schedules import LRSchedule, parse_schedule
 from utils.trainer import TrainRun, train, wrap_for_training
-from utils.training import MixupConfig, build_optimizer, evaluate
+from utils.training import build_optimizer, evaluate
 
 if TYPE_CHECKING:
+    from defenses import Defense
     from models.factory import ModelConfig
     from utils.data import DatasetInfo
 
 # Flags whose value a resumed run takes from the checkpoint unless given again.
 # (Not the run folder: a resumed run writes next to the checkpoint it was given.)
 TRAINING_FLAGS = ("epochs", "batch", "opt", "lr", "momentum", "nesterov", "schedule", "gammas",
-                  "warmup", "weight_decay", "clustering", "lambda_coeff", "mixup", "mixup_alpha",
-                  "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir", "amp")
+                  "warmup", "weight_decay", "defense", "clustering", "lambda_coeff", "mixup",
+                  "mixup_alpha", "manifold_mixup", "manifold_mixup_alpha", "seed", "data_dir",
+                  "amp")
 # What a training run writes into its folder (--overwrite replaces a finished run's).
 RUN_FILES = ("checkpoint.pth.tar", "model_best.pth.tar", "log.csv", "args.json", "train.log")
 
@@ -101,15 +109,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("-wd", "--weight-decay", "--weight_decay", dest="weight_decay", type=float,
                    default=None, help="weight decay (default 5e-4 CIFAR cross-entropy; 1e-4 "
                                       "ImageNet and OCM; 0 when finetuning)")
+    t.add_argument("--defense", action="append", default=None, metavar="NAME[:key=value,...]",
+                   help=f"a defense by name with its parameters, repeatable (docs/algorithms.md "
+                        f"section 11): {', '.join(list_defenses())}; e.g. --defense "
+                        f"ocm:code_length=64 --defense clustering:lambda_coeff=5e-4. The flags "
+                        f"--ocm, --clustering, --mixup and --manifold-mixup are its aliases")
     t.add_argument("--clustering", "-pc", action="store_true",
-                   help="piecewise weight clustering defense (He et al. 2020)")
+                   help="piecewise weight clustering defense (He et al. 2020); alias of "
+                        "--defense clustering:lambda_coeff=<--lambda_coeff>")
     t.add_argument("--lambda_coeff", "-lam", type=float, default=1e-3,
                    help="piecewise clustering strength (default 1e-3; 5e-4 for ResNet-50)")
-    t.add_argument("--mixup", action="store_true", help="input mixup")
+    t.add_argument("--mixup", action="store_true",
+                   help="input mixup; alias of --defense mixup:alpha=<--mixup-alpha>")
     t.add_argument("--mixup-alpha", "--mixup_alpha", dest="mixup_alpha", type=float, default=1.0,
                    help="mixup Beta(alpha, alpha) (default 1)")
     t.add_argument("--manifold-mixup", "--manifold_mixup", dest="manifold_mixup",
-                   action="store_true", help="manifold mixup (hidden states)")
+                   action="store_true", help="manifold mixup (hidden states); alias of --defense "
+                                             "manifold_mixup:alpha=<--manifold-mixup-alpha>")
     t.add_argument("--manifold-mixup-alpha", "--manifold_mixup_alpha",
                    dest="manifold_mixup_alpha", type=float, default=2.0,
                    help="manifold mixup Beta(alpha, alpha) (default 2)")
@@ -143,7 +159,9 @@ def apply_recipe_defaults(args, dataset, finetune: bool, ocm: bool) -> None:
         args.weight_decay = 0.0 if finetune else (1e-4 if (imagenet or ocm) else 5e-4)
 
 
-def validate_training_args(args) -> tuple[LRSchedule, MixupConfig | None]:
+def validate_training_args(args) -> LRSchedule:
+    """The numbers of the training flags, checked; the learning-rate schedule they describe.
+    (The defense flags are checked with the defenses: :func:`requested_defenses`.)"""
     for name in ("epochs", "batch"):
         check_number(getattr(args, name), f"--{name}", minimum=1)
     check_number(args.test_batch, "--test_batch", minimum=1)
@@ -151,25 +169,73 @@ def validate_training_args(args) -> tuple[LRSchedule, MixupConfig | None]:
     check_number(args.momentum, "--momentum", minimum=0)
     check_number(args.weight_decay, "-wd/--weight-decay", minimum=0)
     check_number(args.warmup, "--warmup", minimum=0)
-    check_number(args.lambda_coeff, "--lambda_coeff", minimum=0)
-    check_number(args.mixup_alpha, "--mixup-alpha", above=0)
-    check_number(args.manifold_mixup_alpha, "--manifold-mixup-alpha", above=0)
     for gamma in args.gammas or []:
         check_number(gamma, "--gammas", above=0)
-    if args.mixup and args.manifold_mixup:
-        raise UserError("choose one of --mixup and --manifold-mixup")
     try:
         kind, milestones = parse_schedule(args.schedule)
         gammas = args.gammas if args.gammas is not None else [0.1] * len(milestones)
-        schedule = LRSchedule(args.lr, args.epochs, kind, milestones, gammas, args.warmup)
+        return LRSchedule(args.lr, args.epochs, kind, milestones, gammas, args.warmup)
     except ValueError as e:
         raise UserError(str(e)) from None
-    mixup = None
-    if args.mixup:
-        mixup = MixupConfig(args.mixup_alpha)
-    elif args.manifold_mixup:
-        mixup = MixupConfig(args.manifold_mixup_alpha, manifold=True)
-    return schedule, mixup
+
+
+def requested_defenses(args) -> list[Defense]:
+    """The defenses the flags ask for: each ``--defense`` in the order given, then those the
+    published flags stand for (--clustering, --mixup, --manifold-mixup; the OCM head of --ocm
+    comes with the model config, :func:`model_defenses`). Checked as one model's."""
+    check_number(args.lambda_coeff, "--lambda_coeff", minimum=0)
+    check_number(args.mixup_alpha, "--mixup-alpha", above=0)
+    check_number(args.manifold_mixup_alpha, "--manifold-mixup-alpha", above=0)
+    if args.mixup and args.manifold_mixup:
+        raise UserError("choose one of --mixup and --manifold-mixup")
+    defenses = [_parsed_defense(spec) for spec in args.defense or []]
+    try:
+        defenses += switch_defenses(vars(args))
+        check_defenses(defenses)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return defenses
+
+
+def _parsed_defense(spec: str) -> Defense:
+    try:
+        return parse_defense(spec)
+    except KeyError as e:  # an unknown name: the message lists the registered ones
+        raise UserError(f"--defense {spec}: {e.args[0]}") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--defense {spec}: {e}") from None
+
+
+def configure_model(config: ModelConfig, defenses: list[Defense], given: dict,
+                    stored: bool, source: str) -> ModelConfig:
+    """``config`` as the training defenses need it (:meth:`TrainingDefense.configure`: the OCM
+    head), validated. A ``stored`` config (a checkpoint's) must already be what they ask for;
+    a model flag in ``given`` (``{dest: value}`` of those on the command line) must not say
+    otherwise."""
+    for defense in (d for d in defenses if d.stage == "training"):
+        new = defense.configure(config)
+        for dest, name in MODEL_FLAGS.items():
+            before, after = getattr(config, name), getattr(new, name)
+            if after == before:
+                continue
+            if stored:
+                raise UserError(f"--defense {defense.label()} does not match {source}, which "
+                                f"has {name}={before}: drop it or use the right checkpoint")
+            if dest in given and given[dest] != after:
+                raise UserError(f"--defense {defense.label()} sets {name}={after}, but --{dest} "
+                                f"says {given[dest]}: give the model's {name} once")
+        try:
+            config = new.validate()
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--defense {defense.label()}: {str(e).strip(chr(39))}") from None
+    return config
+
+
+def model_defenses(config: ModelConfig, requested: list[Defense]) -> list[Defense]:
+    """Every defense of the model: the OCM head its config describes (--ocm, a checkpoint's
+    config) unless a --defense gives it, then the requested ones."""
+    names = {d.name for d in requested}
+    return [d for d in config_defenses(config) if d.name not in names] + requested
 
 
 def check_new_run_folder(outdir: str, overwrite: bool) -> None:
@@ -259,8 +325,9 @@ def _check_modes(args) -> None:
 
 @dataclass
 class Start:
-    """What a run starts from: the checkpoint (if any), the data set, the model, and for
-    ``--resume`` the finished epochs, best test accuracy and log rows of the run it continues."""
+    """What a run starts from: the checkpoint (if any), the data set, the model and its
+    defenses, and for ``--resume`` the finished epochs, best test accuracy and log rows of the
+    run it continues."""
 
     ckpt: dict | None
     ckpt_path: str | None
@@ -268,6 +335,7 @@ class Start:
     config: ModelConfig
     model: nn.Module
     output: nn.Module
+    defenses: list[Defense] = field(default_factory=list)
     start_epoch: int = 0
     best_acc: float = 0.0
     history: list[dict] = field(default_factory=list)
@@ -306,13 +374,15 @@ def resolve_start(args, explicit: set[str]) -> Start:
         for name, value in (ckpt.get("args") or {}).items():
             if name in TRAINING_FLAGS and name not in explicit:
                 setattr(args, name, value)
+    requested = requested_defenses(args)
     dataset = resolve_dataset(args, ckpt.get("dataset") if ckpt else None)
     build = _finetuned_model if args.finetune else _model
-    config, model, output = build(args, explicit, dataset, ckpt, ckpt_path, stored)
+    config, model, output = build(args, explicit, dataset, ckpt, ckpt_path, stored, requested)
     if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
         raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
                         f"which has {dataset.num_classes} classes")
-    start = Start(ckpt, ckpt_path, dataset, config, model, output)
+    start = Start(ckpt, ckpt_path, dataset, config, model, output,
+                  defenses=model_defenses(config, requested))
     if ckpt and args.resume is not None:
         start.start_epoch = int(ckpt.get("epoch", 0))
         start.best_acc = float(ckpt.get("best_acc", ckpt.get("best_acc1", 0.0)))
@@ -320,9 +390,13 @@ def resolve_start(args, explicit: set[str]) -> Start:
     return start
 
 
-def _finetuned_model(args, explicit, dataset, ckpt, ckpt_path, base):
-    """--finetune: the new model takes its flags; what they leave out comes from the source
-    model, whose weights it keeps all but the final layer of."""
+def _given_model_flags(args, explicit: set[str]) -> dict:
+    return {dest: getattr(args, dest) for dest in MODEL_FLAGS if dest in explicit}
+
+
+def _finetuned_model(args, explicit, dataset, ckpt, ckpt_path, base, defenses):
+    """--finetune: the new model takes its flags and defenses (e.g. the OCM head); what they
+    leave out comes from the source model, whose weights it keeps all but the final layer of."""
     if base is not None:
         for dest in ("arch", "bits"):
             value = getattr(args, dest)
@@ -331,16 +405,20 @@ def _finetuned_model(args, explicit, dataset, ckpt, ckpt_path, base):
                                 f"{dest}={getattr(base, dest)}")
             setattr(args, dest, getattr(base, dest))
     config = resolve_model_config(args, explicit, dataset.num_classes, None)
+    config = configure_model(config, defenses, _given_model_flags(args, explicit), False, "")
     if base is not None:  # the backbone keeps the function it was trained with
         config.layout = base.layout
     model, output = model_from_checkpoint(ckpt, config, ckpt_path, skip_final=True)
     return config, model, output
 
 
-def _model(args, explicit, dataset, ckpt, ckpt_path, stored):
-    """The checkpoint's model (--eval, --resume) or a new one: the config its flags describe."""
-    config = resolve_model_config(args, explicit, dataset.num_classes, stored,
-                                  source=ckpt_path or "the checkpoint")
+def _model(args, explicit, dataset, ckpt, ckpt_path, stored, defenses):
+    """The checkpoint's model (--eval, --resume) or a new one: the config its flags and
+    defenses describe."""
+    source = ckpt_path or "the checkpoint"
+    config = resolve_model_config(args, explicit, dataset.num_classes, stored, source=source)
+    config = configure_model(config, defenses, _given_model_flags(args, explicit),
+                             stored is not None, source)
     if ckpt is not None:
         model, output = model_from_checkpoint(ckpt, config, ckpt_path)
     else:
@@ -353,7 +431,7 @@ def prepare_training(args, start: Start, device: torch.device) -> TrainRun:
     """Recipe defaults, checks, the run folder, loaders and optimizer: the run to train.
     Nothing is written before every check has passed."""
     apply_recipe_defaults(args, start.dataset, args.finetune, start.config.ocm)
-    schedule, mixup = validate_training_args(args)
+    schedule = validate_training_args(args)
     stored_opt = (start.ckpt.get("args") or {}).get("opt") if args.resume is not None else None
     if stored_opt and args.opt != stored_opt:
         raise UserError(f"{start.ckpt_path} was trained with --opt {stored_opt}; its optimizer "
@@ -376,8 +454,7 @@ def prepare_training(args, start: Start, device: torch.device) -> TrainRun:
     train_model = wrap_for_training(start.model, device, args.compile)
     if not same_run and distributed.is_main():  # what passed check_new_run_folder may go
         clear_run_folder(outdir)
-    return _train_run(args, start, optimizer, schedule, mixup, train_loader, test_loader,
-                      train_model)
+    return _train_run(args, start, optimizer, schedule, train_loader, test_loader, train_model)
 
 
 def _training_outdir(args, start: Start) -> tuple[str, bool]:
@@ -406,15 +483,15 @@ def _optimizer(args, start: Start) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _train_run(args, start: Start, optimizer, schedule, mixup, train_loader, test_loader,
+def _train_run(args, start: Start, optimizer, schedule, train_loader, test_loader,
                train_model) -> TrainRun:
     """The flags the epoch loop needs, as a :class:`TrainRun`."""
     return TrainRun(
         model=start.model, output=start.output, config=start.config, dataset=start.dataset,
         optimizer=optimizer, schedule=schedule, train_loader=train_loader,
         test_loader=test_loader, outdir=args.outdir, epochs=args.epochs, seed=args.seed,
-        batch=args.batch, mixup=mixup, lambda_coeff=args.lambda_coeff if args.clustering else 0.0,
-        progress=args.progress, amp=args.amp, compiled=args.compile, train_model=train_model,
+        batch=args.batch, defenses=start.defenses, progress=args.progress, amp=args.amp,
+        compiled=args.compile, train_model=train_model,
         start_epoch=start.start_epoch, best_acc=start.best_acc, history=start.history,
         stored_args={k: v for k, v in vars(args).items()
                      if k in TRAINING_FLAGS or k == "dataset"},

@@ -1,20 +1,57 @@
-"""The API every attack shares (torchattacks' style; docs/algorithms.md sections 5 to 8).
+"""The protocol every attack follows, and the registry that names them (docs/algorithms.md
+sections 5 to 8 and 12).
 
-An attack is a class named after its paper's acronym (:class:`~attacks.bfa.BFA`,
-:class:`~attacks.bfa.RandomFlips`, :class:`~attacks.tbfa.TBFA`, :class:`~attacks.talbf.TALBF`),
-in the module named after it. It is constructed with what it attacks and its hyperparameters,
-and its ``run(...)`` returns an :class:`AttackResult`: a dataclass whose :meth:`to_dict` gives
-its fields as JSON-ready values, the form in which the campaigns write their records.
+An attack is a class named after its paper's acronym, in the module named after it
+(:class:`~attacks.bfa.BFA`, :class:`~attacks.bfa.RandomFlips`, :class:`~attacks.tbfa.TBFA`,
+:class:`~attacks.talbf.TALBF`), registered with :func:`register_attack` under the short name its
+records carry (``"attack"`` field). A campaign is a list of *items*, each with a ``key`` unique
+in the campaign (T-BFA: one experiment per source, target and repetition; TA-LBF: one attacked
+sample; BFA and random flips: one repetition with its own seed and attack batch); the attack's
+module plans them (``plan_experiments``, ``generate_attack_list``, ``plan_repetitions``).
+:class:`campaigns.runner.CampaignRunner` drives every attack the same way::
 
-What ``run`` takes differs with the threat model (an attack batch and a test split for BFA,
-the attacker's sets for T-BFA, a sample index and a target for TA-LBF), so the base class
-fixes the shape of the API, not the arguments.
+    attack.reset()                  # the clean model, before every item
+    fields = attack.run_item(item)  # the record of one item (names: campaigns/results.py)
+    attack.summary(records)         # metric, mean, std, n rows of the campaign
+
+and writes the records (``key``, ``attack``, the item's fields, ``seconds``), resumes, shares
+the items among torchrun processes and logs with ``attack.describe(record)``.
+
+Each attack's :meth:`Attack.run` (its own arguments: an attack batch, the attacker's sets, a
+sample and a target) stays the Python API for one attack; ``run_item`` maps an item onto it.
+Adding an attack is its module (a subclass decorated with ``@register_attack``) plus one import
+line in :mod:`attacks`; ``report.py`` then shows its campaigns (:mod:`campaigns.report`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, fields, is_dataclass
-from typing import ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable
+
+_REGISTRY: dict[str, type["Attack"]] = {}
+
+
+def register_attack(cls: type["Attack"]) -> type["Attack"]:
+    """Class decorator: register ``cls`` under ``cls.name`` (a name given twice is an error)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name to register")
+    if _REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f"attack {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_attacks() -> list[str]:
+    """The registered attack names, in registration order."""
+    return list(_REGISTRY)
+
+
+def attack_class(name: str) -> type["Attack"]:
+    """The attack registered as ``name`` (KeyError naming the registered ones otherwise)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown attack {name!r}; registered: {', '.join(_REGISTRY)}") from None
 
 
 def _plain(value):
@@ -45,11 +82,57 @@ class AttackResult:
 
 
 class Attack:
-    """Base of the attacks: ``__init__`` stores the target and the hyperparameters, ``run``
-    attacks and returns an :class:`AttackResult`. ``name`` is the attack's short name, as
-    written in results."""
+    """Base of the attacks: ``__init__`` stores the target and the hyperparameters;
+    :meth:`run_item` attacks one campaign item and returns its record fields.
 
-    name: ClassVar[str] = "attack"
+    Class attributes every registered attack sets:
+
+    - ``name``: the registered short name, written in every record as ``attack``;
+    - ``noun``: what a campaign item is, plural, for progress bars and logs;
+    - ``results_dir``: the default results folder beside the checkpoint;
+    - ``count``: the record field of its flip count, named for what it counts
+      (:data:`campaigns.results.COUNTS`: ``iterations``, ``bits_changed``, ``bits_flipped``);
+    - ``summary_metrics``: the record fields its summary averages;
+    - ``columns``: ``(metric, heading)`` of its report table, the cells read from
+      :meth:`summary` (so each attack's averaging rule holds in the report too);
+    - ``scalars``: record fields logged to TensorBoard per finished item.
+    """
+
+    name: ClassVar[str] = ""
+    noun: ClassVar[str] = "items"
+    results_dir: ClassVar[str] = ""
+    count: ClassVar[str] = ""
+    summary_metrics: ClassVar[tuple[str, ...]] = ()
+    columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    scalars: ClassVar[tuple[str, ...]] = ()
+
+    #: called by the attack with ``(step, info: dict)`` while an item runs (progress postfix)
+    on_step: Callable[[int, dict], None] | None = None
 
     def run(self, *args, **kwargs) -> AttackResult:
         raise NotImplementedError
+
+    def run_item(self, item) -> dict:
+        """Attack ``item`` and return its record fields (without ``key`` and ``attack``, which
+        the runner adds); the model may stay attacked until :meth:`reset`."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Put the attacked model back to its clean weights (before every item, at the end)."""
+
+    @classmethod
+    def summary(cls, records: list[dict]) -> list[dict]:
+        """``metric, mean, std, n`` rows over the records (mean and sample std of
+        ``summary_metrics``); attacks with another rule override it. The report's columns are
+        read from these rows too."""
+        from campaigns.results import summarize
+
+        return summarize(records, list(cls.summary_metrics))
+
+    def describe(self, record: dict) -> str:
+        """The log line of a finished item."""
+        return f"{record['key']}: {self.count} {record.get(self.count)}"
+
+    def closing(self, records: list[dict]) -> str:
+        """The campaign's last line (before the results file's path)."""
+        return f"{len(records)} {self.noun.split()[-1]}"

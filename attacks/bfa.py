@@ -87,12 +87,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.quantization import settle_zero_codes
-from models.bits import Flip, bit_layers, changed_bits, flip_and_record, random_flip, snapshot
+from models.bits import bit_layers, changed_bits, random_flip, restore, snapshot
 from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep
 from utils.data import normalize_images
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, register_attack
 from .common import EvalSet
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,14 @@ MAX_BITS_PER_LAYER = 32
 
 # Columns of the attack profile, in the order the CSV files use.
 PROFILE_FIELDS = ("iteration", "flip", "layer", "index", "bit", "before", "after", "accuracy",
-                  "accuracy_drop", "loss", "hamming")
+                  "accuracy_drop", "loss", "bits_changed")
 
 
 @dataclass
 class ProfileRow:
     """One flipped bit of the attack profile (docs/algorithms.md section 6).
 
-    ``accuracy``, ``loss`` and ``hamming`` are measured after the whole iteration, so the rows
+    ``accuracy``, ``loss`` and ``bits_changed`` are measured after the whole iteration, so the rows
     of one multi-bit iteration share them (as in the public code).
     """
 
@@ -124,7 +124,7 @@ class ProfileRow:
     accuracy: float       # test accuracy (%) after the iteration
     accuracy_drop: float  # clean accuracy minus ``accuracy`` (percentage points)
     loss: float           # attack loss on the attack batch after the iteration
-    hamming: int          # Hamming distance between the clean and the attacked codes
+    bits_changed: int     # Hamming distance between the clean and the attacked codes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +145,7 @@ class BFAResult(AttackResult):
     final_accuracy: float
     final_loss: float
     iterations: int = 0
-    hamming_distance: int = 0
+    bits_changed: int = 0         # Hamming distance to the clean codes at the stop
     stopped_by: str = "running"
     attack_images: int = 0
     test_images: int = 0
@@ -154,10 +154,10 @@ class BFAResult(AttackResult):
     fault_violations: int = 0     # flips the fault model forbids, found on the final weights
     profile: list[ProfileRow] = field(default_factory=list)
 
-    DERIVED = ("bit_flips", "accuracy_drop")
+    DERIVED = ("bits_flipped", "accuracy_drop")
 
     @property
-    def bit_flips(self) -> int:
+    def bits_flipped(self) -> int:
         """Flipped bits in all (more than ``iterations`` when multi-bit retries happened)."""
         return len(self.profile)
 
@@ -167,13 +167,55 @@ class BFAResult(AttackResult):
 
 
 
-class _FlipAttack(Attack):
-    """What BFA and the random baseline share: labelling, the loss, the attack loop."""
+@dataclass(frozen=True)
+class Repetition:
+    """One BFA or random-flip run of a campaign: its own seed draws its attack batch (and the
+    random flips), as the BFA papers average over runs with different seeds."""
 
-    name = "attack"
+    rep: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"r{self.rep}"
+
+
+def plan_repetitions(reps: int, seed: int) -> list[Repetition]:
+    """``reps`` runs, run ``r`` seeded ``seed + r`` (run 0 is the single run of ``seed``)."""
+    if reps < 1:
+        raise ValueError(f"repetitions must be at least 1, got {reps}")
+    return [Repetition(r, seed + r) for r in range(reps)]
+
+
+@dataclass
+class Stopping:
+    """When a run stops: ``n_iter`` iterations, or the test accuracy at ``break_acc`` (%)."""
+
+    n_iter: int = 100
+    break_acc: float | None = None
+
+
+class _FlipAttack(Attack):
+    """What BFA and the random baseline share: labelling, the loss, the attack loop, and the
+    campaign protocol (:mod:`attacks.base`): an item is a :class:`Repetition`, whose attack
+    batch ``attack_batch(seed)`` gives (uint8 images, e.g. a seeded draw of training images),
+    attacked until ``stopping`` on ``data``."""
+
+    noun = "BFA runs"
+    results_dir = "attack_bfa"
+    count = "bits_flipped"
+    summary_metrics = ("clean_acc", "final_acc", "accuracy_drop", "iterations", "bits_flipped",
+                       "bits_changed", "fault_violations")
+    columns = (("final_acc", "after attack %"), ("bits_flipped", "# bit-flips (bits flipped)"))
+    scalars = ("final_acc", "bits_flipped", "iterations")
+
+    #: called with each :class:`ProfileRow` as a campaign item flips it (live logs)
+    on_flip: Callable[["ProfileRow"], None] | None = None
 
     def __init__(self, model: nn.Module, output: nn.Module, fault: FaultModel | None = None,
-                 eval_model: nn.Module | None = None):
+                 eval_model: nn.Module | None = None, data: EvalSet | None = None,
+                 attack_batch: Callable[[int], torch.Tensor] | None = None,
+                 stopping: Stopping | None = None, number_format: str = ""):
         layers = bit_layers(model)
         if not layers:
             raise ValueError("the model has no quantized layers to attack")
@@ -189,6 +231,42 @@ class _FlipAttack(Attack):
         self.fault = fault if fault is not None and not fault.unconstrained else None
         self.faults: FaultState | None = None   # this run's fault state
         self.result: BFAResult | None = None  # the run in progress, updated per iteration
+        self.data, self.attack_batch = data, attack_batch
+        self.stopping = stopping or Stopping()
+        self.number_format = number_format  # its label when not the layers' own (torch-int8)
+        self._clean = snapshot(model)
+
+    # -- the campaign protocol (attacks/base.py) ---------------------------------------------
+    def reset(self) -> None:
+        restore(self.model, self._clean)
+
+    def reseed(self, seed: int) -> None:
+        """Make the attack's own random draws those of ``seed`` (none for BFA)."""
+
+    def run_item(self, item: Repetition) -> dict:
+        """One run: its attack batch and draws seeded with ``item.seed``, the whole profile."""
+        self.reseed(item.seed)
+        result = self.run(self.attack_batch(item.seed), self.data, self.stopping.n_iter,
+                          break_acc=self.stopping.break_acc, on_flip=self.on_flip)
+        d = result.to_dict()
+        d["number_format"] = self.number_format or d["number_format"]
+        return {"rep": item.rep, "seed": item.seed, "clean_acc": d.pop("clean_accuracy"),
+                "final_acc": d.pop("final_accuracy"), **{k: v for k, v in d.items()
+                                                          if k != "attack"},
+                "n_iter": self.stopping.n_iter, "break_acc": self.stopping.break_acc}
+
+    def describe(self, record: dict) -> str:
+        return (f"{record['key']}: {record['stopped_by']} after {record['iterations']} "
+                f"iterations, {record['bits_flipped']} bits flipped ({record['bits_changed']} "
+                f"changed), test accuracy {record['clean_acc']:.2f}% -> "
+                f"{record['final_acc']:.2f}%")
+
+    def closing(self, records: list[dict]) -> str:
+        stops: dict[str, int] = {}
+        for r in records:
+            stops[r["stopped_by"]] = stops.get(r["stopped_by"], 0) + 1
+        return (f"{len(records)} runs "
+                f"({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})")
 
     def new_fault_state(self) -> FaultState | None:
         """A fresh fault state for a run (pages unused, budget whole), or None."""
@@ -273,7 +351,7 @@ class _FlipAttack(Attack):
             accuracy = eval_set.accuracy(self.eval_model, self.output)
             hamming = changed_bits(self.model, clean_codes)
             for flip in step.flips:
-                row = ProfileRow(iteration, result.bit_flips + 1, flip.layer, flip.index,
+                row = ProfileRow(iteration, result.bits_flipped + 1, flip.layer, flip.index,
                                  flip.bit, flip.before, flip.after, accuracy,
                                  clean_acc - accuracy, step.loss_after, hamming)
                 result.profile.append(row)
@@ -281,7 +359,7 @@ class _FlipAttack(Attack):
                     on_flip(row)
             result.iterations = iteration
             result.final_accuracy, result.final_loss = accuracy, step.loss_after
-            result.hamming_distance = hamming
+            result.bits_changed = hamming
             bar.set_postfix(acc=f"{accuracy:.2f}", loss=f"{step.loss_after:.3f}")
             if break_acc is not None and accuracy <= break_acc:
                 result.stopped_by = "break_acc"
@@ -294,6 +372,7 @@ class _FlipAttack(Attack):
         return result
 
 
+@register_attack
 class BFA(_FlipAttack):
     """Untargeted bit-flip attack with progressive bit search (docs/algorithms.md sections 5 and 6).
 
@@ -317,6 +396,9 @@ class BFA(_FlipAttack):
         fault: a :class:`utils.faults.FaultModel`: only the flips it admits are made (default
             None: every flip, as the papers).
         eval_model: the model the test accuracy is measured on (default: ``model``).
+        data, attack_batch, stopping: what a campaign item (:meth:`run_item`) runs on: the
+            test split, ``seed -> attack images``, and :class:`Stopping`; ``number_format``
+            its records' label of the weights' format when not the layers' own (torch-int8).
 
     Example::
 
@@ -331,8 +413,8 @@ class BFA(_FlipAttack):
     def __init__(self, model: nn.Module, output: nn.Module, k_top: int | None = None,
                  max_bits_per_layer: int | None = MAX_BITS_PER_LAYER, incremental: bool = True,
                  public_binary_mask: bool = False, fault: FaultModel | None = None,
-                 eval_model: nn.Module | None = None):
-        super().__init__(model, output, fault, eval_model)
+                 eval_model: nn.Module | None = None, **campaign):
+        super().__init__(model, output, fault, eval_model, **campaign)
         if k_top is not None and k_top < 1:
             raise ValueError(f"k_top must be at least 1 (or None for all weights), got {k_top}")
         if max_bits_per_layer is not None and max_bits_per_layer < 1:
@@ -357,6 +439,7 @@ class BFA(_FlipAttack):
                                 AttackLoss(self.model, x, lambda out: self.output.loss(out, y)))
 
 
+@register_attack
 class RandomFlips(_FlipAttack):
     """Random-flip baseline (He et al., CVPR 2020; docs/algorithms.md section 6): each iteration flips one
     bit chosen uniformly (a quantized layer, a weight in it, a bit), reported like :class:`BFA`.
@@ -373,11 +456,14 @@ class RandomFlips(_FlipAttack):
     """
 
     name = "random"
+    noun = "random-flip runs"
+    results_dir = "attack_bfa_random"
 
     def __init__(self, model: nn.Module, output: nn.Module, seed: int = 0,
                  generator: torch.Generator | None = None, python_random: bool = False,
-                 fault: FaultModel | None = None, eval_model: nn.Module | None = None):
-        super().__init__(model, output, fault, eval_model)
+                 fault: FaultModel | None = None, eval_model: nn.Module | None = None,
+                 **campaign):
+        super().__init__(model, output, fault, eval_model, **campaign)
         if python_random and self.fault is not None:
             raise ValueError("the public random stream draws among all bits: it cannot be "
                              "combined with a fault model")
@@ -385,57 +471,28 @@ class RandomFlips(_FlipAttack):
             torch.Generator().manual_seed(seed)
         self.python_rng = random.Random(seed) if python_random else None
 
-    def _python_flip(self) -> Flip:
-        """The public ``random_flip_one_bit``'s draws: module, weight, bit (LSB = 0)."""
-        rng = self.python_rng
-        layers = bit_layers(self.model)
-        name = rng.choice([n for n, _ in layers])
-        layer = dict(layers)[name]
-        index = rng.choice(range(layer.weight.numel()))
-        n_bits = layer.bit_format.n_bits
-        bit = n_bits - 1 - rng.choice(range(n_bits))  # ours counts from the MSB
-        flat = layer.weight.data.view(-1)
-        if hasattr(layer, "_bit_codes"):  # a binarized 0 is read as -1, as the public code
-            before = int(layer._bit_codes(flat[index]))
-            layer.flip_bit(index, bit)
-            return Flip(name, index, bit, before, int(flat[index].round()))
-        return flip_and_record(name, layer, index, bit)
+    def reseed(self, seed: int) -> None:
+        """A campaign run's own stream: the generator (or the public ``random``) of ``seed``."""
+        self.generator.manual_seed(seed)
+        if self.python_rng is not None:
+            self.python_rng.seed(seed)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> SearchStep:
-        """Flip one random bit; the losses on ``(x, y)`` before and after are reported."""
+        """Flip one random bit (:func:`models.bits.random_flip`, among the fault model's
+        admissible flips when there is one); the losses on ``(x, y)`` before and after are
+        reported."""
         self.model.eval()
         settle_zero_codes(self.model)
         with torch.inference_mode():
             before = float(self.loss(x, y))
-        if self.python_rng is not None:
-            flip = self._python_flip()
-        elif self.faults is not None:
-            flip = random_admissible_flip(self.model, self.faults, self.generator)
-            if flip is None:
-                return SearchStep([], before, before, False, 0)
+        flip = None
+        if self.faults is None or self.faults.remaining != 0:
+            flip = random_flip(self.model, self.generator, python_random=self.python_rng,
+                               admissible=self.faults.mask if self.faults is not None else None)
+        if flip is None:
+            return SearchStep([], before, before, False, 0)
+        if self.faults is not None:
             self.faults.record([flip])
-        else:
-            flip = random_flip(self.model, self.generator)
         with torch.inference_mode():
             after = float(self.loss(x, y))
         return SearchStep([flip], before, after, True, 1)
-
-
-def random_admissible_flip(model: nn.Module, faults: FaultState,
-                           generator: torch.Generator) -> Flip | None:
-    """Flip one bit chosen uniformly among the admissible ones: a layer (among those with an
-    admissible flip), then one of its admissible (weight, bit) pairs: the unconstrained draw's
-    distribution restricted to what the fault model allows. None when nothing is admissible."""
-    if faults.remaining == 0:
-        return None
-    options = []
-    for name, layer in bit_layers(model):
-        allowed = faults.mask(name, layer).reshape(-1).nonzero().view(-1)
-        if len(allowed):
-            options.append((name, layer, allowed))
-    if not options:
-        return None
-    name, layer, allowed = options[int(torch.randint(len(options), (1,), generator=generator))]
-    pick = int(allowed[int(torch.randint(len(allowed), (1,), generator=generator))])
-    index, bit = divmod(pick, layer.bit_format.n_bits)
-    return flip_and_record(name, layer, index, bit)

@@ -40,7 +40,7 @@ D_aux in the order given, as the public code does. Example::
     test = EvalSet(images, labels, mean, std, device)
     attack = TALBF.from_model(model, output, test, TALBFConfig())  # features computed once
     result = attack.run(index=3676, target=0, aux=attack.draw_aux(3676, seed=1))
-    result.success, result.k, result.gamma, result.n_flips, result.pa_acc
+    result.success, result.k, result.gamma, result.bits_changed, result.pa_acc
 
 The model itself is never changed: the attack works on a copy of the final layer's bits and
 reports the new integer codes (``result.codes``).
@@ -51,9 +51,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -62,7 +60,7 @@ import torch.nn.functional as F
 
 from models import bits as bitlib
 
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, register_attack
 
 log = logging.getLogger(__name__)
 
@@ -315,15 +313,16 @@ class ADMMRun:
     status: str
     iters: int = 0
     success: bool = False
-    n_flips: int | None = None
+    bits_changed: int | None = None
     bits: torch.Tensor | None = field(default=None, repr=False)      # rounded, [out, in, N]
     relaxed: torch.Tensor | None = field(default=None, repr=False)   # b before rounding, same
 
     def summary(self) -> dict:
         """The try as a record: ``k``, ``gamma``, ``status``, ``outer_iters``, ``success``,
-        ``n_flips`` (None for a NaN run)."""
+        ``bits_changed`` (None for a NaN run)."""
         return {"k": self.k, "gamma": self.gamma, "status": self.status,
-                "outer_iters": self.iters, "success": self.success, "n_flips": self.n_flips}
+                "outer_iters": self.iters, "success": self.success,
+                "bits_changed": self.bits_changed}
 
 
 @dataclass
@@ -337,7 +336,7 @@ class TALBFResult(AttackResult):
     success: bool
     k: float | None            # the budget of the successful run (None: failed)
     gamma: float | None
-    n_flips: int | None        # changed bits of the final layer (Hamming distance)
+    bits_changed: int | None   # changed bits of the final layer (Hamming distance)
     pa_acc: float | None       # % on the test set without x_s and D_aux, attacked layer
     pa_acc_clean: float        # same samples, clean layer
     converged: bool            # the successful run's ADMM stop rule fired
@@ -356,8 +355,12 @@ class TALBFResult(AttackResult):
 # The attack
 # ---------------------------------------------------------------------------------------------
 
+@register_attack
 class TALBF(Attack):
     """Stealthy TA-LBF on the final layer (see module docstring; docs/algorithms.md section 8).
+
+    A campaign's items are :class:`AttackItem` s (:func:`generate_attack_list`, an attack list
+    file); ``seed`` draws each item's D_aux when the item does not pin it (:func:`aux_seed`).
 
     ``features``: penultimate features of the whole test set ``[N, in]`` (see
     :func:`compute_features`), ``labels`` their classes; ``layer``: the attacked
@@ -365,8 +368,18 @@ class TALBF(Attack):
     ``predict``). Everything runs on the features' device.
     """
 
+    name = "talbf"
+    noun = "TA-LBF attacks"
+    results_dir = "attack_talbf"
+    count = "bits_changed"
+    summary_metrics = ("pa_acc", "bits_changed", "pa_acc_clean", "k", "gamma", "outer_iters",
+                       "seconds")
+    columns = (("asr", "ASR %"), ("pa_acc", "PA-ACC %"),
+               ("bits_changed", "# bit-flips (bits changed)"))
+
     def __init__(self, layer: FinalLayer, output: nn.Module, features: torch.Tensor,
-                 labels: torch.Tensor, config: TALBFConfig | None = None):
+                 labels: torch.Tensor, config: TALBFConfig | None = None, seed: int = 0):
+        self.seed = seed
         self.config = (config or TALBFConfig()).validate()
         self.device = features.device
         self.features = features.float()
@@ -389,11 +402,11 @@ class TALBF(Attack):
 
     @classmethod
     def from_model(cls, model: nn.Module, output: nn.Module, data,
-                   config: TALBFConfig | None = None) -> "TALBF":
+                   config: TALBFConfig | None = None, seed: int = 0) -> "TALBF":
         """Build the attack from a model in integer mode and an :class:`EvalSet`; the features
         of the whole test set are computed here, once."""
         return cls(FinalLayer.from_model(model), output, compute_features(model, data),
-                   data.labels, config)
+                   data.labels, config, seed)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -420,6 +433,42 @@ class TALBF(Attack):
     def clean_accuracy(self) -> float:
         """% of the test set the clean layer classifies correctly (on the cached features)."""
         return _percent(self.clean_correct)
+
+    # -- the campaign protocol (attacks/base.py); the attack never changes the model ---------
+    def run_item(self, item: "AttackItem") -> dict:
+        """One attack of the list: D_aux pinned by the item or drawn from ``seed``."""
+        s = aux_seed(self.seed, item) if item.aux is None else None
+        aux = None if item.aux is None else torch.tensor(item.aux, dtype=torch.int64)
+        res = self.run(item.index, item.target, aux=aux, seed=s or 0)
+        return {"pos": item.pos, **res.to_dict(exclude=("aux",)),
+                "asr": 100.0 if res.success else 0.0, "clean_acc": self.clean_accuracy(),
+                "aux_seed": s, "aux_idx": res.aux}
+
+    @classmethod
+    def summary(cls, records: list[dict]) -> list[dict]:
+        """ASR over every attack; the other metrics over the successful ones (docs/algorithms.md
+        section 8, :func:`campaigns.results.talbf_summary`, the rule the report uses too)."""
+        from campaigns.results import TALBF as F, mean_std, successful, talbf_summary
+
+        rows = talbf_summary(records, cls.summary_metrics)
+        ok = successful(records)
+        m, s = mean_std([100.0 * bool(r.get(F.converged)) for r in ok])
+        rows.append({"metric": "converged_pct", "mean": m, "std": s, "n": len(ok)})
+        m, s = mean_std([r.get(F.clean_acc) for r in records])
+        rows.append({"metric": "clean_acc", "mean": m, "std": s, "n": len(records)})
+        return rows
+
+    def describe(self, record: dict) -> str:
+        if not record["success"]:
+            return (f"{record['key']}: failed after {record['runs']} runs "
+                    f"({record['seconds']:.1f}s)")
+        return (f"{record['key']}: success with k={record['k']:g} gamma={record['gamma']:g}, "
+                f"{record['bits_changed']} bits changed, PA-ACC {record['pa_acc']:.2f}%"
+                f"{'' if record['converged'] else ', ADMM not converged'} "
+                f"({record['seconds']:.1f}s)")
+
+    def closing(self, records: list[dict]) -> str:
+        return f"{len(records)} attacks, {sum(r['success'] for r in records)} successful"
 
     def draw_aux(self, index: int, seed: int, n_aux: int | None = None) -> torch.Tensor:
         """D_aux: ``n_aux`` distinct test indices drawn at random among all but ``index``."""
@@ -479,7 +528,7 @@ class TALBF(Attack):
         pred = self.predict(self.features, codes)
         pa = _percent((pred == self.labels)[keep])
         changed = (winner.bits != self.layer.bits()).nonzero().tolist()
-        return TALBFResult(index, target, source, True, winner.k, winner.gamma, winner.n_flips,
+        return TALBFResult(index, target, source, True, winner.k, winner.gamma, winner.bits_changed,
                            pa, pa_clean, winner.status == "converged", winner.iters, decided,
                            nan_runs, aux.tolist(), changed, codes, tries)
 
@@ -585,9 +634,9 @@ class TALBF(Attack):
                 codes = layer.codes_from_bits(bits)
                 pred = self.predict(problem.x_s, codes)
                 success = int(pred[0]) == problem.target
-                n_flips = int((bits != layer_bits).sum())
+                bits_changed = int((bits != layer_bits).sum())
                 results[run] = ADMMRun(k_r, g_r, "converged" if flags[1][r] else "max_iters",
-                                       ext + 1, success, n_flips, bits, relaxed)
+                                       ext + 1, success, bits_changed, bits, relaxed)
                 if success:
                     best = min(best, run)
             # Drop finished runs and the runs after the first success (not needed).
@@ -809,44 +858,3 @@ def aux_seed(seed: int, item: AttackItem) -> int:
     draws do not depend on which attacks ran before (resume)."""
     return int(np.random.SeedSequence([int(seed), item.pos, item.target,
                                        item.index]).generate_state(1)[0])
-
-
-def run_campaign(attack: TALBF, items: list[AttackItem], results, seed: int,
-                 on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Attack every item not yet in ``results`` (a :class:`campaigns.results.JsonlResults`),
-    appending one line per finished attack. Returns the new records."""
-    done = results.done()
-    clean_acc = attack.clean_accuracy()
-    new = []
-    for item in items:
-        if item.key in done:
-            continue
-        s = aux_seed(seed, item) if item.aux is None else None
-        t0 = time.time()
-        aux = None if item.aux is None else torch.tensor(item.aux, dtype=torch.int64)
-        res = attack.run(item.index, item.target, aux=aux, seed=s or 0)
-        record = {"key": item.key, "pos": item.pos, **res.to_dict(exclude=("aux",)),
-                  "asr": 100.0 if res.success else 0.0, "clean_acc": clean_acc,
-                  "aux_seed": s, "aux_idx": res.aux, "seconds": round(time.time() - t0, 3)}
-        results.append(record)
-        new.append(record)
-        if on_result is not None:
-            on_result(record)
-    return new
-
-
-SUMMARY_METRICS = ["pa_acc", "n_flips", "pa_acc_clean", "k", "gamma", "outer_iters", "seconds"]
-
-
-def summary_rows(records: list[dict]) -> list[dict]:
-    """ASR over every attack; the other metrics averaged over the successful ones (docs/algorithms.md section 8,
-    :func:`campaigns.results.talbf_summary`, the rule the report's table uses too)."""
-    from campaigns.results import TALBF, mean_std, successful, talbf_summary
-
-    rows = talbf_summary(records, SUMMARY_METRICS)
-    ok = successful(records)
-    m, s = mean_std([100.0 * bool(r[TALBF.converged]) for r in ok])
-    rows.append({"metric": "converged_pct", "mean": m, "std": s, "n": len(ok)})
-    m, s = mean_std([r[TALBF.clean_acc] for r in records])
-    rows.append({"metric": "clean_acc", "mean": m, "std": s, "n": len(records)})
-    return rows

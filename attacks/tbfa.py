@@ -13,7 +13,7 @@ where ``L`` is the training loss (cross-entropy, or L1 to the OCM codes). Exampl
     test = EvalSet(images, labels, mean, std, device)
     sets = draw_sets(test.labels, source=3, n_src=500, n_aux=500, seed=7)
     result = TBFA(model, output, TBFAConfig()).run(test, sets, source=3, target=4)
-    result.asr, result.pa_acc, result.n_flips
+    result.asr, result.pa_acc, result.iterations
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from models.bits import changed_bits, restore, snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, register_attack
 from .common import EvalSet
 
 # Paper protocol per data set (docs/algorithms.md section 7): classes used as sources, |D_src| = |D_aux|.
@@ -214,8 +214,8 @@ class TBFAResult(AttackResult):
     pa_acc: float         # % accuracy on D_pa, every sample counted
     pa_acc_public: float  # the public formula: whole blocks of 100 of D_pa only (see above)
     test_acc: float       # % accuracy on the whole test set after the attack
-    n_flips: int          # iterations (the papers' "# bit-flips")
-    hamming: int          # bits that differ from the clean model
+    iterations: int       # attack iterations, one bit each (the papers' "# bit-flips")
+    bits_changed: int     # bits that differ from the clean model (a flip may undo one)
     stop_reason: str      # success | no_bit | oscillation | max_iters | budget | no_admissible
     success_on: str | None  # "src" or "rest": the set whose ASR passed the threshold first
     pa_acc_clean: float
@@ -225,13 +225,31 @@ class TBFAResult(AttackResult):
     fault_violations: int = 0  # flips the fault model forbids, found on the final weights
 
 
+@register_attack
 class TBFA(Attack):
-    """Stealthy T-BFA on a model in integer mode (see module docstring)."""
+    """Stealthy T-BFA on a model in integer mode (see module docstring).
+
+    ``data`` (an :class:`EvalSet` of the test split) is what :meth:`run_item` attacks with; a
+    campaign's items are :class:`Experiment` s (:func:`plan_experiments`, :func:`plan_pinned`).
+    """
+
+    name = "tbfa"
+    noun = "T-BFA experiments"
+    results_dir = "attack_tbfa"
+    count = "iterations"
+    summary_metrics = ("clean_acc", "asr", "asr_src", "pa_acc", "pa_acc_public", "test_acc",
+                       "iterations", "bits_changed")
+    columns = (("asr", "ASR %"), ("pa_acc", "PA-ACC %"),
+               ("iterations", "# bit-flips (iterations)"))
+    scalars = ("asr", "pa_acc", "iterations", "test_acc")
 
     def __init__(self, model: nn.Module, output: nn.Module, config: TBFAConfig | None = None,
-                 eval_model: nn.Module | None = None):
+                 eval_model: nn.Module | None = None, data: EvalSet | None = None):
         self.model = model
         self.output = output
+        self.data = data
+        self._clean = snapshot(model)
+        self._clean_acc: float | None = None
         # where ASR and accuracies are measured (e.g. the deployed torch.ao model the codes are
         # written back to, models.formats.DeployedModel); the attacked model by default
         self.eval_model = eval_model if eval_model is not None else model
@@ -286,7 +304,7 @@ class TBFA(Attack):
         asr_clean = data.accuracy(judge, output, sets.rest, t_src_rest[ns:])
         flips, curve, recent = [], [], []
         if cfg.curve_every:
-            curve.append({"flips": 0, "asr": asr_clean, "pa_acc": pa_clean})
+            curve.append({"iterations": 0, "asr": asr_clean, "pa_acc": pa_clean})
         stop, success_on, it = "max_iters", None, 0
         for it in range(1, cfg.max_iters + 1):
             step = search.step(gradient_loss, attack_loss)
@@ -299,9 +317,11 @@ class TBFA(Attack):
                 flips.append(record)
             if on_flip is not None:
                 on_flip(it, record)
+            if self.on_step is not None:
+                self.on_step(it, {"loss": f"{step.loss_after:.4f}"})
             asr_src, asr_rest = asr_pair()
             if cfg.curve_every and it % cfg.curve_every == 0:
-                curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src,
+                curve.append({"iterations": it, "asr": asr_rest, "asr_src": asr_src,
                               "pa_acc": data.accuracy(judge, output, sets.pa)})
             recent = (recent + [(flip.layer, flip.index)])[-3:]
             if asr_src > cfg.success_threshold:
@@ -320,25 +340,62 @@ class TBFA(Attack):
         asr_src, asr_rest = asr_pair()
         pa_hits = data.predict(judge, output, sets.pa) == data.labels[sets.pa]
         pa_acc = 100.0 * int(pa_hits.sum()) / len(pa_hits) if len(pa_hits) else float("nan")
-        if cfg.curve_every and (not curve or curve[-1]["flips"] != it):
-            curve.append({"flips": it, "asr": asr_rest, "asr_src": asr_src, "pa_acc": pa_acc})
+        if cfg.curve_every and (not curve or curve[-1]["iterations"] != it):
+            curve.append({"iterations": it, "asr": asr_rest, "asr_src": asr_src,
+                          "pa_acc": pa_acc})
         return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
                           pa_acc=pa_acc, pa_acc_public=pa_acc_public(pa_hits),
-                          test_acc=data.accuracy(judge, output), n_flips=it,
-                          hamming=changed_bits(model, clean), stop_reason=stop,
+                          test_acc=data.accuracy(judge, output), iterations=it,
+                          bits_changed=changed_bits(model, clean), stop_reason=stop,
                           success_on=success_on,
                           pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve,
                           fault_violations=(len(faults.violations(model, clean))
                                             if faults is not None else 0))
 
+    # -- the campaign protocol (attacks/base.py) ---------------------------------------------
+    def reset(self) -> None:
+        restore(self.model, self._clean)
+
+    def clean_accuracy(self) -> float:
+        """Test accuracy (%) of the clean model on ``data`` (measured once)."""
+        if self._clean_acc is None:
+            self.reset()
+            self._clean_acc = self.data.accuracy(self.eval_model, self.output)
+        return self._clean_acc
+
+    def run_item(self, item: "Experiment") -> dict:
+        """One experiment: its sets, the attack's metrics, the flip log and curve when asked."""
+        clean_acc = self.clean_accuracy()
+        result = self.run(self.data, item.sets, item.source, item.target)
+        record = {"source": item.source, "target": item.target, "rep": item.rep,
+                  "sets_seed": item.seed, "clean_acc": clean_acc,
+                  **{k: v for k, v in result.to_dict().items()
+                     if k not in ("source", "target", "flips", "curve")},
+                  "n_src": len(item.sets.src), "n_aux": len(item.sets.aux)}
+        if self.config.flip_log:
+            record["flips"] = result.flips
+        if self.config.curve_every:
+            record["curve"] = result.curve
+        return record
+
+    def describe(self, record: dict) -> str:
+        per = record["seconds"] / max(record["iterations"], 1)
+        return (f"{record['key']}: {record['stop_reason']} after {record['iterations']} "
+                f"iterations ({record['bits_changed']} bits changed), ASR {record['asr']:.2f}%, "
+                f"PA-ACC {record['pa_acc']:.2f}%, test {record['test_acc']:.2f}% "
+                f"({per:.2f}s/iteration)")
+
+    def closing(self, records: list[dict]) -> str:
+        stops: dict[str, int] = {}
+        for r in records:
+            stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
+        return (f"{len(records)} experiments "
+                f"({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})")
+
 
 # ---------------------------------------------------------------------------------------------
 # Campaigns: many experiments, one JSON line each, resumable
 # ---------------------------------------------------------------------------------------------
-
-SUMMARY_METRICS = ["clean_acc", "asr", "asr_src", "pa_acc", "pa_acc_public", "test_acc", "n_flips",
-                   "hamming"]
-
 
 @dataclass
 class Experiment:
@@ -390,46 +447,3 @@ def plan_pinned(labels: torch.Tensor, entries: list[dict]) -> list[Experiment]:
         keys.add(experiment.key)
         out.append(experiment)
     return out
-
-
-def run_campaign(model: nn.Module, output: nn.Module, data: EvalSet,
-                 experiments: list[Experiment], config: TBFAConfig, results,
-                 clean_acc: float, on_result: Callable[[dict], None] | None = None,
-                 on_flip: Callable[[int, dict], None] | None = None,
-                 eval_model: nn.Module | None = None) -> list[dict]:
-    """Run every experiment not yet in ``results`` (a :class:`campaigns.results.JsonlResults`),
-    appending one line per finished experiment; the model is restored to its clean codes
-    before each experiment and at the end. Returns the new records."""
-    import time
-
-
-    clean = snapshot(model)
-    done = results.done()
-    attack = TBFA(model, output, config, eval_model)
-    new = []
-    try:
-        for exp in experiments:
-            if exp.key in done:
-                continue
-            restore(model, clean)
-            t0 = time.time()
-            result = attack.run(data, exp.sets, exp.source, exp.target, on_flip=on_flip)
-            seconds = time.time() - t0
-            record = {"key": exp.key, "source": exp.source, "target": exp.target,
-                      "rep": exp.rep, "sets_seed": exp.seed, "clean_acc": clean_acc,
-                      **{k: v for k, v in result.to_dict().items()
-                         if k not in ("source", "target", "flips", "curve")},
-                      "n_src": len(exp.sets.src), "n_aux": len(exp.sets.aux),
-                      "seconds": round(seconds, 3),
-                      "seconds_per_flip": round(seconds / max(result.n_flips, 1), 4)}
-            if config.flip_log:
-                record["flips"] = result.flips
-            if config.curve_every:
-                record["curve"] = result.curve
-            results.append(record)
-            new.append(record)
-            if on_result is not None:
-                on_result(record)
-    finally:
-        restore(model, clean)
-    return new

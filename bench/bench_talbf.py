@@ -45,7 +45,7 @@ DEFAULT_CHECKPOINTS = [os.path.join("runs", "quickstart", m, "model_best.pth.tar
 def sequential_run(attack: TALBF, index: int, target: int, aux: torch.Tensor, k: float,
                    gamma: float, cfg: TALBFConfig):
     """One (k, gamma) lp-box ADMM run, written the obvious way. Returns a dict: ``nan`` (b
-    became NaN: the run failed), ``success``, ``n_flips``, ``bits`` (rounded), ``relaxed`` (b
+    became NaN: the run failed), ``success``, ``bits_changed``, ``bits`` (rounded), ``relaxed`` (b
     before rounding, ``[out, in, N]``), ``iters`` and ``converged``."""
     layer = attack.layer
     rows = torch.cat([aux, torch.tensor([index], device=aux.device)])
@@ -102,7 +102,7 @@ def sequential_run(attack: TALBF, index: int, target: int, aux: torch.Tensor, k:
     bits = (b.detach() > 0.5).to(torch.uint8)
     codes = layer.codes_from_bits(bits)
     success = int(attack.predict(attack.features[index:index + 1], codes)[0]) == target
-    return {"nan": False, "success": success, "n_flips": int((bits.float() != b0).sum()),
+    return {"nan": False, "success": success, "bits_changed": int((bits.float() != b0).sum()),
             "bits": bits, "relaxed": b.detach(), "iters": ext + 1,
             "converged": converged}
 
@@ -113,8 +113,8 @@ def sequential_attack(attack: TALBF, index: int, target: int, aux: torch.Tensor,
     for k, gamma in cfg.search_order():
         res = sequential_run(attack, index, target, aux, k, gamma, cfg)
         if res["success"]:
-            return {"success": True, "k": k, "gamma": gamma, "n_flips": res["n_flips"]}
-    return {"success": False, "k": None, "gamma": None, "n_flips": None}
+            return {"success": True, "k": k, "gamma": gamma, "bits_changed": res["bits_changed"]}
+    return {"success": False, "k": None, "gamma": None, "bits_changed": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,19 +126,15 @@ def load_target(path: str, device):
     the data set it was trained on, when its files are at hand)."""
     from attacks.common import EvalSet
     from attacks.talbf import compute_features
-    from models import to_integer
-    from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-    from utils.data import get_dataset_info, load_split_tensors
+    from attacks.target import DataSpec, TargetSpec, build_target
 
-    ckpt = load_checkpoint(path)
-    model, output = model_from_checkpoint(ckpt, checkpoint_config(ckpt), path)
-    to_integer(model.to(device).eval())
-    output.to(device)
-    info = get_dataset_info(ckpt.get("dataset") or "digits")
-    images, labels = load_split_tensors(info.name, os.environ.get("DATA_DIR", "data"), "test")
-    data = EvalSet(images, labels, info.mean, info.std, device)
+    target = build_target(TargetSpec(checkpoint=path,
+                                     data=DataSpec(os.environ.get("DATA_DIR", "data"))), device)
+    images, labels = target.load_test_split()
+    data = EvalSet(images, labels, target.mean, target.std, device)
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return name, FinalLayer.from_model(model), output, compute_features(model, data), data.labels
+    return (name, FinalLayer.from_model(target.model), target.output,
+            compute_features(target.model, data), data.labels)
 
 
 def synthetic_target(ocm: bool, device, seed: int = 0):
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
                 r = attacks[v].run(item.index, item.target, aux=aux)
                 times[v] += time.perf_counter() - t0
                 outcomes[v].append({"success": r.success, "k": r.k, "gamma": r.gamma,
-                                    "n_flips": r.n_flips})
+                                    "bits_changed": r.bits_changed})
             if not args.no_sequential:
                 t0 = time.perf_counter()
                 outcomes["sequential"].append(sequential_attack(first, item.index, item.target,
@@ -232,7 +228,7 @@ def main(argv=None) -> int:
                 "s/attack": f"{per:.2f}",
                 "speed-up": f"{base / per:.1f}x" if per > 0 and base == base else "-",
                 "success": sum(o["success"] for o in ok),
-                "k, gamma, flips": "; ".join(f"{o['k']:g},{o['gamma']:g},{o['n_flips']}"
+                "k, gamma, flips": "; ".join(f"{o['k']:g},{o['gamma']:g},{o['bits_changed']}"
                                              if o["success"] else "fail" for o in ok),
                 "same as seq": ("-" if args.no_sequential else
                                 f"{sum(a == b for a, b in zip(ok, outcomes['sequential']))}"

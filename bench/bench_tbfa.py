@@ -176,8 +176,8 @@ def bench_experiment(args, device):
                            oscillation_by_layer=True)
         dt, res = timed(lambda: T.TBFA(model, output, cfg).run(data, sets, 0, 1), device)
         results[variant] = res
-        rows.append({"part": "experiment", "variant": variant, "s": dt, "flips": res.n_flips,
-                     "s/flip": dt / max(1, res.n_flips)})
+        rows.append({"part": "experiment", "variant": variant, "s": dt, "flips": res.iterations,
+                     "s/flip": dt / max(1, res.iterations)})
     return rows, results
 
 

@@ -5,11 +5,16 @@ attack scripts write beside the checkpoint by default:
 
 - ``attack_tbfa/results.jsonl`` (and ``results.rank<r>.jsonl`` of a multi-process campaign not
   yet merged): stealthy T-BFA, one line per experiment (docs/algorithms.md section 7); with
-  ``--curve-every 1`` each line has ``curve`` = [{flips, asr, asr_src, pa_acc}, ...];
+  ``--curve-every 1`` each line has ``curve`` = [{iterations, asr, asr_src, pa_acc}, ...];
 - ``attack_talbf/results.jsonl``: stealthy TA-LBF, one line per attacked sample (docs/algorithms.md section 8);
-- any folder below it with ``profile.csv`` and ``summary.json``: one untargeted BFA or
-  random-flip run (docs/algorithms.md section 6), e.g. ``attack_bfa/``, ``attack_bfa_random/`` or
-  ``attack_bfa/seed1/``.
+- any other campaign folder below it (``campaign.json`` + ``results.jsonl``) of a registered
+  attack (:mod:`attacks.base`): BFA and random flips (docs/algorithms.md section 6), e.g.
+  ``attack_bfa/``, ``attack_bfa_random/`` or ``attack_bfa/seed1/``, one line per repetition;
+  an attack registered later gets a table of its own (its ``columns``) with no edit here;
+- BFA runs of earlier versions (``profile.csv`` + ``summary.json``) read as one repetition.
+
+Records of earlier versions read with this version's field names
+(:func:`campaigns.results.upgrade_record`).
 
 :func:`load_model` reads one folder with :func:`campaigns.results.read_records` (read-only: a
 corrupt line is reported with its file and line number and skipped, never rewritten; a key found
@@ -35,10 +40,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from attacks import attack_class, list_attacks
 from utils.errors import UserError
-from .results import (CURVE, MERGED, TALBF, TBFA, mean_std, read_records, results_files,
-                      successful, talbf_summary, write_csv)
-from .results import read_jsonl  # noqa: F401 (the one parser; importable from here as before)
+
+from .results import (ATTACK, BFA, CURVE, KEY, MERGED, TBFA, mean_std, read_records,
+                      record_attack, results_files, successful, upgrade_record, write_csv)
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +54,14 @@ PUBLISHED = {
     "cifar10": {
         "vanilla": {"tbfa_pa_acc": 84.38},
         "pc": {"tbfa_pa_acc": 76.78},
-        "ocm16": {"tbfa_n_flips": 95.7, "tbfa_pa_acc": 53.22, "talbf_n_flips": 31.1,
+        "ocm16": {"tbfa_iterations": 95.7, "tbfa_pa_acc": 53.22, "talbf_bits_changed": 31.1,
                   "talbf_pa_acc": 86.5},
-        "ocm64": {"tbfa_n_flips": 281.8, "tbfa_pa_acc": 46.39},
+        "ocm64": {"tbfa_iterations": 281.8, "tbfa_pa_acc": 46.39},
         "ocm16_pc": {"tbfa_pa_acc": 47.88},
-        "mixup": {"tbfa_n_flips": 28.9, "tbfa_pa_acc": 68.2, "talbf_n_flips": 5.7,
+        "mixup": {"tbfa_iterations": 28.9, "tbfa_pa_acc": 68.2, "talbf_bits_changed": 5.7,
                   "talbf_pa_acc": 89.5},
-        "manifold_mixup": {"tbfa_n_flips": 52.3, "tbfa_pa_acc": 67.5, "talbf_n_flips": 7.6,
+        "manifold_mixup": {"tbfa_iterations": 52.3, "tbfa_pa_acc": 67.5,
+                           "talbf_bits_changed": 7.6,
                            "talbf_pa_acc": 86.6},
     },
 }
@@ -69,12 +76,20 @@ DISPLAY_NAMES = {
 
 TBFA_DIR, TALBF_DIR = "attack_tbfa", "attack_talbf"
 
+# The paper table's two column groups and the untargeted attacks of the BFA table; a campaign of
+# any other registered attack gets a table of its own (its class's ``columns``).
+PAPER_ATTACKS = ("tbfa", "talbf")
+FLIP_ATTACKS = ("bfa", "random")
+
+
+def _columns(name: str) -> tuple:
+    """``(column key, metric, heading)`` of a registered attack's report columns."""
+    return tuple((f"{name}_{metric}", metric, head) for metric, head in attack_class(name).columns)
+
+
 # (column key, field of the records, heading) of the main table, in order; the fields are
-# defined (and what each counts said) in campaigns/results.py.
-TBFA_METRICS = (("tbfa_asr", TBFA.asr, "ASR %"), ("tbfa_pa_acc", TBFA.pa_acc, "PA-ACC %"),
-                ("tbfa_n_flips", TBFA.n_flips, "# bit-flips (iterations)"))
-TALBF_METRICS = (("talbf_asr", TALBF.asr, "ASR %"), ("talbf_pa_acc", TALBF.pa_acc, "PA-ACC %"),
-                 ("talbf_n_flips", TALBF.n_flips, "# bit-flips (bits changed)"))
+# defined (and what each counts said) in campaigns/results.py and the classes of attacks/.
+TBFA_METRICS, TALBF_METRICS = _columns("tbfa"), _columns("talbf")
 
 
 def display_name(label: str) -> str:
@@ -90,17 +105,34 @@ def display_name(label: str) -> str:
 
 @dataclass
 class BFARun:
-    """One attack_bfa.py run: ``accuracy[f]`` = test accuracy (%) after ``f`` flipped bits."""
+    """One BFA or random-flip repetition: ``accuracy[f]`` = test accuracy (%) after ``f``
+    flipped bits (from the record's profile)."""
 
     folder: str
     attack: str                 # "bfa" or "random"
     clean_accuracy: float
     accuracy: list[float]
-    bit_flips: int
+    bits_flipped: int
     iterations: int
     stopped_by: str
-    number_format: str = ""     # the attacked weights' format (summary.json; "" before it)
+    number_format: str = ""     # the attacked weights' format ("" in records before it)
     fault: str = "none"         # the fault model's label (utils.faults.FaultModel.label)
+
+    @classmethod
+    def from_record(cls, record: dict, folder: str) -> "BFARun":
+        clean = float(record[BFA.clean_acc])
+        acc = {0: clean}
+        for row in record.get(BFA.profile) or []:
+            acc[int(row["flip"])] = float(row["accuracy"])
+        curve, value = [], clean
+        for f_ in range(max(acc) + 1):  # a missing count (multi-bit iteration) keeps the last
+            value = acc.get(f_, value)
+            curve.append(value)
+        return cls(folder, record_attack(record) or "bfa", clean, curve,
+                   int(record.get(BFA.bits_flipped, max(acc))),
+                   int(record.get(BFA.iterations, max(acc))), str(record.get(BFA.stopped_by, "?")),
+                   str(record.get(BFA.number_format) or ""),
+                   fault_label(record.get(BFA.fault_model)))
 
 
 def fault_label(fault: dict | None) -> str:
@@ -113,41 +145,39 @@ def fault_label(fault: dict | None) -> str:
         return "unknown"
 
 
-def read_bfa_run(folder: str, problems: list[str] | None = None) -> BFARun | None:
-    """The run in ``folder`` (``summary.json`` + ``profile.csv``), or None when unreadable."""
-    problems = [] if problems is None else problems
+def read_legacy_bfa_run(folder: str, problems: list[str]) -> dict | None:
+    """A BFA run of an earlier version (``summary.json`` + ``profile.csv``, before BFA had
+    campaigns) as a record of this version, or None when unreadable (said in ``problems``)."""
     summary_path = os.path.join(folder, "summary.json")
     if not os.path.exists(summary_path):
-        problems.append(f"{folder}: profile.csv without summary.json (a run still going, or "
-                        f"killed): run skipped")
+        problems.append(f"{folder}: profile.csv without summary.json (a run of an earlier "
+                        f"version still going, or killed): run skipped")
         log.warning("%s", problems[-1])
         return None
     try:
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
-        clean = float(summary["clean_accuracy"])
+        float(summary["clean_accuracy"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         problems.append(f"{summary_path}: unreadable BFA summary ({type(e).__name__}), run skipped")
         log.warning("%s", problems[-1])
         return None
-    acc = {0: clean}
-    path = os.path.join(folder, "profile.csv")
+    path, profile = os.path.join(folder, "profile.csv"), []
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         for number, row in enumerate(csv.DictReader(f), start=2):
             try:
-                acc[int(row["flip"])] = float(row["accuracy"])
+                profile.append({"flip": int(row["flip"]), "accuracy": float(row["accuracy"])})
             except (KeyError, TypeError, ValueError):
                 problems.append(f"{path}:{number}: corrupt profile row skipped")
                 log.warning("%s", problems[-1])
-    last = max(acc)
-    curve, value = [], clean
-    for f_ in range(last + 1):  # a missing count (multi-bit iteration) keeps the value before
-        value = acc.get(f_, value)
-        curve.append(value)
+    last = max([0] + [r["flip"] for r in profile])
     kind = summary.get("attack") or ("random" if "random" in folder else "bfa")
-    return BFARun(folder, kind, clean, curve, int(summary.get("bit_flips", last)),
-                  int(summary.get("iterations", last)), str(summary.get("stopped_by", "?")),
-                  str(summary.get("number_format") or ""), fault_label(summary.get("fault_model")))
+    return upgrade_record({
+        KEY: "r0", ATTACK: kind, BFA.clean_acc: float(summary["clean_accuracy"]),
+        "bit_flips": summary.get("bit_flips", last), BFA.iterations: summary.get("iterations", last),
+        BFA.stopped_by: summary.get("stopped_by", "?"),
+        BFA.number_format: summary.get("number_format") or "",
+        BFA.fault_model: summary.get("fault_model"), BFA.profile: profile})
 
 
 @dataclass
@@ -156,13 +186,29 @@ class ModelResults:
 
     label: str
     folder: str
-    tbfa: list[dict] = field(default_factory=list)
-    talbf: list[dict] = field(default_factory=list)
-    bfa: list[BFARun] = field(default_factory=list)
+    records: dict = field(default_factory=dict)   # attack name -> [(results folder, record)]
     dataset: str | None = None
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     tbfa_setting: str = ""      # the T-BFA campaign's format / fault model when not the default
+
+    def of(self, attack: str) -> list[dict]:
+        """The records of one registered attack found in the folder."""
+        return [r for _, r in self.records.get(attack, [])]
+
+    @property
+    def tbfa(self) -> list[dict]:
+        return self.of("tbfa")
+
+    @property
+    def talbf(self) -> list[dict]:
+        return self.of("talbf")
+
+    @property
+    def bfa(self) -> list[BFARun]:
+        """The BFA and random-flip repetitions, as curves."""
+        return [BFARun.from_record(r, where) for name in FLIP_ATTACKS
+                for where, r in self.records.get(name, [])]
 
     @property
     def name(self) -> str:
@@ -172,12 +218,10 @@ class ModelResults:
 
     def clean_acc(self) -> tuple[float, float]:
         """Clean test accuracy of the integer-mode model, as the attack scripts measured it."""
-        for records, name in ((self.tbfa, TBFA.clean_acc), (self.talbf, TALBF.clean_acc)):
-            values = [r[name] for r in records if r.get(name) is not None]
+        for name in list(PAPER_ATTACKS) + [n for n in self.records if n not in PAPER_ATTACKS]:
+            values = [r["clean_acc"] for r in self.of(name) if r.get("clean_acc") is not None]
             if values:
                 return mean_std(values)
-        if self.bfa:
-            return mean_std([r.clean_accuracy for r in self.bfa])
         return float("nan"), float("nan")
 
 
@@ -203,44 +247,71 @@ def _campaign_setting(folder: str) -> str:
     return ", ".join(parts)
 
 
-ATTACKS = ("tbfa", "talbf", "bfa")
+ATTACKS = tuple(list_attacks())
+
+
+def _add(m: ModelResults, where: str, records: list[dict], default: str | None) -> None:
+    for r in records:
+        name = record_attack(r) or default
+        if name is not None:
+            m.records.setdefault(name, []).append((where, r))
+
+
+def _read_paper_attacks(m: ModelResults, dirs: dict, expect) -> None:
+    """T-BFA and TA-LBF: their records from their folder only (``--tbfa-dir``, ...)."""
+    for name in PAPER_ATTACKS:
+        cls = attack_class(name)
+        results_dir = os.path.join(m.folder, dirs.get(name) or cls.results_dir)
+        path = os.path.join(results_dir, MERGED)
+        if not results_files(results_dir):
+            if name in expect:
+                m.missing.append(f"{m.label}: no {cls.noun.split()[0]} results ({path}; run "
+                                 f"attack_{name}.py --checkpoint ...)")
+            continue
+        records = read_records(results_dir, m.problems)
+        _add(m, results_dir, records, name)
+        m.dataset = m.dataset or _campaign_dataset(results_dir)
+        if name == "tbfa":
+            m.tbfa_setting = _campaign_setting(results_dir)
+        if not records:
+            m.missing.append(f"{m.label}: {path} holds no complete {cls.noun.split()[0]} result")
+
+
+def _walk_other_attacks(m: ModelResults, skip: set[str]) -> None:
+    """Every other campaign folder below the model folder (any registered attack, e.g.
+    ``attack_bfa/``, ``attack_bfa_random/``, ``attack_bfa/seed1/``) and BFA runs of earlier
+    versions (``profile.csv`` + ``summary.json``)."""
+    for root, dirs, files in os.walk(m.folder):
+        dirs.sort()
+        if os.path.abspath(root) in skip:
+            continue
+        if results_files(root):
+            records = read_records(root, m.problems)
+            default = _campaign(root).get(ATTACK)
+            _add(m, root, [r for r in records
+                           if (record_attack(r) or default) not in PAPER_ATTACKS], default)
+            m.dataset = m.dataset or _campaign_dataset(root)
+        elif "profile.csv" in files:
+            record = read_legacy_bfa_run(root, m.problems)
+            if record is not None:
+                _add(m, root, [record], "bfa")
 
 
 def load_model(label: str, folder: str, tbfa_dir: str = TBFA_DIR, talbf_dir: str = TALBF_DIR,
                expect: tuple = ATTACKS, curves: bool = True) -> ModelResults:
-    """Read the T-BFA, TA-LBF and BFA results of one model folder (see the module docstring);
-    an attack of ``expect`` without results is listed in ``missing``, and so are T-BFA results
-    without per-flip curves when ``curves`` (the figures) are wanted."""
+    """Read the results of every registered attack in one model folder (see the module
+    docstring); T-BFA or TA-LBF of ``expect`` without results is listed in ``missing``, and so
+    are T-BFA results without per-flip curves when ``curves`` (the figures) are wanted."""
     m = ModelResults(label, folder)
     if not os.path.isdir(folder):
         m.missing.append(f"{label}: folder {folder} does not exist")
         return m
-    for kind, sub, attr, hint in (
-            ("T-BFA", tbfa_dir, "tbfa", "attack_tbfa.py --checkpoint ... --curve-every 1"),
-            ("TA-LBF", talbf_dir, "talbf", "attack_talbf.py --checkpoint ...")):
-        results_dir = os.path.join(folder, sub)
-        path = os.path.join(results_dir, MERGED)
-        # with a campaign run by several processes and not yet merged: results.rank<r>.jsonl
-        if not results_files(results_dir):
-            if attr in expect:
-                m.missing.append(f"{label}: no {kind} results ({path}; run {hint})")
-            continue
-        records = read_records(results_dir, m.problems)
-        setattr(m, attr, records)
-        m.dataset = m.dataset or _campaign_dataset(results_dir)
-        if attr == "tbfa":
-            m.tbfa_setting = _campaign_setting(results_dir)
-        if not records:
-            m.missing.append(f"{label}: {path} holds no complete {kind} result")
+    dirs = {"tbfa": tbfa_dir, "talbf": talbf_dir}
+    _read_paper_attacks(m, dirs, expect)
     if curves and m.tbfa and not any(r.get(TBFA.curve) for r in m.tbfa):
         m.missing.append(f"{label}: the T-BFA results have no per-flip curves (run "
                          f"attack_tbfa.py with --curve-every 1): Figures 1 and 2 leave it out")
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        if "profile.csv" in files:
-            run = read_bfa_run(root, m.problems)
-            if run is not None:
-                m.bfa.append(run)
+    _walk_other_attacks(m, {os.path.abspath(os.path.join(folder, d)) for d in dirs.values()})
     return m
 
 
@@ -288,18 +359,26 @@ def table_rows(models: list[ModelResults], published: dict | None = None) -> lis
         row = {"model": m.label, "name": m.name}
         row["clean_acc_mean"], row["clean_acc_std"] = m.clean_acc()
         row["tbfa_n"] = len(m.tbfa)
-        for key, metric, _ in TBFA_METRICS:
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r.get(metric) for r in m.tbfa])
         row["talbf_n"], row["talbf_successes"] = len(m.talbf), len(successful(m.talbf))
-        stats = {s["metric"]: s for s in talbf_summary(
-            m.talbf, [metric for _, metric, _ in TALBF_METRICS if metric != TALBF.asr])}
-        for key, metric, _ in TALBF_METRICS:
-            row[f"{key}_mean"], row[f"{key}_std"] = stats[metric]["mean"], stats[metric]["std"]
-        for key in ("tbfa_n_flips", "tbfa_pa_acc", "talbf_n_flips", "talbf_pa_acc"):
+        for name, metrics in (("tbfa", TBFA_METRICS), ("talbf", TALBF_METRICS)):
+            stats = summary_stats(name, m.of(name))
+            for key, metric, _ in metrics:
+                row[f"{key}_mean"], row[f"{key}_std"] = stats[metric]
+        for key in ("tbfa_iterations", "tbfa_pa_acc", "talbf_bits_changed", "talbf_pa_acc"):
             value = (published or {}).get(m.label, {}).get(key)
             row[f"{key}_paper"] = value if value is not None else ""
         rows.append(row)
     return rows
+
+
+def summary_stats(name: str, records: list[dict]) -> dict:
+    """``metric -> (mean, std)`` by the attack's own summary rule (:meth:`Attack.summary`:
+    e.g. TA-LBF's PA-ACC over its successful attacks only, docs/algorithms.md section 8)."""
+    cls = attack_class(name)
+    stats = {r["metric"]: (r["mean"], r["std"]) for r in cls.summary(records)}
+    for metric, _ in cls.columns:
+        stats.setdefault(metric, mean_std([r.get(metric) for r in records]))
+    return stats
 
 
 def _pm(mean: float, std: float) -> str:
@@ -347,7 +426,7 @@ def bfa_rows(models: list[ModelResults]) -> list[dict]:
                    "number_format": number_format, "fault": fault}
             for key, values in (("clean_acc", [r.clean_accuracy for r in runs]),
                                 ("final_acc", [r.accuracy[-1] for r in runs]),
-                                ("bit_flips", [r.bit_flips for r in runs]),
+                                ("bits_flipped", [r.bits_flipped for r in runs]),
                                 ("iterations", [r.iterations for r in runs])):
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
             stops = {}
@@ -368,8 +447,38 @@ def format_markdown_bfa(rows: list[dict]) -> str:
             "BFA" if r["attack"] == "bfa" else "random flips", str(r["runs"]),
             _pm(r["clean_acc_mean"], r["clean_acc_std"]),
             _pm(r["final_acc_mean"], r["final_acc_std"]),
-            _pm(r["bit_flips_mean"], r["bit_flips_std"]), r["stopped_by"]]) + " |")
+            _pm(r["bits_flipped_mean"], r["bits_flipped_std"]), r["stopped_by"]]) + " |")
     return "\n".join(lines)
+
+
+def other_rows(models: list[ModelResults]) -> list[dict]:
+    """One row per model and registered attack outside the paper and BFA tables: its number of
+    records and its ``columns`` (mean, std) by its own summary rule (:func:`summary_stats`)."""
+    rows = []
+    for m in models:
+        for name in sorted(set(m.records) - set(PAPER_ATTACKS) - set(FLIP_ATTACKS)):
+            records = m.of(name)
+            row = {"model": m.label, "name": m.name, "attack": name, "n": len(records)}
+            stats = summary_stats(name, records)
+            for metric, _ in attack_class(name).columns:
+                row[f"{metric}_mean"], row[f"{metric}_std"] = stats[metric]
+            rows.append(row)
+    return rows
+
+
+def format_markdown_other(rows: list[dict]) -> str:
+    """One table per attack (its columns differ): model, records, the attack's columns."""
+    out = []
+    for name in dict.fromkeys(r["attack"] for r in rows):
+        cls = attack_class(name)
+        heads = ["model", "attack", cls.noun.split()[-1]] + [h for _, h in cls.columns]
+        lines = ["| " + " | ".join(heads) + " |",
+                 "|---|---|" + "---:|" * (len(heads) - 2)]
+        for r in (r for r in rows if r["attack"] == name):
+            lines.append("| " + " | ".join([r["name"], name, str(r["n"])] + [
+                _pm(r[f"{m}_mean"], r[f"{m}_std"]) for m, _ in cls.columns]) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,14 +488,14 @@ def format_markdown_bfa(rows: list[dict]) -> str:
 def value_at_budget(record: dict, budget: int, metric: str) -> float | None:
     """``metric`` of a T-BFA experiment when the attacker may flip at most ``budget`` bits.
 
-    The attack is deterministic, so this is its curve at ``min(budget, n_flips)``: an attack
+    The attack is deterministic, so this is its curve at ``min(budget, iterations)``: an attack
     that stopped earlier keeps its final value. With ``--curve-every K > 1`` the last recorded
     point at or before that count is used."""
     curve = record.get(TBFA.curve) or []
-    limit = min(budget, int(record.get(TBFA.n_flips, budget)))
+    limit = min(budget, int(record.get(TBFA.iterations, budget)))
     value = None
     for point in curve:
-        if point.get(CURVE.flips, 0) > limit:
+        if point.get(CURVE.iterations, 0) > limit:
             break
         if point.get(metric) is not None:
             value = float(point[metric])
@@ -475,7 +584,7 @@ def plot_tbfa_curves(models: list[ModelResults], metric: str, path: str, band: f
     plt = _pyplot()
     if plt is None:
         return None
-    top = max(int(r.get(TBFA.n_flips, 0)) for m in with_curves for r in m.tbfa
+    top = max(int(r.get(TBFA.iterations, 0)) for m in with_curves for r in m.tbfa
               if r.get(TBFA.curve))
     top = min(top, max_flips) if max_flips else top
     budgets = list(range(0, max(top, 1) + 1))
@@ -537,9 +646,10 @@ class Report:
 def write_report(models: list[ModelResults], out_dir: str, published: dict | None = None,
                  band: float = 0.25, max_flips: int | None = None, title: str = "",
                  figures: bool = True, attacks: tuple = ATTACKS) -> Report:
-    """Write ``table.md``/``table.csv`` (docs/algorithms.md section 9 layout; when ``attacks`` has tbfa or talbf),
-    ``bfa_table.md``/``.csv`` when there are BFA runs, the figures as PNG and ``report.md`` (all
-    of it, plus what was missing)."""
+    """Write ``table.md``/``table.csv`` (docs/algorithms.md section 9 layout; when ``attacks``
+    has tbfa or talbf), ``bfa_table.md``/``.csv`` when there are BFA runs,
+    ``attacks_table.md``/``.csv`` for the other registered attacks, the figures as PNG and
+    ``report.md`` (all of it, plus what was missing)."""
     if not models:
         raise UserError("no models to report on: give LABEL=FOLDER arguments or --models-file")
     os.makedirs(out_dir, exist_ok=True)
@@ -547,46 +657,62 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
     for m in models:
         rep.missing += m.missing
         rep.problems += m.problems
-    stealthy = "tbfa" in attacks or "talbf" in attacks
     table = ""
-    if stealthy:
+    if "tbfa" in attacks or "talbf" in attacks:
         rows = table_rows(models, published)
         table = format_markdown_table(rows, published=bool(published))
-        with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
-            f.write(table + "\n")
-        write_csv(os.path.join(out_dir, "table.csv"), rows)
-        rep.files += [os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")]
+        _write_table(rep, "table", table, rows)
     if "bfa" in attacks:
         without = [m.label for m in models if not m.bfa and os.path.isdir(m.folder)]
         if without:
-            rep.missing.append(f"no BFA or random-flip run (a folder with profile.csv and "
-                               f"summary.json from attack_bfa.py) for {', '.join(without)}")
-    brows = bfa_rows(models)
-    if brows:
-        btable = format_markdown_bfa(brows)
-        with open(os.path.join(out_dir, "bfa_table.md"), "w", encoding="utf-8") as f:
-            f.write(btable + "\n")
-        write_csv(os.path.join(out_dir, "bfa_table.csv"), brows)
-        rep.files += [os.path.join(out_dir, "bfa_table.md"), os.path.join(out_dir, "bfa_table.csv")]
+            rep.missing.append(f"no BFA or random-flip run (a campaign folder from "
+                               f"attack_bfa.py) for {', '.join(without)}")
+    sections = [("## Untargeted BFA and random flips", "bfa_table", format_markdown_bfa,
+                 bfa_rows(models)),
+                ("## Other attacks", "attacks_table", format_markdown_other, other_rows(models))]
+    sections = [(head, _write_table(rep, stem, fmt(rows), rows)) for head, stem, fmt, rows
+                in sections if rows]
     if figures:
-        prefix = f"{title}: " if title else ""
-        plots = []
-        if "tbfa" in attacks:
-            plots += [(FIG1, lambda p: plot_tbfa_curves(models, CURVE.asr, p, band, max_flips,
-                                                        prefix + "stealthy T-BFA ASR")),
-                      (FIG2, lambda p: plot_tbfa_curves(models, CURVE.pa_acc, p, band,
-                                                        max_flips, prefix + "PA-ACC during T-BFA"))]
-        if "bfa" in attacks:
-            plots.append((FIG_BFA, lambda p: plot_bfa_curves(models, p, band, None,
-                                                             prefix + "BFA and random flips")))
-        for fname, fn in plots:
-            path = os.path.join(out_dir, fname)
-            lines = fn(path)
-            if lines is not None:
-                rep.figures[path] = lines
-                rep.files.append(path)
-            else:
-                rep.missing.append(f"{fname} not drawn (no per-flip data, or no matplotlib)")
+        _draw_figures(rep, models, attacks, band, max_flips, f"{title}: " if title else "")
+    rep.markdown = _markdown(rep, title, published, table, sections)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(rep.markdown)
+    rep.files.append(os.path.join(out_dir, "report.md"))
+    for msg in rep.missing:
+        log.warning("missing: %s", msg)
+    return rep
+
+
+def _write_table(rep: Report, stem: str, markdown: str, rows: list[dict]) -> str:
+    """``<stem>.md`` and ``<stem>.csv`` in the report folder; returns the markdown."""
+    with open(os.path.join(rep.out_dir, stem + ".md"), "w", encoding="utf-8") as f:
+        f.write(markdown + "\n")
+    write_csv(os.path.join(rep.out_dir, stem + ".csv"), rows)
+    rep.files += [os.path.join(rep.out_dir, stem + ".md"), os.path.join(rep.out_dir, stem + ".csv")]
+    return markdown
+
+
+def _draw_figures(rep: Report, models, attacks, band, max_flips, prefix: str) -> None:
+    plots = []
+    if "tbfa" in attacks:
+        plots += [(FIG1, lambda p: plot_tbfa_curves(models, CURVE.asr, p, band, max_flips,
+                                                    prefix + "stealthy T-BFA ASR")),
+                  (FIG2, lambda p: plot_tbfa_curves(models, CURVE.pa_acc, p, band,
+                                                    max_flips, prefix + "PA-ACC during T-BFA"))]
+    if "bfa" in attacks:
+        plots.append((FIG_BFA, lambda p: plot_bfa_curves(models, p, band, None,
+                                                         prefix + "BFA and random flips")))
+    for fname, fn in plots:
+        path = os.path.join(rep.out_dir, fname)
+        lines = fn(path)
+        if lines is not None:
+            rep.figures[path] = lines
+            rep.files.append(path)
+        else:
+            rep.missing.append(f"{fname} not drawn (no per-flip data, or no matplotlib)")
+
+
+def _markdown(rep: Report, title: str, published, table: str, sections) -> str:
     md = [f"# {title or 'Bit-flip attack results'}", "",
           "Mean ± sample standard deviation over experiments (T-BFA) or attacks (TA-LBF: ASR "
           "over all attacks, PA-ACC and # bit-flips over the successful ones)."
@@ -595,20 +721,14 @@ def write_report(models: list[ModelResults], out_dir: str, published: dict | Non
           "# bit-flips: T-BFA attack iterations (one bit each, the papers' count); TA-LBF bits "
           "changed in the final layer (Hamming distance to the clean codes); BFA bits flipped.",
           "More bit-flips and a lower PA-ACC at the end of the attack mean a more robust model.",
-          ""] + ([table, ""] if stealthy else [])
-    if brows:
-        md += ["## Untargeted BFA and random flips", "", format_markdown_bfa(brows), ""]
+          ""] + ([table, ""] if table else [])
+    for head, markdown in sections:
+        md += [head, "", markdown, ""]
     for path in rep.figures:
         md += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
     if rep.missing or rep.problems:
         md += ["## Missing or skipped", ""] + [f"- {x}" for x in rep.missing + rep.problems] + [""]
-    rep.markdown = "\n".join(md)
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(rep.markdown)
-    rep.files.append(os.path.join(out_dir, "report.md"))
-    for msg in rep.missing:
-        log.warning("missing: %s", msg)
-    return rep
+    return "\n".join(md)
 
 
 def datasets_of(models: list[ModelResults]) -> set[str]:

@@ -36,7 +36,18 @@ log = logging.getLogger(__name__)
 # The fields of a record
 # ---------------------------------------------------------------------------------------------
 
-KEY = "key"  # every record: the experiment's id, unique in a campaign (resume skips keys found)
+KEY = "key"  # every record: the item's id, unique in a campaign (resume skips keys found)
+ATTACK = "attack"  # every record: the registered name of the attack that wrote it
+
+# The counts of flips, each named for what it counts, the same in every attack's records,
+# tables and figures (a record holds those that apply to its attack):
+COUNTS = {
+    "iterations": "attack iterations (T-BFA: one bit each, the papers' '# bit-flips'; BFA: "
+                  "one or more bits each)",
+    "bits_flipped": "bits the attack flipped, a bit flipped twice counted twice (BFA)",
+    "bits_changed": "bits that differ from the clean model at the end (the Hamming distance; "
+                    "TA-LBF's '# bit-flips')",
+}
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,8 @@ class TBFAFields:
     asr: str = "asr"              # % of D_rest classified as the target class, at the stop
     asr_src: str = "asr_src"      # % of D_src classified as the target class, at the stop
     pa_acc: str = "pa_acc"        # PA-ACC: % accuracy on D_pa, every sample counted
-    n_flips: str = "n_flips"      # attack iterations, one bit each (the papers' "# bit-flips")
-    hamming: str = "hamming"      # bits that differ from the clean model (a flip may undo one)
+    iterations: str = "iterations"      # attack iterations, one bit each ("# bit-flips")
+    bits_changed: str = "bits_changed"  # bits that differ from the clean model at the stop
     curve: str = "curve"          # with --curve-every K: a list of :class:`CurveFields` points
 
 
@@ -57,7 +68,7 @@ class TBFAFields:
 class CurveFields:
     """One point of a T-BFA record's ``curve`` (supplement Figures 1 and 2)."""
 
-    flips: str = "flips"          # attack iterations so far (0: the clean model)
+    iterations: str = "iterations"  # attack iterations so far (0: the clean model)
     asr: str = "asr"              # % of D_rest classified as the target class
     asr_src: str = "asr_src"      # % of D_src classified as the target class (not at 0)
     pa_acc: str = "pa_acc"        # % accuracy on D_pa
@@ -73,11 +84,70 @@ class TALBFFields:
     success: str = "success"      # x_s is classified as the target class after the attack
     asr: str = "asr"              # 100 on success, else 0: its mean over attacks is the ASR
     pa_acc: str = "pa_acc"        # % accuracy on the test set without x_s and D_aux, attacked
-    n_flips: str = "n_flips"      # bits changed in the final layer (its Hamming distance)
+    bits_changed: str = "bits_changed"  # bits changed in the final layer (Hamming distance)
     converged: str = "converged"  # the successful run met the ADMM stop test
 
 
-TBFA, CURVE, TALBF = TBFAFields(), CurveFields(), TALBFFields()
+@dataclass(frozen=True)
+class BFAFields:
+    """An untargeted BFA or random-flip record, one repetition (docs/algorithms.md section 6)."""
+
+    key: str = KEY                  # "r<repetition>"
+    clean_acc: str = "clean_acc"    # test accuracy (%) before the first flip
+    final_acc: str = "final_acc"    # test accuracy (%) at the stop
+    iterations: str = "iterations"  # attack iterations
+    bits_flipped: str = "bits_flipped"  # bits flipped (more than iterations after retries)
+    bits_changed: str = "bits_changed"  # Hamming distance to the clean codes at the stop
+    stopped_by: str = "stopped_by"  # break_acc | n_iter | budget | no_admissible
+    number_format: str = "number_format"  # the attacked weights' format, e.g. int8
+    fault_model: str = "fault_model"      # utils.faults.FaultModel.to_dict() or None
+    profile: str = "profile"        # every flipped bit (attacks.bfa.PROFILE_FIELDS), in order
+
+
+TBFA, CURVE, TALBF, BFA = TBFAFields(), CurveFields(), TALBFFields(), BFAFields()
+
+# Names of earlier versions, per attack: records written before the counts had their own names
+# read as if written now (the files are never rewritten for it).
+OLD_NAMES = {
+    "tbfa": {"n_flips": TBFA.iterations, "hamming": TBFA.bits_changed},
+    "talbf": {"n_flips": TALBF.bits_changed},
+    "bfa": {"bit_flips": BFA.bits_flipped, "hamming_distance": BFA.bits_changed},
+}
+
+
+def record_attack(record: dict) -> str | None:
+    """The attack that wrote ``record``: its ``attack`` field, else (a record of an earlier
+    version) told by the fields only that attack writes."""
+    if record.get(ATTACK):
+        return str(record[ATTACK])
+    if "stop_reason" in record:
+        return "tbfa"
+    if "tries" in record or "success" in record:
+        return "talbf"
+    if "stopped_by" in record:
+        return "bfa"
+    return None
+
+
+def upgrade_record(record: dict) -> dict:
+    """``record`` with the field names of this version (:data:`OLD_NAMES`; a T-BFA curve's
+    ``flips`` is ``iterations``; TA-LBF tries' ``n_flips`` is ``bits_changed``); a record of
+    this version is returned as it is."""
+    attack = record_attack(record)
+    renames = OLD_NAMES.get("bfa" if attack == "random" else attack, {})
+    if not any(old in record for old in renames) and ATTACK in record:
+        return record
+    out = {renames.get(k, k): v for k, v in record.items() if not (k in renames and
+                                                                   renames[k] in record)}
+    if attack is not None:
+        out.setdefault(ATTACK, attack)
+    if attack == "tbfa" and isinstance(out.get(TBFA.curve), list):
+        out[TBFA.curve] = [{(CURVE.iterations if k == "flips" else k): v for k, v in p.items()}
+                           if isinstance(p, dict) else p for p in out[TBFA.curve]]
+    if attack == "talbf" and isinstance(out.get("tries"), list):
+        out["tries"] = [{("bits_changed" if k == "n_flips" else k): v for k, v in t.items()}
+                        if isinstance(t, dict) else t for t in out["tries"]]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +220,7 @@ def read_records(results_dir: str, problems: list[str] | None = None) -> list[di
         for record in read_jsonl(path, problems, keyed=True):
             if record[KEY] not in seen:
                 seen.add(record[KEY])
-                records.append(record)
+                records.append(upgrade_record(record))
     return records
 
 
@@ -228,7 +298,7 @@ def successful(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get(TALBF.success)]
 
 
-def talbf_summary(records: list[dict], metrics: Sequence[str] = (TALBF.pa_acc, TALBF.n_flips)
+def talbf_summary(records: list[dict], metrics: Sequence[str] = (TALBF.pa_acc, TALBF.bits_changed)
                   ) -> list[dict]:
     """The TA-LBF rule (docs/algorithms.md section 8) as :func:`summarize` rows: ``asr`` over
     every attack, then each of ``metrics`` over the successful attacks only (a failed attack

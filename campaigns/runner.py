@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from utils import distributed as dist
-from .results import MERGED, JsonlResults, read_records, results_files, write_jsonl
+from .results import (ATTACK, KEY, MERGED, JsonlResults, read_records, results_files,
+                      write_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -121,33 +123,34 @@ def open_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = Fals
 
 
 class CampaignRunner:
-    """What both campaign scripts do once the plan is made (attack_tbfa.py, attack_talbf.py).
+    """Drives any registered attack (:class:`attacks.base.Attack`) over a campaign's items.
 
     A progress bar over this process's share of ``items`` (those not done, round-robin among
-    the ranks), one log line and optional TensorBoard points per finished record, Ctrl-C keeps
-    every finished record (exit status 130, the same command continues), then every rank waits
-    and rank 0 merges the results, writes ``summary.csv`` and prints the summary table.
+    the ranks); per item: ``attack.reset()`` (the clean model), ``attack.run_item(item)``, the
+    record (``key``, ``attack``, the item's fields, ``seconds``) appended and pushed to disk at
+    once, one log line (``attack.describe``) and TensorBoard points (``attack.scalars``); Ctrl-C
+    keeps every finished record (exit status 130, the same command continues); then every rank
+    waits and rank 0 merges the results, writes ``summary.csv`` (``attack.summary``) and prints
+    the summary table.
 
     Args:
         results: the folder (:func:`open_campaign`).
+        attack: the attack, built on its target.
         items: the whole campaign, in order; each has a ``key``.
-        noun: what an item is, plural (``"T-BFA experiments"``), for the bar and the log.
         progress: show the bar (rank 0 only).
-        scalars: record fields logged to TensorBoard (``<results>/tb``) as ``<tag>/<field>``.
     """
 
-    def __init__(self, results: CampaignResults, items: list, noun: str, progress: bool = True,
-                 tag: str = "campaign", scalars: tuple[str, ...] = ()):
+    def __init__(self, results: CampaignResults, attack, items: list, progress: bool = True):
         from tqdm import tqdm
 
-        self.results, self.noun, self.tag, self.scalars = results, noun, tag, scalars
+        self.results, self.attack = results, attack
         self.keys = [it.key for it in items]
         self.todo = results.share(items)
         self.main_rank = dist.is_main()
-        self.bar = tqdm(total=len(self.todo), desc=noun, dynamic_ncols=True,
+        self.bar = tqdm(total=len(self.todo), desc=attack.noun, dynamic_ncols=True,
                         disable=not (progress and self.main_rank))
         self.writer = None
-        if scalars:
+        if attack.scalars:
             from torch.utils.tensorboard import SummaryWriter
 
             sub = "tb" if self.main_rank else f"tb/rank{dist.rank()}"
@@ -159,34 +162,51 @@ class CampaignRunner:
         world = dist.world_size()
         done = len(self.results.done() & set(self.keys))
         log.info("%s; %d %s, %d done, %d to run%s; results in %s", what, len(self.keys),
-                 self.noun.split()[-1], done, len(self.todo),
+                 self.attack.noun.split()[-1], done, len(self.todo),
                  f" by rank {dist.rank()} of {world}" if world > 1 else "",
                  self.results.results_dir)
 
-    def run(self, attack_items, describe, summary_rows, closing) -> int:
-        """``attack_items(todo, on_result)`` runs the share, calling ``on_result(record)``
-        after appending each record; ``describe(record)`` is its log line;
-        ``summary_rows(records)`` the summary (``metric, mean, std, n`` rows) and
-        ``closing(records)`` the last line printed (before the results file's path). Returns
-        the exit status."""
+    def run_items(self) -> list[dict]:
+        """Run this process's share, appending each record as it ends; returns the new ones.
+        The attacked model is back to its clean weights afterwards (also after an error)."""
+        attack, new = self.attack, []
+        attack.on_step = lambda step, info: self.bar.set_postfix(step=step, **info)
+        try:
+            for item in self.todo:
+                attack.reset()
+                t0 = time.time()
+                fields = attack.run_item(item)
+                record = {KEY: item.key, ATTACK: attack.name, **fields,
+                          "seconds": round(time.time() - t0, 3)}
+                self.results.append(record)
+                new.append(record)
+                self._log(record)
+        finally:
+            attack.reset()
+            attack.on_step = None
+        return new
+
+    def _log(self, record: dict) -> None:
+        if self.writer is not None:
+            n = len(self.results.records)
+            for name in self.attack.scalars:
+                if record.get(name) is not None:
+                    self.writer.add_scalar(f"{self.attack.name}/{name}", record[name], n)
+            self.writer.flush()
+        self.bar.update(1)
+        log.info("%s", self.attack.describe(record))
+
+    def run(self) -> int:
+        """Run the share, then (rank 0) merge, summarize and print; returns the exit status."""
         from .results import format_table, write_csv
 
-        def on_result(record: dict) -> None:
-            if self.writer is not None:
-                n = len(self.results.records)
-                for name in self.scalars:
-                    self.writer.add_scalar(f"{self.tag}/{name}", record[name], n)
-                self.writer.flush()
-            self.bar.update(1)
-            log.info("%s", describe(record))
-
         try:
-            attack_items(self.todo, on_result)
+            self.run_items()
         except KeyboardInterrupt:
             self.bar.close()
             log.info("interrupted: %d of %d %s are in %s; run the same command again to "
                      "continue", len(self.results.records), len(self.keys),
-                     self.noun.split()[-1], self.results.results_dir)
+                     self.attack.noun.split()[-1], self.results.results_dir)
             return 130
         finally:
             self.bar.close()
@@ -196,10 +216,10 @@ class CampaignRunner:
         if records is None:
             return 0
         keys = set(self.keys)
-        records = [r for r in records if r["key"] in keys]
-        rows = summary_rows(records)
+        records = [r for r in records if r[KEY] in keys]
+        rows = self.attack.summary(records)
         write_csv(os.path.join(self.results.results_dir, "summary.csv"), rows)
         print(format_table(rows, ["metric", "mean", "std", "n"]))
-        print(f"{closing(records)}; results: "
+        print(f"{self.attack.closing(records)}; results: "
               f"{os.path.join(self.results.results_dir, MERGED)}")
         return 0

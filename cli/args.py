@@ -12,16 +12,12 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
-
 import torch
-import torch.nn as nn
 
+from attacks.target import ATTACK_FORMATS, AttackTarget, DataSpec, TargetSpec, build_target
 from models import list_models
-from models.bits import FLOAT_BITS
-from models.factory import ModelConfig
+from models.factory import ModelConfig, ModelFlags
 from models.ocm import LEGACY_SEED
-from models.registry import default_bits
 
 from utils.data import get_dataset_info, list_datasets
 from utils.device import resolve_device
@@ -29,8 +25,6 @@ from utils.logs import setup_logging  # noqa: F401 (the scripts import it from h
 from utils.errors import UserError
 
 log = logging.getLogger("bitflip")
-
-DEFAULT_CODE_LENGTH = 16  # the original main.py's default for --code_length
 
 # Flags that describe the model: given explicitly, they must agree with a checkpoint.
 MODEL_FLAGS = {"arch": "arch", "bits": "bits", "ocm": "ocm", "code_length": "code_length",
@@ -197,38 +191,17 @@ def resolve_dataset(args, stored: str | None):
 def resolve_model_config(args, explicit: set[str], num_classes_default: int,
                          stored: ModelConfig | None, source: str = "the checkpoint"
                          ) -> ModelConfig:
-    """Model config from the flags and, when given, a checkpoint's stored config.
-
-    With a stored config, flags given on the command line must agree with it (the error says
-    which differs); otherwise defaults fill what the flags leave out.
-    """
-    if stored is not None:
-        for dest, field in MODEL_FLAGS.items():
-            value = getattr(args, dest)
-            if dest in explicit and value is not None and value != getattr(stored, field):
-                flag = "-c/--num_classes" if dest == "num_classes" else f"--{dest}"
-                raise UserError(f"{flag} {value} does not match {source}, which has "
-                                f"{field}={getattr(stored, field)}: drop the flag or use the "
-                                f"right checkpoint")
-        return stored
-    arch = args.arch or "resnet20_quan"
-    if arch not in list_models():
-        raise UserError(f"unknown architecture {arch!r}; valid: {', '.join(list_models())}")
-    ocm = bool(args.ocm)
-    config = ModelConfig(
-        arch=arch,
-        num_classes=args.num_classes if args.num_classes is not None else num_classes_default,
-        bits=args.bits if args.bits is not None else default_bits(arch),
-        output_act=args.output_act or "linear",
-        ocm=ocm,
-        code_length=(DEFAULT_CODE_LENGTH if args.code_length is None else args.code_length)
-        if ocm else None,
-        codebook_seed=args.codebook_seed,
-    )
+    """Model config from the flags and, when given, a checkpoint's stored config
+    (:meth:`models.factory.ModelFlags.resolve`): with a stored config, flags given on the
+    command line must agree with it (the error says which differs); otherwise defaults fill
+    what the flags leave out."""
+    given = {dest: getattr(args, dest) for dest in MODEL_FLAGS
+             if stored is None or dest in explicit}
+    flags = ModelFlags(**given, codebook_seed=args.codebook_seed)
     try:
-        return config.validate()
+        return flags.resolve(num_classes_default, stored, source)
     except (KeyError, ValueError) as e:
-        raise UserError(str(e).strip("'\"")) from None
+        raise UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from None
 
 
 def run(main_fn, argv=None, error_log: "callable | None" = None) -> int:
@@ -260,50 +233,17 @@ def add_attack_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true",
                    help="attack torchvision's ImageNet weights (resnet18/34/50_quan, "
                         "mobilenet_v2_quan) quantized after training to --bits")
-
-
-@dataclass
-class AttackTarget:
-    """The model an attack script works on, in integer mode on its device."""
-
-    model: nn.Module
-    output: nn.Module
-    config: ModelConfig
-    dataset: object            # utils.data.DatasetInfo
-    source: str                # checkpoint path, or "torchvision:<name>"
-    mean: tuple
-    std: tuple
-    number_format: str = ""    # the attacked weights' format (ATTACK_FORMATS; "" = as trained)
-    eval_model: nn.Module | None = None  # where accuracy is measured (torch-int8: the torch.ao
-    #                                      model with the codes written back), None: ``model``
-
-    def describe(self) -> str:
-        """``<source> (<arch>, <bits>-bit[, OCM<n>][, as <format>])``, as the attack logs name
-        the model."""
-        c = self.config
-        bits = "float" if c.bits == FLOAT_BITS else f"{c.bits}-bit"
-        return (f"{self.source} ({c.arch}, {bits}{f', OCM{c.code_length}' if c.ocm else ''}"
-                f"{f', as {self.number_format}' if self.number_format else ''})")
-
-    def load_test_split(self, args) -> tuple[torch.Tensor, torch.Tensor]:
-        """The test split of the model's data set as uint8 images and labels (``--data_dir``,
-        ``--download``, ``--workers``); labels the model cannot output are refused."""
-        from utils.data import load_split_tensors
-
-        images, labels = load_split_tensors(self.dataset.name, args.data_dir, "test",
-                                            download=args.download, workers=args.workers)
-        if int(labels.max()) >= self.config.num_classes:
-            raise UserError(f"the test set has labels up to {int(labels.max())} but the model "
-                            f"has {self.config.num_classes} classes")
-        return images, labels
+    g.add_argument("--defense", dest="defenses", action="append", default=None,
+                   metavar="NAME[:KEY=VALUE,...]",
+                   help="a deployment-time defense in front of the attacked model (repeatable; "
+                        "its training-time defenses come from the checkpoint); "
+                        "docs/algorithms.md section 11")
 
 
 # ---------------------------------------------------------------------------------------------
 # Attack scripts: the attacked number format and the fault model
 # ---------------------------------------------------------------------------------------------
 
-# --format: the weights' number format during the attack (docs/algorithms.md section 1b).
-ATTACK_FORMATS = ("trained", "fp32", "bf16", "fp16", "torch-int8")
 
 
 def add_format_args(parser: argparse.ArgumentParser) -> None:
@@ -359,90 +299,26 @@ def fault_model_from_args(args):
     return None if fault.unconstrained else fault
 
 
-def _attack_format(model: nn.Module, config: ModelConfig, name: str, calibration, device):
-    """``(attacked model, eval model or None, format label)`` for ``--format name``."""
-    from models import to_integer
-    from models.formats import (DeployedModel, from_ao, plain_layers, quantize_per_channel,
-                                to_float_format)
-    from models.quantization import quant_layers
-
-    if name == "trained":
-        if config.bits == FLOAT_BITS:
-            return to_float_format(model, "fp32"), None, "fp32"
-        return to_integer(model), None, ""
-    if quant_layers(model):
-        plain_layers(model)  # the float weights the quantized layers were trained with
-    if name in ("fp32", "bf16", "fp16"):
-        return to_float_format(model, name), None, name
-    # torch-int8: PyTorch's per-channel post-training quantization, attacked through its twin
-    if torch.device(device).type != "cpu":
-        raise UserError("--format torch-int8 runs PyTorch's quantized kernels, which are "
-                        "CPU-only: add --device cpu")
-    model = model.cpu().eval()
-    ao_model = quantize_per_channel(model, calibration())
-    twin = from_ao(ao_model, model)
-    return twin, DeployedModel(twin, ao_model), "torch-int8"
+def target_spec(args) -> TargetSpec:
+    """The :class:`attacks.target.TargetSpec` of the attack scripts' flags (checked: a bad
+    fault model or profile is a UserError here, before anything is loaded)."""
+    flags = ModelFlags(arch=args.arch, bits=args.bits, num_classes=args.num_classes,
+                       ocm=args.ocm, code_length=args.code_length, output_act=args.output_act,
+                       codebook_seed=args.codebook_seed)
+    checkpoint = args.checkpoint or (os.path.join(args.outdir, "model_best.pth.tar")
+                                     if args.outdir else None)
+    fault = args.fault if hasattr(args, "fault") else (
+        fault_model_from_args(args) if hasattr(args, "fault_bits") else None)
+    return TargetSpec(checkpoint=None if args.pretrained else checkpoint,
+                      pretrained=args.pretrained, model=flags, dataset=args.dataset,
+                      data=DataSpec(args.data_dir, args.download, args.workers),
+                      number_format=getattr(args, "format", "trained"),
+                      calibration_images=getattr(args, "calibration_images", 512),
+                      seed=args.seed, fault=fault, defenses=tuple(args.defenses or ()))
 
 
-def load_attack_target(args, explicit: set[str], device) -> AttackTarget:
-    """Build the attacked model from ``--checkpoint``/``--outdir`` or ``--pretrained``, load its
-    weights, move it to ``device`` and put it in the ``--format`` it is attacked in: integer
-    mode by default (docs/algorithms.md sections 1 and 1b)."""
-    from models.factory import build_model
-    from models.loading import load_weights
-    from models.pretrained import torchvision_state_dict
-
-    from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-
-    if args.pretrained:
-        if args.checkpoint:
-            raise UserError("give either --pretrained or --checkpoint, not both")
-        dataset = resolve_dataset(args, "imagenet")
-        if dataset.name != "imagenet":
-            raise UserError(f"--pretrained uses torchvision's ImageNet weights; --dataset "
-                            f"{dataset.name} does not fit them (use --dataset imagenet)")
-        config = resolve_model_config(args, explicit, dataset.num_classes, None)
-        if config.ocm or config.num_classes != 1000:
-            raise UserError("--pretrained models are vanilla 1000-class ImageNet classifiers: "
-                            "drop --ocm and -c")
-        try:
-            state = torchvision_state_dict(config.arch)
-            model, output = build_model(config)
-            load_weights(model, state)
-        except (ValueError, RuntimeError) as e:
-            raise UserError(str(e)) from None
-        source = f"torchvision:{config.arch}"
-        mean, std = dataset.mean, dataset.std
-    else:
-        path = args.checkpoint or (os.path.join(args.outdir, "model_best.pth.tar")
-                                   if args.outdir else None)
-        if not path:
-            raise UserError("no model to attack: give --checkpoint PATH (or --outdir holding "
-                            "model_best.pth.tar, or --pretrained)")
-        ckpt = load_checkpoint(path)
-        stored = checkpoint_config(ckpt)
-        dataset = resolve_dataset(args, ckpt.get("dataset"))
-        config = resolve_model_config(args, explicit, dataset.num_classes, stored, source=path)
-        model, output = model_from_checkpoint(ckpt, config, path)
-        norm = ckpt.get("normalization") or {}
-        mean = tuple(norm.get("mean", dataset.mean))
-        std = tuple(norm.get("std", dataset.std))
-        source = path
-    if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
-        raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
-                        f"which has {dataset.num_classes} classes")
-    model.to(device).eval()
-    output.to(device)
-    fmt = getattr(args, "format", "trained")
-
-    def calibration():
-        from utils.data import load_split_tensors, normalize_images
-
-        images, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
-                                       download=args.download, workers=args.workers,
-                                       max_images=args.calibration_images, seed=args.seed)
-        return [normalize_images(images[i:i + 64], mean, std)
-                for i in range(0, len(images), 64)]
-
-    model, eval_model, label = _attack_format(model, config, fmt, calibration, device)
-    return AttackTarget(model, output, config, dataset, source, mean, std, label, eval_model)
+def load_attack_target(args, device) -> AttackTarget:
+    """The attack scripts' target: :func:`attacks.target.build_target` of :func:`target_spec`."""
+    if args.pretrained and args.checkpoint:
+        raise UserError("give either --pretrained or --checkpoint, not both")
+    return build_target(target_spec(args), device)

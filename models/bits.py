@@ -13,18 +13,23 @@ so the first-order change of a loss from flipping bit k of a weight with gradien
 ``(1 - 2*bit_k) * base[k] * g`` for every N (docs/algorithms.md section 5).
 
 The second half acts on quantized layers in integer mode (their weight tensor holds the codes):
-trial flips and their undo for the bit search, :func:`random_flip`, and :func:`snapshot` /
-:func:`restore` / :func:`changed_bits` over a whole model. Nothing else writes or compares bits.
+trial flips and their undo for the bit search, :func:`random_flip` (every random draw of a
+flip: torch's or the public Python stream, optionally among a fault model's flips), and
+:func:`snapshot` / :func:`restore` / :func:`changed_bits` over a whole model. Nothing else
+writes or compares bits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    import random
+    from typing import Callable
+
     import torch.nn as nn
 
 MIN_BITS = 1
@@ -142,6 +147,17 @@ class NumberFormat:
         the search's first-order score, docs/algorithms.md section 5); may be inf or NaN."""
         raise NotImplementedError
 
+    # dtype of :meth:`first_order_change`; None: the gradient's own dtype
+    score_dtype: torch.dtype | None = None
+
+    def first_order_change(self, values: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``[numel, n_bits]`` first-order change of a loss when each bit of each stored value
+        flips: ``(v'_k - v) * g`` with ``g = dLoss/dv`` (docs/algorithms.md sections 5 and 1b),
+        in ``score_dtype`` (integer codes: the gradient's dtype, ``(1 - 2*bit_k) * base[k] * g``;
+        floats: float64, where a flip to a huge value times the gradient stays finite)."""
+        dtype = self.score_dtype or grad.dtype
+        return self.flip_deltas(values.reshape(-1), dtype=dtype) * grad.reshape(-1, 1).to(dtype)
+
     def hamming(self, a: torch.Tensor, b: torch.Tensor) -> int:
         """Number of differing bits between two tensors of stored values (NaN-safe)."""
         return int((self.to_bits(a) != self.to_bits(b)).sum())
@@ -202,6 +218,7 @@ class FloatFormat(NumberFormat):
     _SPECS = {"fp32": (torch.float32, torch.int32, 32),
               "bf16": (torch.bfloat16, torch.int16, 16),
               "fp16": (torch.float16, torch.int16, 16)}
+    score_dtype = torch.float64
 
     def __init__(self, name: str):
         if name not in self._SPECS:
@@ -257,7 +274,12 @@ class FloatFormat(NumberFormat):
         return value
 
 
-FORMAT_NAMES = ("int8", "fp32", "bf16", "fp16")
+# The float formats, the number formats by name, and the formats an attack can run in
+# (``--format`` of the attack scripts: "trained" = as the model was trained, "torch-int8" =
+# PyTorch's per-channel int8, docs/algorithms.md section 1b).
+FLOAT_FORMAT_NAMES = tuple(FloatFormat._SPECS)
+FORMAT_NAMES = ("int8",) + FLOAT_FORMAT_NAMES
+ATTACK_FORMATS = ("trained",) + FLOAT_FORMAT_NAMES + ("torch-int8",)
 
 
 def get_format(name: str) -> NumberFormat:
@@ -363,9 +385,69 @@ def flip_and_record(name: str, layer, index: int, bit: int) -> Flip:
     return Flip(name, index, bit, before, fmt.describe(flat[index]))
 
 
-def random_flip(model: "nn.Module", generator: torch.Generator) -> Flip:
-    """Flip one bit chosen uniformly: a layer, a weight in it, a bit (docs/algorithms.md section 6)."""
+def msb_index(lsb_position: int, n_bits: int) -> int:
+    """Our bit index (0 = MSB) of the bit the public code numbers ``lsb_position`` from the LSB
+    (``position = N - 1 - index``, docs/algorithms.md section 1); its own inverse."""
+    return n_bits - 1 - lsb_position
+
+
+def read_value(layer, index: int) -> int | float | str:
+    """The stored value at flat ``index`` as its bits read it (each through the layer's
+    ``read_bit``), written as the records write it: the stored value itself, except a binarized
+    0 (:func:`models.quantization.use_public_sign`), which reads as -1 like the public code's
+    bit conversion."""
+    fmt = layer.bit_format
+    bits = torch.tensor([layer.read_bit(index, k) for k in range(fmt.n_bits)], dtype=torch.uint8)
+    return fmt.describe(fmt.from_bits(bits))
+
+
+def random_flip(model: "nn.Module", generator: torch.Generator | None = None, *,
+                python_random: "random.Random | None" = None,
+                admissible: "Callable[[str, nn.Module], torch.Tensor] | None" = None
+                ) -> Flip | None:
+    """Flip one bit chosen uniformly: a layer, a weight in it, a bit (docs/algorithms.md
+    section 6), and return it. The one random draw of every random flip:
+
+    - ``generator`` (a ``torch.Generator``): a layer, a weight index, a bit (0 = MSB), one
+      ``torch.randint`` each;
+    - ``python_random`` (a ``random.Random``): the public ``random_flip_one_bit``'s draws,
+      ``random.choice`` of a layer name, of a weight index, of a bit counted from the LSB
+      (:func:`msb_index`); the flip's ``before`` is the value as its bits read it
+      (:func:`read_value`);
+    - ``admissible(name, layer)`` (with ``generator``): the ``[numel, n_bits]`` bool mask of the
+      flips a fault model admits (docs/algorithms.md section 5b); a layer is drawn among those
+      with an admissible flip, then one of its admissible (weight, bit) pairs: the
+      unconstrained draw's distribution restricted to the admissible flips. None when nothing
+      is admissible.
+    """
     layers = bit_layers(model)
+    if python_random is not None:
+        if admissible is not None:
+            raise ValueError("the public random stream draws among all bits: it cannot be "
+                             "combined with a fault model")
+        name = python_random.choice([n for n, _ in layers])
+        layer = dict(layers)[name]
+        index = python_random.choice(range(layer.weight.numel()))
+        n_bits = layer.bit_format.n_bits
+        bit = msb_index(python_random.choice(range(n_bits)), n_bits)
+        before = read_value(layer, index)
+        return replace(flip_and_record(name, layer, index, bit), before=before)
+    if generator is None:
+        raise ValueError("random_flip draws from a torch.Generator or a random.Random: "
+                         "give generator or python_random")
+    if admissible is not None:
+        options = []
+        for name, layer in layers:
+            allowed = admissible(name, layer).reshape(-1).nonzero().view(-1)
+            if len(allowed):
+                options.append((name, layer, allowed))
+        if not options:
+            return None
+        name, layer, allowed = options[int(torch.randint(len(options), (1,),
+                                                         generator=generator))]
+        pick = int(allowed[int(torch.randint(len(allowed), (1,), generator=generator))])
+        index, bit = divmod(pick, layer.bit_format.n_bits)
+        return flip_and_record(name, layer, index, bit)
     i = int(torch.randint(len(layers), (1,), generator=generator))
     name, layer = layers[i]
     index = int(torch.randint(layer.weight.numel(), (1,), generator=generator))

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .base import check_layout
 from .bits import FLOAT_BITS, check_bits
 from .ocm import LEGACY_SEED, build_output, check_code_length
-from .registry import get_model, get_model_entry
+from .registry import default_bits, get_model, get_model_entry
 
 
 @dataclass
@@ -66,6 +66,53 @@ class ModelConfig:
         """The config a checkpoint stored; one stored before ``layout`` existed is layout v0."""
         names = {f.name for f in fields(cls)}
         return cls(**{"layout": "v0", **{k: v for k, v in d.items() if k in names}})
+
+
+DEFAULT_ARCH = "resnet20_quan"
+DEFAULT_CODE_LENGTH = 16  # the original main.py's default for --code_length
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    """The model settings a user gave (None: not given): a new model's config is built from
+    them (the defaults fill the rest), and a checkpoint's stored config must agree with them."""
+
+    arch: str | None = None
+    bits: int | None = None
+    num_classes: int | None = None
+    ocm: bool | None = None
+    code_length: int | None = None
+    output_act: str | None = None
+    codebook_seed: int = LEGACY_SEED
+
+    #: the command-line spelling of each field, for messages
+    FLAGS = {"arch": "--arch", "bits": "--bits", "num_classes": "-c/--num_classes",
+             "ocm": "--ocm", "code_length": "--code_length", "output_act": "--output_act"}
+
+    def resolve(self, num_classes_default: int, stored: ModelConfig | None = None,
+                source: str = "the checkpoint") -> ModelConfig:
+        """The stored config (every given setting must agree with it), or a new validated
+        config; raises ValueError naming the flag that disagrees or is impossible."""
+        if stored is not None:
+            for name, flag in self.FLAGS.items():
+                value = getattr(self, name)
+                if value is not None and value != getattr(stored, name):
+                    raise ValueError(f"{flag} {value} does not match {source}, which has "
+                                     f"{name}={getattr(stored, name)}: drop the flag or use the "
+                                     f"right checkpoint")
+            return stored
+        arch = self.arch or DEFAULT_ARCH
+        get_model_entry(arch)  # KeyError naming the registered architectures
+        ocm = bool(self.ocm)
+        config = ModelConfig(
+            arch=arch,
+            num_classes=self.num_classes if self.num_classes is not None else num_classes_default,
+            bits=self.bits if self.bits is not None else default_bits(arch),
+            output_act=self.output_act or "linear", ocm=ocm,
+            code_length=(DEFAULT_CODE_LENGTH if self.code_length is None else self.code_length)
+            if ocm else None,
+            codebook_seed=self.codebook_seed)
+        return config.validate()
 
 
 def build_model(config: ModelConfig, codebook: torch.Tensor | None = None

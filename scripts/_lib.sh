@@ -30,6 +30,21 @@ abspath() {
   esac
 }
 
+# enter_root: DATA_DIR ($ROOT/data) and OUT_ROOT ($ROOT/runs/paper) as absolute paths, relative
+# ones taken from the caller's working directory, then `cd "$ROOT"`.
+enter_root() {
+  DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"
+  OUT_ROOT="$(abspath "${OUT_ROOT:-$ROOT/runs/paper}")"
+  cd "$ROOT"
+}
+
+# out_dir DIR: the script's output folder OUT=DIR, created (and its step timings recorded in
+# DIR/timings.tsv) unless DRY_RUN=1.
+out_dir() {
+  OUT="$1"
+  [ "$DRY_RUN" = "1" ] || { mkdir -p "$OUT"; TIMINGS="$OUT/timings.tsv"; }
+}
+
 # Run (or with DRY_RUN=1 print) one command; with $TIMINGS set, append "step<TAB>wall seconds
 # <TAB>CPU seconds (user + system, when /usr/bin/time exists)<TAB>command" to it.
 run_cmd() {
@@ -138,16 +153,11 @@ talbf() {
     --device "$DEVICE" --no-progress "$@"
 }
 
-# bfa RUN_DIR RESULTS_DIR FLAGS...: one untargeted BFA (or, with --random_bfa, random-flip) run;
-# skipped when RESULTS_DIR holds a finished one.
+# bfa RUN_DIR RESULTS_DIR FLAGS...: an untargeted BFA (or, with --random_bfa, random-flip)
+# campaign; run again, it continues (the runs already in RESULTS_DIR are not repeated).
 bfa() {
   local run="$1" results="$2"
   shift 2
-  if [ "$DRY_RUN" != "1" ] && [ -f "$results/summary.json" ] \
-      && ! grep -q '"stopped_by": "interrupted"' "$results/summary.json"; then
-    echo "   $results: already attacked"
-    return 0
-  fi
   run_cmd "$PY" attack_bfa.py --checkpoint "$run/model_best.pth.tar" --data_dir "$DATA_DIR" \
     --device "$DEVICE" --no-progress --results "$results" "$@"
 }
@@ -189,4 +199,32 @@ paper_pipeline() {
   local attacks=tbfa,talbf
   [ "$TALBF_ATTACKS" != "0" ] || attacks=tbfa
   STEP=report report "$OUT/report" "${specs[@]}" --attacks "$attacks" --title "$TITLE"
+}
+
+# paper_setup DATASET ARCH MODELS TALBF_ATTACKS: the paper pipelines' paths and defaults (the
+# environment their scripts document): DATA_DIR ($ROOT/data) and OUT_ROOT ($ROOT/runs/paper),
+# relative ones taken from the caller's working directory; ARCH, MODELS and TALBF_ATTACKS (default
+# the arguments), BITS (8), EPOCHS (160), SEED (0), WORKERS (4), TBFA_AVGS (5); the models go to
+# OUT=$OUT_ROOT/DATASET. Leaves the shell in $ROOT; paper_pipeline runs the rest (after TITLE).
+paper_setup() {
+  enter_root
+  DATASET="$1"
+  ARCH="${ARCH:-$2}"
+  BITS="${BITS:-8}"
+  EPOCHS="${EPOCHS:-160}"
+  SEED="${SEED:-0}"
+  WORKERS="${WORKERS:-4}"
+  MODELS="${MODELS:-$3}"
+  TBFA_AVGS="${TBFA_AVGS:-5}"
+  TALBF_ATTACKS="${TALBF_ATTACKS:-$4}"
+  out_dir "$OUT_ROOT/$DATASET"
+}
+
+# cifar10_pipeline DEFAULT_MODELS: the OCM paper's CIFAR-10 pipeline (8-bit ResNet-20, 1000
+# TA-LBF attacks; paper_setup's environment, MODELS defaulting to DEFAULT_MODELS) into
+# $OUT_ROOT/cifar10.
+cifar10_pipeline() {
+  paper_setup cifar10 resnet20_quan "$1" 1000
+  TITLE="CIFAR-10, $BITS-bit ResNet-20"
+  paper_pipeline
 }

@@ -16,9 +16,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/_lib.sh"
-DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"
-OUT_ROOT="$(abspath "${OUT_ROOT:-$ROOT/runs/paper}")"
-cd "$ROOT"
+enter_root
 export MODELS="${MODELS:-vanilla binarized pc ocm16}"
 RUNS="${RUNS:-5}"
 N_ITER="${N_ITER:-100}"

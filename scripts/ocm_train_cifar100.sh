@@ -20,20 +20,7 @@
 #   TRAIN_FLAGS, WORKERS (4), PYTHON, DRY_RUN.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
-DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"
-OUT_ROOT="$(abspath "${OUT_ROOT:-$ROOT/runs/paper}")"
-cd "$ROOT"
-DATASET=cifar100
-ARCH="${ARCH:-wrn28_8_quan}"
-BITS="${BITS:-8}"
-EPOCHS="${EPOCHS:-160}"
-SEED="${SEED:-0}"
-WORKERS="${WORKERS:-4}"
-MODELS="${MODELS:-vanilla pc ocm128 ocm256}"
-TBFA_AVGS="${TBFA_AVGS:-5}"
-TALBF_ATTACKS="${TALBF_ATTACKS:-0}"
+paper_setup cifar100 wrn28_8_quan "vanilla pc ocm128 ocm256" 0
 CURVE_EVERY="${CURVE_EVERY:-5}"
-OUT="$OUT_ROOT/cifar100"
 TITLE="CIFAR-100, $BITS-bit $ARCH"
-[ "$DRY_RUN" = "1" ] || { mkdir -p "$OUT"; TIMINGS="$OUT/timings.tsv"; }
 paper_pipeline

@@ -20,9 +20,7 @@
 #   PYTHON, DRY_RUN (1 prints the commands). Any working directory; steps can be repeated.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
-DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"
-OUT_ROOT="$(abspath "${OUT_ROOT:-$ROOT/runs/paper}")"
-cd "$ROOT"
+enter_root
 EPOCHS="${EPOCHS:-100}"
 FT_EPOCHS="${FT_EPOCHS:-60}"
 CODE_LENGTHS="${CODE_LENGTHS:-1024 2048}"
@@ -34,8 +32,7 @@ TBFA_AVGS="${TBFA_AVGS:-5}"
 TALBF_ATTACKS="${TALBF_ATTACKS:-0}"
 CURVE_EVERY="${CURVE_EVERY:-10}"
 read -r -a tbfa_extra <<< "${TBFA_FLAGS:-}"
-OUT="$OUT_ROOT/imagenet"
-[ "$DRY_RUN" = "1" ] || { mkdir -p "$OUT"; TIMINGS="$OUT/timings.tsv"; }
+out_dir "$OUT_ROOT/imagenet"
 BASE=(--dataset imagenet --arch resnet50_quan --bits 8 -b 256 --seed "$SEED" --workers "$WORKERS")
 
 echo "== train vanilla ResNet-50 (8-bit, $EPOCHS epochs) =="

@@ -16,19 +16,4 @@
 # trainings and attack experiments are skipped, interrupted ones continue.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
-DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"
-OUT_ROOT="$(abspath "${OUT_ROOT:-$ROOT/runs/paper}")"
-cd "$ROOT"
-DATASET=cifar10
-ARCH="${ARCH:-resnet20_quan}"
-BITS="${BITS:-8}"
-EPOCHS="${EPOCHS:-160}"
-SEED="${SEED:-0}"
-WORKERS="${WORKERS:-4}"
-MODELS="${MODELS:-vanilla pc ocm16 ocm64 ocm16_pc mixup manifold_mixup}"
-TBFA_AVGS="${TBFA_AVGS:-5}"
-TALBF_ATTACKS="${TALBF_ATTACKS:-1000}"
-OUT="$OUT_ROOT/cifar10"
-TITLE="CIFAR-10, $BITS-bit ResNet-20"
-[ "$DRY_RUN" = "1" ] || { mkdir -p "$OUT"; TIMINGS="$OUT/timings.tsv"; }
-paper_pipeline
+cifar10_pipeline "vanilla pc ocm16 ocm64 ocm16_pc mixup manifold_mixup"

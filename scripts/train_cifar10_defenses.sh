@@ -13,17 +13,14 @@
 #   A finished training is skipped, an interrupted one continues.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
-DATA_DIR="$(abspath "${DATA_DIR:-$ROOT/data}")"
-OUT_ROOT="$(abspath "${OUT_ROOT:-$ROOT/runs/paper}")"
-cd "$ROOT"
+enter_root
 MODELS="${MODELS:-vanilla binarized pc}"
 EPOCHS="${EPOCHS:-160}"
 SCHEDULE="${SCHEDULE:-80 120}"
 WD="${WD:-3e-4}"
 SEED="${SEED:-0}"
 WORKERS="${WORKERS:-4}"
-OUT="$OUT_ROOT/cifar10_bfa"
-[ "$DRY_RUN" = "1" ] || { mkdir -p "$OUT"; TIMINGS="$OUT/timings.tsv"; }
+out_dir "$OUT_ROOT/cifar10_bfa"
 read -r -a schedule <<< "$SCHEDULE"
 gammas=()
 for _ in "${schedule[@]}"; do gammas+=(0.1); done

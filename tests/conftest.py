@@ -62,6 +62,28 @@ def digits_checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def digits_test():
+    """The digits test split as an :class:`attacks.common.EvalSet` on the CPU (one per module)."""
+    from attacks.common import EvalSet
+    from utils.data import get_dataset_info, load_split_tensors
+
+    images, labels = load_split_tensors("digits", None, "test")
+    info = get_dataset_info("digits")
+    return EvalSet(images, labels, info.mean, info.std, "cpu")
+
+
+def attacked_model(path):
+    """``(model, output)`` of a checkpoint (e.g. one of :func:`digits_checkpoints`), in eval and
+    integer mode, ready to be attacked (tests: ``from conftest import attacked_model``)."""
+    from models import to_integer
+    from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model, output = model_from_checkpoint(ckpt, checkpoint_config(ckpt))
+    return to_integer(model.eval()), output
+
+
 def conformance_path(*parts: str) -> str:
     """A file of the conformance material: artifacts written by the public code itself.
 

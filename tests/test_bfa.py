@@ -1,10 +1,10 @@
 """Untargeted BFA and the random-flip baseline (docs/algorithms.md sections 5 and 6): the library API on a
 small untrained ResNet-20, and attack_bfa.py end to end on tiny CIFAR-format data."""
 
-import csv
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,7 +15,8 @@ from attacks.common import EvalSet
 from fakedata import make_cifar10
 from models import flip_bits, quant_layers, to_integer
 from models.factory import ModelConfig, build_model
-from models.bits import changed_bits, random_flip, snapshot
+from defenses.base import _REGISTRY as DEFENSES, DeploymentDefense, register_defense
+from models.bits import changed_bits, random_flip, restore, snapshot
 from utils.bitsearch import MAXIMIZE, ProgressiveBitSearch
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from cli.args import run
@@ -177,7 +178,7 @@ def test_run_profile_replays_to_the_attacked_weights(make):
     result = attack.run(attack_batch(), evals, n_iter=3, break_acc=None, on_flip=seen.append,
                         on_start=lambda r: started.append(r.clean_accuracy))
     assert result.iterations == 3 and result.stopped_by == "n_iter"
-    assert seen == result.profile and result.bit_flips == len(seen) >= 3
+    assert seen == result.profile and result.bits_flipped == len(seen) >= 3
     assert [r.flip for r in seen] == list(range(1, len(seen) + 1))
     assert sorted({r.iteration for r in seen}) == [1, 2, 3]
     assert started == [result.clean_accuracy]
@@ -191,7 +192,7 @@ def test_run_profile_replays_to_the_attacked_weights(make):
         assert row.accuracy_drop == pytest.approx(result.clean_accuracy - row.accuracy)
     for name, layer in quant_layers(model):
         assert torch.equal(layer.weight.view(-1), codes[name]), name
-    assert result.hamming_distance == changed_bits(model, clean) == seen[-1].hamming
+    assert result.bits_changed == changed_bits(model, clean) == seen[-1].bits_changed
     assert result.final_accuracy == pytest.approx(evals.accuracy(model, output))
     assert result.final_loss == seen[-1].loss
 
@@ -258,7 +259,7 @@ def test_random_flips_follow_the_seed():
         model, output = small_model()
         result = RandomFlips(model, output, seed=7).run(attack_batch(), eval_set(), n_iter=4)
         flips.append([(r.layer, r.index, r.bit) for r in result.profile])
-        assert result.hamming_distance <= 4 and result.bit_flips == 4
+        assert result.bits_changed <= 4 and result.bits_flipped == 4
     assert flips[0] == flips[1]
 
 
@@ -290,9 +291,11 @@ def checkpoint(tmp_path_factory):
 COMMON = ["--no-progress", "--device", "cpu", "--attack_sample_size", "16"]
 
 
-def read_profile(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
+def read_runs(results):
+    """The campaign's records (one per run) and its settings."""
+    with open(results / "results.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return records, json.loads((results / "campaign.json").read_text())
 
 
 def test_attack_bfa_end_to_end(data_dir, checkpoint, tmp_path, capsys):
@@ -300,19 +303,18 @@ def test_attack_bfa_end_to_end(data_dir, checkpoint, tmp_path, capsys):
     argv = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "3",
             "--break_acc", "-1", "--results", str(results), *COMMON]
     assert run(attack_bfa.main, argv) == 0
-    rows = read_profile(results / "profile.csv")
-    summary = json.loads((results / "summary.json").read_text())
+    (summary,), campaign = read_runs(results)
+    rows = summary["profile"]
     assert tuple(rows[0]) == PROFILE_FIELDS
-    assert summary["attack"] == "bfa" and summary["iterations"] == 3
-    assert summary["stopped_by"] == "n_iter" and summary["bit_flips"] == len(rows) >= 3
-    assert int(rows[-1]["iteration"]) == 3 and int(rows[-1]["hamming"]) == \
-        summary["hamming_distance"]
+    assert summary["attack"] == "bfa" and summary["iterations"] == 3 and summary["key"] == "r0"
+    assert summary["stopped_by"] == "n_iter" and summary["bits_flipped"] == len(rows) >= 3
+    assert rows[-1]["iteration"] == 3 and rows[-1]["bits_changed"] == summary["bits_changed"]
     assert summary["attack_images"] == 16 and summary["test_images"] == 20
-    assert summary["flags"]["n_iter"] == 3 and summary["model_config"]["arch"] == "resnet20_quan"
-    assert float(rows[-1]["accuracy"]) == pytest.approx(summary["final_accuracy"], abs=1e-3)
+    assert campaign["n_iter"] == 3 and campaign["config"]["arch"] == "resnet20_quan"
+    assert rows[-1]["accuracy"] == pytest.approx(summary["final_acc"], abs=1e-3)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(results / "tb"))
     out = capsys.readouterr().out
-    assert "BFA summary" in out and "clean accuracy" in out
+    assert "bits_flipped" in out and "1 runs (1 n_iter)" in out
 
 
 def test_attack_bfa_defaults(data_dir, checkpoint, tmp_path):
@@ -321,11 +323,11 @@ def test_attack_bfa_defaults(data_dir, checkpoint, tmp_path):
     shutil.copy(checkpoint, ckpt)
     argv = ["--checkpoint", str(ckpt), "--data_dir", data_dir, "--n_iter", "2", *COMMON]
     assert run(attack_bfa.main, argv) == 0
-    summary = json.loads((tmp_path / "attack_bfa" / "summary.json").read_text())
-    assert summary["break_acc"] == 11.0 and summary["flags"]["test_batch"] == 256
+    (summary,), campaign = read_runs(tmp_path / "attack_bfa")
+    assert summary["break_acc"] == 11.0 and campaign["test_batch"] == 256
     assert 1 <= summary["iterations"] <= 2
     if summary["stopped_by"] == "break_acc":
-        assert summary["final_accuracy"] <= 11.0
+        assert summary["final_acc"] <= 11.0
     # the BFA repository's spellings of the same flags
     args = attack_bfa.get_args_parser().parse_args(
         ["--resume", "a.pth", "--save_path", "out", "--test_batch_size", "7", "--data_path",
@@ -341,10 +343,9 @@ def test_attack_bfa_random(data_dir, checkpoint, tmp_path):
             "--break_acc", "-1", *COMMON]
     assert run(attack_bfa.main, argv) == 0
     results = tmp_path / "attack_bfa_random"
-    rows = read_profile(results / "profile.csv")
-    summary = json.loads((results / "summary.json").read_text())
-    assert summary["attack"] == "random" and len(rows) == summary["iterations"] == 4
-    assert summary["hamming_distance"] <= 4
+    (summary,), _ = read_runs(results)
+    assert summary["attack"] == "random" and len(summary["profile"]) == summary["iterations"] == 4
+    assert summary["bits_changed"] <= 4
     assert not (tmp_path / "attack_bfa").exists()
 
 
@@ -378,39 +379,109 @@ def test_attack_bfa_public_behaviour_flags(data_dir, checkpoint, tmp_path, monke
                                         "--max_bits_per_layer", "-1"]) == 2
 
 
-def test_attack_bfa_refuses_a_finished_run_without_overwrite(data_dir, checkpoint, tmp_path,
-                                                            capsys):
+def test_attack_bfa_campaign_resumes_and_refuses_other_settings(data_dir, checkpoint, tmp_path,
+                                                               capsys):
+    """A finished campaign is never replaced: the same command runs nothing again, other
+    settings are refused (one line) unless --overwrite; --avgs adds runs with their own seeds."""
     argv = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "1",
             "--results", str(tmp_path / "r"), "--no-progress", "--device", "cpu"]
     assert run(attack_bfa.main, argv) == 0
-    before = (tmp_path / "r" / "summary.json").read_bytes()
+    before = (tmp_path / "r" / "results.jsonl").read_bytes()
+    assert run(attack_bfa.main, argv) == 0
+    assert (tmp_path / "r" / "results.jsonl").read_bytes() == before
     capsys.readouterr()
-    assert run(attack_bfa.main, argv) == 2
+    assert run(attack_bfa.main, argv + ["--n_iter", "2"]) == 2
     err = capsys.readouterr().err
-    assert "already holds an attack run" in err and "--overwrite" in err
-    assert (tmp_path / "r" / "summary.json").read_bytes() == before
+    assert "other settings" in err and "--overwrite" in err
+    assert (tmp_path / "r" / "results.jsonl").read_bytes() == before
+    assert run(attack_bfa.main, argv + ["--avgs", "3"]) == 0
+    records, _ = read_runs(tmp_path / "r")
+    assert [(r["key"], r["seed"]) for r in records] == [("r0", 0), ("r1", 1), ("r2", 2)]
+    assert (tmp_path / "r" / "results.jsonl").read_bytes().startswith(before)
+    assert run(attack_bfa.main, argv + ["--overwrite", "--n_iter", "2"]) == 0
+
+
+def test_attack_bfa_refuses_a_run_of_an_earlier_version(data_dir, checkpoint, tmp_path, capsys):
+    old = tmp_path / "r"
+    old.mkdir()
+    (old / "summary.json").write_text('{"stopped_by": "n_iter"}')
+    argv = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "1",
+            "--results", str(old), "--no-progress", "--device", "cpu"]
+    assert run(attack_bfa.main, argv) == 2
+    assert "earlier version" in capsys.readouterr().err
+    assert sorted(os.listdir(old)) == ["summary.json"]
     assert run(attack_bfa.main, argv + ["--overwrite"]) == 0
+    assert not (old / "summary.json").exists() and (old / "results.jsonl").exists()
 
 
 def test_attack_bfa_interrupted_keeps_what_was_done(data_dir, checkpoint, tmp_path,
                                                     monkeypatch):
+    """Ctrl-C in the second run: the first run's record stays, the same command runs only the
+    second, and the campaign equals an uninterrupted one."""
     real_step, calls = BFA.step, []
 
     def step(self, x, y):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return real_step(self, x, y)
 
+    base = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "3", "--avgs", "2",
+            "--break_acc", "-1", *COMMON]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "full")]) == 0
     monkeypatch.setattr(BFA, "step", step)
     results = tmp_path / "bfa"
+    assert run(attack_bfa.main, base + ["--results", str(results)]) == 130
+    records, _ = read_runs(results)
+    assert [r["key"] for r in records] == ["r0"]
+    monkeypatch.setattr(BFA, "step", real_step)
+    assert run(attack_bfa.main, base + ["--results", str(results)]) == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(read_runs(results)[0]) == strip(read_runs(tmp_path / "full")[0])
+
+
+@dataclass
+class _RestoreCodes(DeploymentDefense):
+    """A toy deployment-time defense: it keeps the clean codes and puts back any changed one
+    before every evaluation (a perfect detector with a perfect repair)."""
+
+    name = "toy_restore_codes"
+
+    def protect(self, model):
+        self._clean = snapshot(model)
+
+    def check_and_repair(self, model):
+        changed = changed_bits(model, self._clean)
+        if changed:
+            restore(model, self._clean)
+        return changed
+
+
+@pytest.fixture
+def restore_codes():
+    register_defense(_RestoreCodes)
+    yield
+    del DEFENSES["toy_restore_codes"]
+
+
+def test_a_deployment_defense_checks_before_every_evaluation(data_dir, checkpoint, tmp_path,
+                                                             restore_codes, capsys):
+    """A deployment-time defense given by name sits in front of every evaluation of the
+    attacked model: with a perfect repair the accuracy never drops, whatever BFA flips."""
+    results = tmp_path / "defended"
     argv = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "3",
             "--break_acc", "-1", "--results", str(results), *COMMON]
-    assert run(attack_bfa.main, argv) == 130
-    summary = json.loads((results / "summary.json").read_text())
-    rows = read_profile(results / "profile.csv")
-    assert summary["stopped_by"] == "interrupted" and summary["iterations"] == 1
-    assert len(rows) == summary["bit_flips"] and {r["iteration"] for r in rows} == {"1"}
+    assert run(attack_bfa.main, argv + ["--defense", "toy_restore_codes"]) == 0
+    (record,), campaign = read_runs(results)
+    assert campaign["defenses"] == [{"name": "toy_restore_codes"}]
+    assert record["bits_flipped"] >= 3 and record["bits_changed"] == 0
+    assert record["final_acc"] == record["clean_acc"]
+    assert all(row["accuracy"] == record["clean_acc"] for row in record["profile"])
+    for defense, message in (("clustering", "training-time defense"), ("nope", "unknown")):
+        capsys.readouterr()
+        assert run(attack_bfa.main, argv + ["--defense", defense, "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err
 
 
 def bad_cases(data_dir, checkpoint, tmp):
@@ -472,8 +543,8 @@ def test_bfa_breaks_a_trained_model_where_random_flips_do_not(digits_checkpoints
         assert run(attack_bfa.main, ["--checkpoint", checkpoint,
                                      "--n_iter", "10", "--attack_sample_size", "64",
                                      "--results", str(results), *COMMON[:3], *extra]) == 0
-        summaries[name] = json.loads((results / "summary.json").read_text())
+        (summaries[name],), _ = read_runs(results)
     bfa, rnd = summaries["bfa"], summaries["random"]
-    assert bfa["clean_accuracy"] > 95
+    assert bfa["clean_acc"] > 95
     assert bfa["accuracy_drop"] > 40 and bfa["final_loss"] > 10 * bfa["clean_loss"]
     assert rnd["accuracy_drop"] < 5

@@ -28,7 +28,8 @@ from models import to_integer
 from models.factory import ModelConfig, build_model
 from models.loading import load_weights
 from utils.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint
-from cli.args import explicit_dests, load_attack_target, run
+from attacks.target import build_target
+from cli.args import run, target_spec
 from utils.data import get_dataset_info, load_split_tensors, normalize_images
 
 # The public scripts' model flags for the two checkpoints of the conformance folder.
@@ -82,7 +83,7 @@ def test_public_checkpoint_outputs_are_the_public_outputs(name):
     argv = ["--checkpoint", path, "--data_dir", _data_dir(), "--device", "cpu"] + PUBLIC_FLAGS[name]
     parser = attack_tbfa.get_args_parser()
     args = parser.parse_args(argv)
-    target = load_attack_target(args, explicit_dests(parser, argv), torch.device("cpu"))
+    target = build_target(target_spec(args), torch.device("cpu"))
     if name == "ocm16":
         assert torch.equal(target.output.codebook.float(), torch.tensor(ref["codebook"]).float())
     out = _outputs(target.model, x)
@@ -122,9 +123,9 @@ def test_attack_bfa_runs_on_a_public_checkpoint(tmp_path):
                                  "cpu", "--n_iter", "1", "--attack_sample_size", "32",
                                  "--results", str(tmp_path / "bfa"), "--no-progress"]
                + PUBLIC_FLAGS["vanilla"]) == 0
-    with open(tmp_path / "bfa" / "summary.json") as f:
-        summary = json.load(f)
-    assert summary["clean_accuracy"] == pytest.approx(_predictions("vanilla")["accuracy_integer_mode"],
+    with open(tmp_path / "bfa" / "results.jsonl") as f:
+        summary = json.loads(f.readline())
+    assert summary["clean_acc"] == pytest.approx(_predictions("vanilla")["accuracy_integer_mode"],
                                                  abs=1e-4)
 
 
@@ -162,8 +163,8 @@ def test_tbfa_flips_the_public_bits(run_name, tmp_path):
         assert fl["loss"] == pytest.approx(it["loss_after"], rel=1e-5)
 
     summary = ref["summary"]
-    assert ours["n_flips"] == summary["n_flips"]
-    assert ours["hamming"] == summary["hamming_distance_bits"]
+    assert ours["iterations"] == summary["n_flips"]
+    assert ours["bits_changed"] == summary["hamming_distance_bits"]
     assert summary["stop_reason"].startswith("asr_src>" if ours["success_on"] == "src"
                                              else "asr_heldout>")
     assert ours["stop_reason"] == "success"

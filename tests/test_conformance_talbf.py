@@ -32,7 +32,8 @@ import pytest
 import torch
 
 import attack_talbf
-from cli.args import explicit_dests, load_attack_target, run
+from attacks.target import build_target
+from cli.args import run, target_spec
 
 MODES = {
     "vanilla": [],
@@ -80,7 +81,7 @@ def runs(request, conformance, tmp_path_factory):
                (tmp / "results" / "results.jsonl").read_text().splitlines()]
     parser = attack_talbf.get_args_parser()
     argv = public_flags(conformance, mode) + ["--device", "cpu"]
-    target = load_attack_target(parser.parse_args(argv), explicit_dests(parser, argv), "cpu")
+    target = build_target(target_spec(parser.parse_args(argv)), "cpu")
     codes = target.model.final_layer().int_weight()
     return mode, ref, records, codes, target.output
 
@@ -120,7 +121,7 @@ def test_final_results_equal_the_public_runs(runs):
             continue
         assert ours == (a["success"], float(a["k"]), float(a["lambda"]), public_flips(a)), \
             (mode, a["i"], ours)
-        assert r["n_flips"] == int(a["n_bit"]) == len(r["flips"])
+        assert r["bits_changed"] == int(a["n_bit"]) == len(r["flips"])
         assert r["pa_acc"] == pytest.approx(100.0 * a["pa_acc"], abs=1e-9)
         assert r["converged"] == a["stop"]
         # the integer codes before and after each flip, as the public run reports them
@@ -144,7 +145,7 @@ def test_tries_follow_the_public_search(runs):
         assert r["runs"] == len(ours) and r["nan_runs"] == sum(t["status"] == "nan"
                                                               for t in ours)
         for o, t in zip(ours[:n], theirs[:n]):
-            mine = ("nan",) if o["status"] == "nan" else (o["success"], o["n_flips"])
+            mine = ("nan",) if o["status"] == "nan" else (o["success"], o["bits_changed"])
             public = ("nan",) if t["nan"] else (t["suc"], int(t["n_bit"]))
             total += 1
             agreeing += mine == public

@@ -380,7 +380,7 @@ def test_tbfa_makes_only_admissible_flips(case):
     changed = check_final_weights(model, clean, fault)
     assert changed and res.fault_violations == 0
     if case == "budget":
-        assert res.n_flips == 3 and res.stop_reason == "budget"
+        assert res.iterations == 3 and res.stop_reason == "budget"
 
 
 def test_unconstrained_fault_model_changes_nothing():

@@ -7,13 +7,11 @@ import torch.nn as nn
 
 from attacks import tbfa as T
 from attacks.bfa import BFA
-from attacks.common import EvalSet
 from models import get_model, list_models, quant_layers, to_integer
 from models.incremental import IncrementalForward, NotTraceable
 from models.bits import snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
-from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from utils.data import get_dataset_info, load_split_tensors
+from conftest import attacked_model
 
 IMAGENET_SIZED = {"resnet18_quan", "resnet34_quan", "resnet50_quan", "mobilenet_v2_quan"}
 
@@ -107,23 +105,10 @@ def test_untraceable_model_is_reported():
         IncrementalForward(to_integer(Branchy()), ["fc"])
 
 
-@pytest.fixture(scope="module")
-def digits_test():
-    images, labels = load_split_tensors("digits", None, "test")
-    info = get_dataset_info("digits")
-    return EvalSet(images, labels, info.mean, info.std, "cpu")
-
-
-def attacked(path):
-    ckpt = load_checkpoint(path)
-    model, output = model_from_checkpoint(ckpt, checkpoint_config(ckpt))
-    return to_integer(model.eval()), output
-
-
 @pytest.mark.parametrize("kind,full_gradient", [("vanilla", False), ("ocm16", True)])
 def test_fast_search_equals_plain_search_over_a_whole_experiment(digits_checkpoints, digits_test,
                                                                  kind, full_gradient):
-    model, output = attacked(digits_checkpoints[kind])
+    model, output = attacked_model(digits_checkpoints[kind])
     clean = snapshot(model)
     sets = T.draw_sets(digits_test.labels, 3, 12, 12, seed=4)
     results = {}
@@ -134,14 +119,14 @@ def test_fast_search_equals_plain_search_over_a_whole_experiment(digits_checkpoi
                            full_gradient=full_gradient, stop_on_rest=False)
         results[incremental] = T.TBFA(model, output, cfg).run(digits_test, sets, 3, 5)
     plain, fast = results[False], results[True]
-    assert plain.n_flips >= 3
+    assert plain.iterations >= 3
     assert fast.flips == plain.flips  # layer, index, bit, codes and the loss, every iteration
-    assert (fast.n_flips, fast.asr, fast.pa_acc, fast.stop_reason) == \
-        (plain.n_flips, plain.asr, plain.pa_acc, plain.stop_reason)
+    assert (fast.iterations, fast.asr, fast.pa_acc, fast.stop_reason) == \
+        (plain.iterations, plain.asr, plain.pa_acc, plain.stop_reason)
 
 
 def test_fast_bfa_equals_plain_bfa(digits_checkpoints, digits_test):
-    model, output = attacked(digits_checkpoints["vanilla"])
+    model, output = attacked_model(digits_checkpoints["vanilla"])
     clean = snapshot(model)
     runs = {}
     for incremental in (False, True):
@@ -155,7 +140,7 @@ def test_fast_bfa_equals_plain_bfa(digits_checkpoints, digits_test):
 
 def test_search_cache_follows_outside_changes(digits_checkpoints, digits_test):
     """Weights changed between steps (a restore) make the search re-prime its cache."""
-    model, output = attacked(digits_checkpoints["vanilla"])
+    model, output = attacked_model(digits_checkpoints["vanilla"])
     x = digits_test.inputs(torch.arange(20))
     y = torch.full((20,), 2)
     loss = AttackLoss(model, x, lambda out: output.loss(out, y))

@@ -15,7 +15,8 @@ from PIL import Image
 import attack_bfa
 from models import quant_layers
 from models.pretrained import torchvision_weights_path
-from cli.args import explicit_dests, load_attack_target, run
+from attacks.target import build_target
+from cli.args import explicit_dests, run, target_spec
 
 ARCH = "resnet18_quan"
 
@@ -64,7 +65,7 @@ def parse(argv):
 
 def test_pretrained_weights_are_quantized_torchvision_weights(hub_cache):
     args, explicit = parse(["--pretrained", "--arch", ARCH, "--dataset", "imagenet"])
-    target = load_attack_target(args, explicit, torch.device("cpu"))
+    target = build_target(target_spec(args), torch.device("cpu"))
     config = target.config
     assert (config.arch, config.bits, config.num_classes, config.ocm) == (ARCH, 8, 1000, False)
     assert target.source == f"torchvision:{ARCH}" and target.dataset.name == "imagenet"
@@ -97,12 +98,12 @@ def test_attack_bfa_pretrained_end_to_end(hub_cache, imagenet_dir, tmp_path):
             "--workers", "0", "--n_iter", "1", "--attack_sample_size", "2", "--break_acc", "-1",
             "--results", str(results), "--no-progress", "--device", "cpu"]
     assert run(attack_bfa.main, argv) == 0
-    summary = json.loads((results / "summary.json").read_text())
-    assert summary["source"] == f"torchvision:{ARCH}" and summary["iterations"] == 1
+    campaign = json.loads((results / "campaign.json").read_text())
+    (summary,) = [json.loads(line) for line in (results / "results.jsonl").open()]
+    assert campaign["source"] == f"torchvision:{ARCH}" and summary["iterations"] == 1
     assert summary["attack_images"] == 2 and summary["test_images"] == 4
-    assert summary["flags"]["test_batch"] == 128  # ImageNet default
-    with open(results / "profile.csv") as f:
-        assert len(f.read().strip().splitlines()) == 1 + summary["bit_flips"]
+    assert campaign["test_batch"] == 128  # ImageNet default
+    assert len(summary["profile"]) == summary["bits_flipped"] >= 1
 
 
 def test_pretrained_offline_with_empty_cache(imagenet_dir, tmp_path, monkeypatch, capsys):

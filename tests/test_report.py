@@ -15,12 +15,14 @@ from campaigns import runner as campaign
 from cli.args import run
 from campaigns.report import (PUBLISHED, ModelResults, asr_budget_curve, bfa_curve, bfa_rows,
                           budget_curve, format_markdown_bfa,
-                          load_model, read_jsonl, table_rows, value_at_budget, write_report)
-from campaigns.results import TALBF, read_records, results_files, talbf_summary, write_csv
+                          load_model, table_rows, value_at_budget, write_report)
+from campaigns.results import (TALBF, read_jsonl, read_records, results_files, talbf_summary, upgrade_record,
+                               write_csv)
 
 
 def _tbfa(key, n_flips, asr, pa_acc, clean=90.0, curve=True):
-    """A T-BFA results line; its curve rises linearly to the final ASR / falls to the final
+    """A T-BFA results line as an earlier version wrote it (``n_flips``, ``hamming``, curve
+    points counted in ``flips``: they read as ``iterations`` and ``bits_changed``); its curve rises linearly to the final ASR / falls to the final
     PA-ACC, one point per flip (``--curve-every 1``)."""
     r = {"key": key, "clean_acc": clean, "asr": asr, "asr_src": 100.0, "pa_acc": pa_acc,
          "test_acc": pa_acc, "n_flips": n_flips, "hamming": n_flips, "stop_reason": "success"}
@@ -32,6 +34,7 @@ def _tbfa(key, n_flips, asr, pa_acc, clean=90.0, curve=True):
 
 
 def _talbf(key, success, n_flips, pa_acc, clean=90.0):
+    """A TA-LBF line as an earlier version wrote it (``n_flips``: read as ``bits_changed``)."""
     return {"key": key, "success": success, "asr": 100.0 if success else 0.0,
             "n_flips": n_flips, "pa_acc": pa_acc, "clean_acc": clean}
 
@@ -82,8 +85,8 @@ def test_table_has_mean_and_sample_std_and_published_values(results):
     rows = {r["model"]: r for r in table_rows(models, PUBLISHED["cifar10"])}
     v, o = rows["vanilla"], rows["ocm16"]
     assert v["tbfa_n"] == 3 and o["tbfa_n"] == 2
-    assert v["tbfa_n_flips_mean"] == pytest.approx(4.0)
-    assert v["tbfa_n_flips_std"] == pytest.approx(2.0)            # sample std of 2, 4, 6
+    assert v["tbfa_iterations_mean"] == pytest.approx(4.0)
+    assert v["tbfa_iterations_std"] == pytest.approx(2.0)            # sample std of 2, 4, 6
     assert v["tbfa_asr_mean"] == pytest.approx(90.0) and v["tbfa_asr_std"] == pytest.approx(10.0)
     assert v["tbfa_pa_acc_mean"] == pytest.approx(60.0)
     assert v["clean_acc_mean"] == pytest.approx(90.0) and v["clean_acc_std"] == 0.0
@@ -92,15 +95,15 @@ def test_table_has_mean_and_sample_std_and_published_values(results):
     assert v["talbf_asr_mean"] == pytest.approx(200 / 3)
     assert v["talbf_asr_std"] == pytest.approx(math.sqrt(((100 - 200 / 3) ** 2 * 2
                                                           + (200 / 3) ** 2) / 2))
-    assert v["talbf_n_flips_mean"] == pytest.approx(6.0)
-    assert v["talbf_n_flips_std"] == pytest.approx(math.sqrt(2.0))
+    assert v["talbf_bits_changed_mean"] == pytest.approx(6.0)
+    assert v["talbf_bits_changed_std"] == pytest.approx(math.sqrt(2.0))
     assert v["talbf_pa_acc_mean"] == pytest.approx(87.0)
-    assert o["tbfa_n_flips_mean"] == pytest.approx(20.0)
-    assert o["tbfa_n_flips_std"] == pytest.approx(math.sqrt(200.0))
+    assert o["tbfa_iterations_mean"] == pytest.approx(20.0)
+    assert o["tbfa_iterations_std"] == pytest.approx(math.sqrt(200.0))
     assert math.isnan(o["talbf_asr_mean"])
     # published values of docs/algorithms.md section 9 beside ours
-    assert v["tbfa_pa_acc_paper"] == 84.38 and v["tbfa_n_flips_paper"] == ""
-    assert o["tbfa_n_flips_paper"] == 95.7 and o["talbf_pa_acc_paper"] == 86.5
+    assert v["tbfa_pa_acc_paper"] == 84.38 and v["tbfa_iterations_paper"] == ""
+    assert o["tbfa_iterations_paper"] == 95.7 and o["talbf_pa_acc_paper"] == 86.5
 
 
 def test_report_writes_the_known_table(results, tmp_path):
@@ -119,7 +122,7 @@ def test_report_writes_the_known_table(results, tmp_path):
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["vanilla", "ocm16"]
-    assert float(rows[0]["tbfa_n_flips_mean"]) == 4.0 and float(rows[0]["tbfa_n_flips_std"]) == 2.0
+    assert float(rows[0]["tbfa_iterations_mean"]) == 4.0 and float(rows[0]["tbfa_iterations_std"]) == 2.0
     bfa = (out / "bfa_table.md").read_text()
     assert "| vanilla | – | none | BFA | 2 | 90.00 ± 0.00 | 10.00 ± 0.00 | 2.50 ± 0.71 | 2 n_iter |" in bfa
     assert "| vanilla | – | none | random flips | 1 |" in bfa
@@ -143,7 +146,7 @@ def test_figures_are_pngs_with_one_line_per_model(results, tmp_path):
 
 
 def test_budget_curve_holds_the_final_value_of_finished_attacks():
-    recs = [_tbfa("a", 2, 80.0, 70.0), _tbfa("b", 4, 100.0, 50.0)]
+    recs = [upgrade_record(_tbfa("a", 2, 80.0, 70.0)), upgrade_record(_tbfa("b", 4, 100.0, 50.0))]
     assert value_at_budget(recs[0], 1, "asr") == pytest.approx(40.0)
     assert value_at_budget(recs[0], 3, "asr") == pytest.approx(80.0)  # stopped after 2 flips
     means, stds = asr_budget_curve(recs, [0, 1, 2, 4, 10])
@@ -152,7 +155,7 @@ def test_budget_curve_holds_the_final_value_of_finished_attacks():
     pa, _ = budget_curve(recs, [0, 4], "pa_acc")
     assert pa == pytest.approx([90.0, 60.0])
     # every 2nd flip recorded (--curve-every 2): the last point at or before the budget
-    sparse = dict(recs[1], curve=[p for p in recs[1]["curve"] if p["flips"] % 2 == 0])
+    sparse = dict(recs[1], curve=[p for p in recs[1]["curve"] if p["iterations"] % 2 == 0])
     assert value_at_budget(sparse, 3, "asr") == pytest.approx(50.0)
 
 
@@ -194,8 +197,8 @@ def test_empty_and_partial_folders_say_what_is_missing(tmp_path, capsys):
     md = (out / "report.md").read_text()
     for text in ("vanilla: no T-BFA results", "vanilla: no TA-LBF results",
                  "pc: the T-BFA results have no per-flip curves", "ocm16: folder",
-                 "does not exist", "no BFA or random-flip run (a folder with profile.csv and "
-                 "summary.json from attack_bfa.py) for vanilla, pc\n",
+                 "does not exist", "no BFA or random-flip run (a campaign folder from "
+                 "attack_bfa.py) for vanilla, pc\n",
                  "fig1_asr_vs_max_flips.png not drawn"):
         assert text in md, text
     table = (out / "table.md").read_text().splitlines()
@@ -254,12 +257,12 @@ def test_a_key_in_the_merged_and_a_rank_file_is_read_once_the_first_wins(results
     assert [os.path.basename(p) for p in results_files(str(folder))] == [
         "results.jsonl", "results.rank2.jsonl", "results.rank10.jsonl"]  # by rank number
     records = read_records(str(folder))
-    assert [(r["key"], r["n_flips"]) for r in records] == [("a", 10), ("b", 30), ("e", 14),
-                                                           ("d", 16)]
+    assert [(r["key"], r["iterations"]) for r in records] == [("a", 10), ("b", 30), ("e", 14),
+                                                              ("d", 16)]
     m = load_model("ocm16", str(results / "ocm16"))
-    assert [(r["key"], r["n_flips"]) for r in m.tbfa] == [(r["key"], r["n_flips"])
-                                                          for r in records]
-    assert table_rows([m])[0]["tbfa_n_flips_mean"] == pytest.approx((10 + 30 + 14 + 16) / 4)
+    assert [(r["key"], r["iterations"]) for r in m.tbfa] == [(r["key"], r["iterations"])
+                                                             for r in records]
+    assert table_rows([m])[0]["tbfa_iterations_mean"] == pytest.approx((10 + 30 + 14 + 16) / 4)
     # the campaign's resume and merge read the same way
     assert campaign.read_records is read_records
     assert [r["key"] for r in campaign.merge_results(str(folder))] == ["a", "b", "e", "d"]
@@ -286,21 +289,22 @@ def test_the_report_modifies_no_results_file(results, tmp_path):
 def test_talbf_rule_is_asr_over_all_and_the_rest_over_successes():
     records = [_talbf("0", True, 4, 80.0), _talbf("1", True, 8, 90.0),
                _talbf("2", False, 40, 10.0), _talbf("3", False, 0, 0.0)]
+    records = [upgrade_record(r) for r in records]
     rows = {r["metric"]: r for r in talbf_summary(records)}
-    assert list(rows) == [TALBF.asr, TALBF.pa_acc, TALBF.n_flips]
+    assert list(rows) == [TALBF.asr, TALBF.pa_acc, TALBF.bits_changed]
     assert rows["asr"]["mean"] == 50.0 and rows["asr"]["n"] == 4
     assert rows["asr"]["std"] == pytest.approx(math.sqrt(4 * 50.0 ** 2 / 3))
-    assert (rows["n_flips"]["mean"], rows["n_flips"]["n"]) == (6.0, 2)  # failures left out
-    assert rows["n_flips"]["std"] == pytest.approx(math.sqrt(8.0))
+    assert (rows["bits_changed"]["mean"], rows["bits_changed"]["n"]) == (6.0, 2)  # failures out
+    assert rows["bits_changed"]["std"] == pytest.approx(math.sqrt(8.0))
     assert rows["pa_acc"]["mean"] == 85.0 and rows["pa_acc"]["std"] == pytest.approx(math.sqrt(50))
     # the attack script's summary and the report's table use that rule
-    from attacks import talbf
+    from attacks.talbf import TALBF as TALBFAttack
 
-    script = {r["metric"]: r for r in talbf.summary_rows(
+    script = {r["metric"]: r for r in TALBFAttack.summary(
         [dict(r, converged=True, pa_acc_clean=r["pa_acc"], k=5, gamma=50.0, outer_iters=200,
               seconds=1.0) for r in records])}
-    table = table_rows([ModelResults("m", "m", talbf=records)])[0]
-    for metric in ("asr", "pa_acc", "n_flips"):
+    table = table_rows([ModelResults("m", "m", records={"talbf": [("m", r) for r in records]})])[0]
+    for metric in ("asr", "pa_acc", "bits_changed"):
         assert script[metric] == rows[metric]
         assert table[f"talbf_{metric}_mean"] == rows[metric]["mean"]
         assert table[f"talbf_{metric}_std"] == rows[metric]["std"]
@@ -332,7 +336,7 @@ def test_runs_are_grouped_by_number_format_and_fault_model(tmp_path):
         {"dataset": "digits", "fault": {"direction": "0to1"}, "number_format": None}))
     model = load_model("float", str(m))
     assert model.name == "float [0to1]"
-    rows = [(r["number_format"], r["fault"], r["bit_flips_mean"]) for r in bfa_rows([model])]
+    rows = [(r["number_format"], r["fault"], r["bits_flipped_mean"]) for r in bfa_rows([model])]
     assert rows == [("fp16", "none", 2.0), ("fp16", "1/page", 3.0), ("fp32", "none", 1.0)]
     table = format_markdown_bfa(bfa_rows([model]))
     assert "| float [0to1] | fp16 | 1/page | BFA | 1 |" in table

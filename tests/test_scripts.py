@@ -104,21 +104,13 @@ def test_lib_steps_train_resume_skip_and_report_failures(tmp_path):
     assert proc.returncode == 0 and "already trained" in proc.stdout and not recorded(calls)
 
     bfa = f"bfa {shlex.quote(str(run_dir))} {shlex.quote(str(res))} --seed 3"
-    for summary, runs in ((None, True), ('{"stopped_by": "interrupted"}', True),
-                          ('{"stopped_by": "accuracy"}', False)):
-        if summary is not None:
-            res.mkdir(exist_ok=True)
-            (res / "summary.json").write_text(summary)
+    for _ in range(2):  # a campaign: run again, attack_bfa.py itself skips the finished runs
         proc = bash(bfa, NPROC="2", TIMINGS=str(tmp_path / "t.tsv"), STEP="bfa m")
         assert proc.returncode == 0
-        got = recorded(calls)
-        assert bool(got) == runs and ("already attacked" in proc.stdout) != runs
-        if runs:
-            [(launcher, name, argv)] = got
-            args = parse(name, argv)
-            assert launcher == ["python"] and name == "attack_bfa.py"  # always one process
-            assert (args.checkpoint, args.results) == (str(run_dir / "model_best.pth.tar"),
-                                                       str(res))
+        [(launcher, name, argv)] = recorded(calls)
+        args = parse(name, argv)
+        assert launcher == ["python"] and name == "attack_bfa.py"  # always one process
+        assert (args.checkpoint, args.results) == (str(run_dir / "model_best.pth.tar"), str(res))
     rows = [r.split("\t") for r in (tmp_path / "t.tsv").read_text().splitlines()]
     assert len(rows) == 2 and all(r[0] == "bfa m" and r[3].endswith("--seed 3") for r in rows)
 

@@ -12,14 +12,12 @@ import torch
 
 import attack_talbf
 from attacks import talbf as T
-from attacks.common import EvalSet
 from models import bits as bitlib
-from models import to_integer
-from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from cli.args import run
-from utils.data import get_dataset_info, load_split_tensors
 from attacks import talbf_file as AF
 from campaigns.results import TALBF, JsonlResults
+from campaigns.runner import CampaignResults, CampaignRunner
+from conftest import attacked_model
 
 # Faster penalty growth and fewer outer iterations than the paper (rho_fact 1.01, 2000): the
 # attacks on the digits models still succeed, in well under a second each.
@@ -38,19 +36,6 @@ def one_thread(digits_checkpoints):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits_test():
-    images, labels = load_split_tensors("digits", None, "test")
-    info = get_dataset_info("digits")
-    return EvalSet(images, labels, info.mean, info.std, "cpu")
-
-
-def attacked_model(path):
-    ckpt = load_checkpoint(path)
-    model, output = model_from_checkpoint(ckpt, checkpoint_config(ckpt))
-    return to_integer(model.eval()), output
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +160,10 @@ def test_attack_succeeds_and_reports_its_flips(name, index, target, targets, dig
     assert result.k in attack.config.k_values() and result.gamma in attack.config.gamma_values()
     # the reported count is the Hamming distance of the final layer, flip by flip
     layer = T.FinalLayer.from_model(model)
-    assert result.n_flips == bitlib.hamming_distance(layer.codes, result.codes, layer.n_bits)
-    assert result.n_flips == len(result.flips) > 0
+    assert result.bits_changed == bitlib.hamming_distance(layer.codes, result.codes, layer.n_bits)
+    assert result.bits_changed == len(result.flips) > 0
     # a flipped relaxed bit moved by more than 1/2, so ||b - b0||^2 <= k allows at most 4k
-    assert result.n_flips <= 4 * result.k
+    assert result.bits_changed <= 4 * result.k
     # the model itself is unchanged
     assert torch.equal(model.final_layer().weight, clean)
     # the attacked codes in the real model classify x_s as the target; PA-ACC agrees
@@ -207,7 +192,7 @@ def test_batched_over_gamma_equals_sequential(name, index, target, targets):
     assert first.success and first.runs > 1  # the winner is not the first run of the order
     # The winner is the same; a run that does not converge may end elsewhere (batched matrix
     # products round differently), so the other runs are compared for vanilla only.
-    fields = ["success", "k", "gamma", "n_flips", "flips", "outer_iters", "pa_acc", "runs",
+    fields = ["success", "k", "gamma", "bits_changed", "flips", "outer_iters", "pa_acc", "runs",
               "converged"] + (["nan_runs", "tries"] if name == "vanilla" else [])
     for other in results[1:]:
         for f in fields:
@@ -267,7 +252,7 @@ def test_public_and_stable_numerics_agree_on_a_clear_attack(name, index, target,
     stable = copy.copy(attack)
     stable.config = attack.config.with_numerics("stable")
     a, b = attack.run(index, target, aux=aux), stable.run(index, target, aux=aux)
-    assert a.success and (a.k, a.gamma, a.n_flips, a.flips) == (b.k, b.gamma, b.n_flips, b.flips)
+    assert a.success and (a.k, a.gamma, a.bits_changed, a.flips) == (b.k, b.gamma, b.bits_changed, b.flips)
     assert torch.equal(attack.predict(attack.features), stable.predict(attack.features))
 
 
@@ -291,7 +276,7 @@ def test_nan_moves_the_search_to_the_next_gamma(targets, monkeypatch):
     monkeypatch.undo()
     result = with_config(attack, inn_lr=1e30, max_search_k=2).run(10, 7, seed=10)
     assert not result.success and result.runs == result.nan_runs == 16
-    assert result.n_flips is None and result.pa_acc is None
+    assert result.bits_changed is None and result.pa_acc is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,34 +430,39 @@ def strip_times(records):
 
 
 def test_campaign_resume_equals_uninterrupted(targets, digits_test, tmp_path):
+    """The one runner drives TA-LBF: interrupted after one attack (and a line cut short), the
+    resumed campaign runs the other two and equals an uninterrupted one."""
     _, _, attack = targets["vanilla"]
     attack = with_config(attack, max_search_k=2)
+    attack.seed = 1
     items = T.generate_attack_list(digits_test.labels, 10, 3, seed=2)
-    full = JsonlResults(str(tmp_path / "a.jsonl"))
-    T.run_campaign(attack, items, full, seed=1)
+    full = CampaignResults(str(tmp_path / "a"))
+    CampaignRunner(full, attack, items, progress=False).run_items()
     assert [r["key"] for r in full.records] == [it.key for it in items]
 
-    calls = []
+    run_item, calls = attack.run_item, []
 
-    def crash(record):
-        calls.append(record)
-        if len(calls) == 1:
+    def crash(item):
+        calls.append(item)
+        if len(calls) == 2:
             raise KeyboardInterrupt
+        return run_item(item)
 
-    part = JsonlResults(str(tmp_path / "b.jsonl"))
+    attack.run_item = crash
+    part = CampaignResults(str(tmp_path / "b"))
     with pytest.raises(KeyboardInterrupt):
-        T.run_campaign(attack, items, part, seed=1, on_result=crash)
-    with open(tmp_path / "b.jsonl", "a") as f:
+        CampaignRunner(part, attack, items, progress=False).run_items()
+    attack.run_item = run_item
+    with open(part.path, "a") as f:
         f.write('{"key": "1-t1-i')  # a line cut short by the crash
-    resumed = JsonlResults(str(tmp_path / "b.jsonl"))
-    assert len(resumed.records) == 1
-    new = T.run_campaign(attack, items, resumed, seed=1)
-    assert len(new) == 2
+    assert len(JsonlResults(part.path).records) == 1
+    resumed = CampaignResults(str(tmp_path / "b"))
+    assert len(CampaignRunner(resumed, attack, items, progress=False).run_items()) == 2
     assert strip_times(resumed.records) == strip_times(full.records)
-    rows = {r["metric"]: r for r in T.summary_rows(full.records)}
+    rows = {r["metric"]: r for r in attack.summary(full.records)}
     ok = [r for r in full.records if r["success"]]
     assert rows["asr"]["mean"] == pytest.approx(100.0 * len(ok) / 3)
-    assert rows["n_flips"]["n"] == len(ok)
+    assert rows["bits_changed"]["n"] == len(ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,11 +481,11 @@ def test_script_end_to_end_resume_and_attack_info(digits_checkpoints, tmp_path, 
                   "--save-attack-info", str(listed))
     assert run(attack_talbf.main, args) == 0
     out = capsys.readouterr().out
-    assert "asr" in out and "pa_acc" in out and "n_flips" in out
+    assert "asr" in out and "pa_acc" in out and "bits_changed" in out
     lines = (tmp_path / "r" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2
     rec = json.loads(lines[0])
-    for k in ("target", "index", "source", "success", "k", "gamma", "n_flips", "pa_acc",
+    for k in ("target", "index", "source", "success", "k", "gamma", "bits_changed", "pa_acc",
               "converged"):
         assert k in rec
     assert set(astuple(TALBF)) <= set(rec)  # the fields the report reads (campaigns/results.py)

@@ -9,27 +9,12 @@ import torch
 
 import attack_tbfa
 from attacks import tbfa as T
-from attacks.common import EvalSet
 from models.bits import Flip, changed_bits, snapshot
 from utils.bitsearch import SearchStep
-from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from cli.args import run
-from utils.data import get_dataset_info, load_split_tensors
 from campaigns.results import CURVE, TBFA, JsonlResults
-from models import to_integer
-
-
-@pytest.fixture(scope="module")
-def digits_test():
-    images, labels = load_split_tensors("digits", None, "test")
-    info = get_dataset_info("digits")
-    return EvalSet(images, labels, info.mean, info.std, "cpu")
-
-
-def attacked_model(path):
-    ckpt = load_checkpoint(path)
-    model, output = model_from_checkpoint(ckpt, checkpoint_config(ckpt))
-    return to_integer(model.eval()), output
+from campaigns.runner import CampaignResults, CampaignRunner
+from conftest import attacked_model
 
 
 def test_protocol_pairs():
@@ -73,8 +58,8 @@ def test_tbfa_reaches_target_and_keeps_count(digits_checkpoints, digits_test):
         digits_test, sets, source=3, target=5)
     assert result.stop_reason == "success"
     assert max(result.asr_src, result.asr) == 100.0
-    assert result.n_flips == len(result.flips)
-    assert result.hamming == changed_bits(model, clean) <= result.n_flips
+    assert result.iterations == len(result.flips)
+    assert result.bits_changed == changed_bits(model, clean) <= result.iterations
     assert all(f["before"] != f["after"] for f in result.flips)
     # The flip log replayed on a fresh copy of the model is the attacked model, and PA-ACC
     # (and the public formula's figure, whole blocks of 100) are its hit counts on D_pa.
@@ -120,7 +105,7 @@ def test_tbfa_iteration_lowers_attack_loss(digits_checkpoints, digits_test):
     before = loss()
     result = T.TBFA(model, output, T.TBFAConfig(max_iters=1, flip_log=True)).run(
         digits_test, sets, source=1, target=7)
-    assert result.n_flips == 1
+    assert result.iterations == 1
     assert loss() == pytest.approx(result.flips[0]["loss"], rel=1e-4)
     assert loss() < before
 
@@ -146,25 +131,25 @@ def run_rule(digits_checkpoints, digits_test, **cfg):
 def test_stop_rule_oscillation(monkeypatch, digits_checkpoints, digits_test):
     fake_steps(monkeypatch, [("a", 1), ("b", 2), ("c", 2), ("d", 2), ("e", 3)])
     r = run_rule(digits_checkpoints, digits_test, max_iters=10)
-    assert r.stop_reason == "oscillation" and r.n_flips == 4  # index 2 three times in a row
+    assert r.stop_reason == "oscillation" and r.iterations == 4  # index 2 three times in a row
 
 
 def test_stop_rule_oscillation_by_layer(monkeypatch, digits_checkpoints, digits_test):
     fake_steps(monkeypatch, [("a", 2), ("b", 2), ("c", 2), ("c", 2), ("c", 2), ("x", 9)])
     r = run_rule(digits_checkpoints, digits_test, max_iters=6, oscillation_by_layer=True)
-    assert r.stop_reason == "oscillation" and r.n_flips == 5
+    assert r.stop_reason == "oscillation" and r.iterations == 5
 
 
 def test_stop_rule_no_bit(monkeypatch, digits_checkpoints, digits_test):
     fake_steps(monkeypatch, [("a", 1), ("b", 2)], admissible=False)
     r = run_rule(digits_checkpoints, digits_test, max_iters=10)
-    assert r.stop_reason == "no_bit" and r.n_flips == 1
+    assert r.stop_reason == "no_bit" and r.iterations == 1
 
 
 def test_stop_rule_max_iters(monkeypatch, digits_checkpoints, digits_test):
     fake_steps(monkeypatch, [("a", 1), ("b", 2), ("c", 3)])
     r = run_rule(digits_checkpoints, digits_test, max_iters=3)
-    assert r.stop_reason == "max_iters" and r.n_flips == 3
+    assert r.stop_reason == "max_iters" and r.iterations == 3
 
 
 def test_stop_rule_success_on_rest(digits_checkpoints, digits_test):
@@ -179,30 +164,40 @@ def strip_times(records):
 
 
 def test_campaign_resume_equals_uninterrupted(digits_checkpoints, digits_test, tmp_path):
+    """The one runner drives T-BFA: killed after two experiments (and a line cut short), the
+    same campaign resumed runs only the rest and equals an uninterrupted one."""
     model, output = attacked_model(digits_checkpoints["ocm16"])
     clean = snapshot(model)
     exps = T.plan_experiments(digits_test.labels, [(0, 1), (4, 3)], 2, 8, 8, seed=3)
-    cfg = T.TBFAConfig(max_iters=6, flip_log=True)
-    full = JsonlResults(str(tmp_path / "a.jsonl"))
-    T.run_campaign(model, output, digits_test, exps, cfg, full, 99.0)
+    attack = T.TBFA(model, output, T.TBFAConfig(max_iters=6, flip_log=True), data=digits_test)
+    full = CampaignResults(str(tmp_path / "a"))
+    CampaignRunner(full, attack, exps, progress=False).run_items()
     assert changed_bits(model, clean) == 0  # restored
+    assert [r["key"] for r in full.records] == [e.key for e in exps]
+    assert all(r["attack"] == "tbfa" and r["iterations"] >= 1 for r in full.records)
 
-    calls = []
+    run_item, calls = attack.run_item, []
 
-    def crash(record):
-        calls.append(record)
-        if len(calls) == 2:
+    def crash(item):
+        calls.append(item)
+        if len(calls) == 3:
             raise KeyboardInterrupt
+        return run_item(item)
 
-    part = JsonlResults(str(tmp_path / "b.jsonl"))
+    attack.run_item = crash
+    part = CampaignResults(str(tmp_path / "b"))
     with pytest.raises(KeyboardInterrupt):
-        T.run_campaign(model, output, digits_test, exps, cfg, part, 99.0, on_result=crash)
-    assert len(JsonlResults(str(tmp_path / "b.jsonl")).records) == 2
-    with open(tmp_path / "b.jsonl", "a") as f:
+        CampaignRunner(part, attack, exps, progress=False).run_items()
+    attack.run_item = run_item
+    assert changed_bits(model, clean) == 0  # restored after the interruption too
+    assert len(JsonlResults(part.path).records) == 2
+    with open(part.path, "a") as f:
         f.write('{"key": "s4-t3-r0", "asr": 1')  # a line cut short by the crash
-    resumed = JsonlResults(str(tmp_path / "b.jsonl"))
-    new = T.run_campaign(model, output, digits_test, exps, cfg, resumed, 99.0)
-    assert len(new) == 2
+    JsonlResults(part.path)  # a resumed campaign's file: the broken line removed
+    resumed = CampaignResults(str(tmp_path / "b"))
+    runner = CampaignRunner(resumed, attack, exps, progress=False)
+    assert [e.key for e in runner.todo] == [e.key for e in exps[2:]]
+    assert len(runner.run_items()) == 2
     assert strip_times(resumed.records) == strip_times(full.records)
 
 
@@ -221,11 +216,11 @@ def test_script_end_to_end_and_resume(digits_checkpoints, tmp_path, capsys):
                   "--curve-every", "2", "--save-sets", str(tmp_path / "sets.json"))
     assert run(attack_tbfa.main, args) == 0
     out = capsys.readouterr().out
-    assert "pa_acc" in out and "n_flips" in out
+    assert "pa_acc" in out and "iterations" in out
     lines = (tmp_path / "r" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2
     rec = json.loads(lines[0])
-    assert rec["key"] == "s2-t3-r0" and rec["curve"][0]["flips"] == 0
+    assert rec["key"] == "s2-t3-r0" and rec["curve"][0]["iterations"] == 0
     # the fields the report reads (named once, in campaigns/results.py) are the ones written
     assert set(astuple(TBFA)) <= set(rec) and set(astuple(CURVE)) <= set(rec["curve"][1])
     assert os.path.exists(tmp_path / "r" / "summary.csv")
@@ -239,7 +234,7 @@ def test_script_end_to_end_and_resume(digits_checkpoints, tmp_path, capsys):
     a = [json.loads(l) for l in lines]
     b = [json.loads(l) for l in (tmp_path / "p" / "results.jsonl").read_text().splitlines()]
     for x, y in zip(a, b):
-        for k in ("asr", "asr_src", "pa_acc", "n_flips", "hamming", "curve"):
+        for k in ("asr", "asr_src", "pa_acc", "iterations", "bits_changed", "curve"):
             assert x[k] == y[k], k
 
 

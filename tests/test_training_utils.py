@@ -176,10 +176,10 @@ def test_train_one_epoch_amp_and_wrapped_model():
     opt = build_optimizer(model, "sgd", 0.05, 0.9, 0.0)
     wrapped = torch.nn.DataParallel(model)  # stands for DDP: the network is found inside
     assert unwrap_model(wrapped) is model
-    from utils.training import MixupConfig
+    from defenses import create_defense
     stats = train_one_epoch(wrapped, SoftmaxOutput(10), loader, opt, LRSchedule(0.05, 1), 0,
                             amp=True, progress=False,
-                            mixup=MixupConfig(2.0, manifold=True))
+                            defenses=[create_defense("manifold_mixup", alpha=2.0)])
     assert torch.isfinite(torch.tensor(stats["loss"]))
     assert not torch.equal(model.conv1.weight, before)
     assert model.conv1.weight.dtype == torch.float32  # parameters stay float32 under --amp

@@ -62,25 +62,21 @@ class SearchStep:
 
 
 def first_order_change(codes: torch.Tensor, grad: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """``[numel, N]`` first-order loss change of flipping each bit of each integer code (docs/algorithms.md section 5)."""
-    b = bitlib.int_to_bits(codes.reshape(-1), n_bits).to(grad.dtype)
-    base = bitlib.bit_values(n_bits, dtype=grad.dtype, device=grad.device)
-    return (1.0 - 2.0 * b) * base * grad.reshape(-1, 1)
+    """``[numel, N]`` first-order loss change of flipping each bit of each integer code
+    (docs/algorithms.md section 5): the N-bit format's
+    :meth:`models.bits.NumberFormat.first_order_change`."""
+    return bitlib.IntFormat(n_bits).first_order_change(codes, grad)
 
 
 def flip_scores(fmt: bitlib.NumberFormat, values: torch.Tensor, grad: torch.Tensor,
                 direction: int) -> torch.Tensor:
     """``[numel, n_bits]`` first-order change of the attack loss in the attack's direction when
     each bit of each stored value flips: ``direction * (v' - v) * g`` (docs/algorithms.md
-    section 5) for any number format. Integer formats compute it as :func:`first_order_change`
-    does, in the gradient's dtype; float formats in float64, where a flip to a huge value times
-    the gradient stays finite. A flip to inf scores +-inf; NaN scores (a NaN value, inf times a
-    zero gradient) become -inf: never chosen."""
-    if isinstance(fmt, bitlib.IntFormat):
-        score = direction * first_order_change(values.round().to(torch.int64), grad, fmt.n_bits)
-    else:
-        deltas = fmt.flip_deltas(values.reshape(-1), dtype=torch.float64)
-        score = direction * (deltas * grad.reshape(-1, 1).to(torch.float64))
+    section 5) for any number format, by the format's own rule
+    (:meth:`models.bits.NumberFormat.first_order_change`: integer codes in the gradient's dtype,
+    floats in float64). A flip to inf scores +-inf; NaN scores (a NaN value, inf times a zero
+    gradient) become -inf: never chosen."""
+    score = direction * fmt.first_order_change(values, grad)
     return torch.nan_to_num(score, nan=float("-inf"), posinf=float("inf"),
                             neginf=float("-inf"))
 

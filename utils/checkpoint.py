@@ -1,7 +1,8 @@
 """Self-contained, atomically written checkpoints (and reading the published ones).
 
 A checkpoint written here is a dict with ``format`` = :data:`FORMAT`, ``model_config`` (the
-:class:`models.factory.ModelConfig` as a dict), ``codebook`` (OCM) , ``dataset``,
+:class:`models.factory.ModelConfig` as a dict), ``defenses`` (each defense of the model as
+:meth:`defenses.Defense.to_dict` gives it), ``codebook`` (OCM) , ``dataset``,
 ``normalization`` (mean, std), ``state_dict`` and, for training checkpoints, ``epoch``
 (epochs completed), ``optimizer``, ``best_acc`` and ``args``. Published checkpoints (a dict
 with ``state_dict`` saved from ``nn.DataParallel``) are read too; their model description
@@ -18,6 +19,7 @@ import types
 
 import torch
 
+from defenses import Defense, config_defenses, defense_from_dict, switch_defenses
 from models.factory import ModelConfig, build_model
 from models.loading import load_weights
 
@@ -148,11 +150,18 @@ def model_from_checkpoint(ckpt: dict, config: ModelConfig, path: str = "checkpoi
     return model, output
 
 
-def make_checkpoint(model, config: ModelConfig, output, dataset: str, mean, std, **extra) -> dict:
-    """The dict :func:`save_checkpoint` writes: everything needed to rebuild and resume."""
+def make_checkpoint(model, config: ModelConfig, output, dataset: str, mean, std,
+                    defenses: list[Defense] | None = None, **extra) -> dict:
+    """The dict :func:`save_checkpoint` writes: everything needed to rebuild and resume.
+
+    ``defenses``: every defense of the model (default: those its config describes, the OCM
+    head), recorded so that the attack side rebuilds them (:func:`checkpoint_defenses`)."""
+    if defenses is None:
+        defenses = config_defenses(config)
     state = {
         "format": FORMAT,
         "model_config": config.to_dict(),
+        "defenses": [d.to_dict() for d in defenses],
         "codebook": output.codebook.detach().cpu().clone() if config.ocm else None,
         "dataset": dataset,
         "normalization": {"mean": list(mean), "std": list(std)},
@@ -161,3 +170,37 @@ def make_checkpoint(model, config: ModelConfig, output, dataset: str, mean, std,
     }
     state.update(extra)
     return state
+
+
+def checkpoint_defenses(ckpt: dict, config: ModelConfig | None = None) -> list[Defense]:
+    """The defenses of a checkpoint's model, for the attack side to rebuild.
+
+    A checkpoint that records ``"defenses"`` gives them. One without the record (ours written
+    before it, the published OCM and BFA ones) derives them: the OCM head from the model config
+    (``config``, else the stored one; a published checkpoint stores none, so pass the config
+    its flags describe), piecewise clustering and mixup from its stored training flags
+    (``args``: ``clustering`` with ``lambda_coeff``, ...) when present; else none.
+    """
+    if "defenses" in ckpt:
+        return [_rebuilt(defense_from_dict, record, f"defense {record!r}")
+                for record in ckpt["defenses"]]
+    config = config if config is not None else checkpoint_config(ckpt)
+    flags = _stored_flags(ckpt.get("args"))
+    return config_defenses(config) + _rebuilt(switch_defenses, flags, "training flags")
+
+
+def _rebuilt(build, record, what: str):
+    """``build(record)``; a record this tool cannot build raises CheckpointError."""
+    try:
+        return build(record)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise CheckpointError(f"the checkpoint's {what} cannot be rebuilt: {message}") from None
+
+
+def _stored_flags(args) -> dict:
+    """A checkpoint's stored training flags as a dict: ours store a dict, the public scripts an
+    ``argparse.Namespace`` (or, unpickled without its class, an object holding the same)."""
+    if isinstance(args, dict):
+        return args
+    return dict(getattr(args, "__dict__", None) or {})

@@ -29,9 +29,10 @@ from .checkpoint import make_checkpoint, save_checkpoint
 from .errors import UserError
 from .logs import setup_logging
 from .schedules import LRSchedule
-from .training import MixupConfig, evaluate, train_one_epoch
+from .training import evaluate, train_one_epoch
 
 if TYPE_CHECKING:
+    from defenses import Defense
     from models.factory import ModelConfig
 
     from .data import DatasetInfo
@@ -53,9 +54,12 @@ class TrainRun:
 
     ``train_model`` is what the training step calls (``model`` wrapped by
     :func:`wrap_for_training`; ``None``: ``model`` itself); checkpoints and evaluation use
-    ``model``. ``history`` holds the log rows of the ``start_epoch`` finished epochs (a resumed
-    run's checkpoint stores them). ``stored_args`` goes into every checkpoint as its ``args``,
-    ``run_args`` into ``args.json`` (followed by ``model_config`` and ``world_size``)."""
+    ``model``. ``defenses``: every defense of the model (:mod:`defenses`), recorded in each
+    checkpoint and in ``args.json``; the epoch loop asks the training-time ones for their parts
+    (loss terms, data mixing). ``history`` holds the log rows of the ``start_epoch`` finished
+    epochs (a resumed run's checkpoint stores them). ``stored_args`` goes into every checkpoint
+    as its ``args``, ``run_args`` into ``args.json`` (followed by ``model_config``,
+    ``defenses`` and ``world_size``)."""
 
     model: nn.Module
     output: nn.Module
@@ -69,8 +73,7 @@ class TrainRun:
     epochs: int
     seed: int
     batch: int  # the global batch (the start line names each process's share)
-    mixup: MixupConfig | None = None
-    lambda_coeff: float = 0.0  # piecewise clustering strength; 0: off
+    defenses: list[Defense] = field(default_factory=list)
     progress: bool = True
     amp: bool = False
     compiled: bool = False  # train_model is torch.compile'd: its failures raise CompileError
@@ -137,7 +140,8 @@ def _prepare_run_folder(run: TrainRun, history: list[dict]) -> list[dict]:
     setup_logging(os.path.join(outdir, "train.log"))
     world = distributed.world_size()
     with open(os.path.join(outdir, "args.json"), "w") as f:
-        json.dump({**run.run_args, "model_config": run.config.to_dict(), "world_size": world},
+        json.dump({**run.run_args, "model_config": run.config.to_dict(),
+                   "defenses": [d.to_dict() for d in run.defenses], "world_size": world},
                   f, indent=1)
     log.info("%s %s on %s: %d/%d train/test images, %s%s, start epoch %d",
              "resuming" if run.start_epoch else "training", run.config.arch, run.dataset.name,
@@ -156,6 +160,7 @@ class _EpochLoop:
         self.main_proc = distributed.is_main()
         self.train_model = run.model if run.train_model is None else run.train_model
         self.best_acc = run.best_acc
+        self.training_defenses = [d for d in run.defenses if d.stage == "training"]
         self.finished = run.start_epoch  # epochs whose checkpoint is on disk
         self.csv_path = os.path.join(run.outdir, "log.csv")
         self.ckpt_file = os.path.join(run.outdir, "checkpoint.pth.tar")
@@ -203,8 +208,8 @@ class _EpochLoop:
         run = self.run
         try:
             return train_one_epoch(self.train_model, run.output, run.train_loader, run.optimizer,
-                                   run.schedule, epoch, lambda_coeff=run.lambda_coeff,
-                                   mixup=run.mixup, seed=run.seed,
+                                   run.schedule, epoch, defenses=self.training_defenses,
+                                   seed=run.seed,
                                    progress=run.progress and self.main_proc, amp=run.amp)
         except Exception as e:
             if run.compiled and _is_compile_error(e):
@@ -218,8 +223,8 @@ class _EpochLoop:
         state = make_checkpoint(run.model, run.config, run.output, run.dataset.name,
                                 run.dataset.mean, run.dataset.std, epoch=epoch + 1,
                                 best_acc=self.best_acc, test_acc=test_acc,
-                                optimizer=run.optimizer.state_dict(), args=run.stored_args,
-                                history=self.history)
+                                defenses=run.defenses, optimizer=run.optimizer.state_dict(),
+                                args=run.stored_args, history=self.history)
         # model_best first: a kill between the two writes leaves checkpoint.pth.tar one
         # epoch behind, and the resumed run redoes that epoch and writes both again.
         if is_best:

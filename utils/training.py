@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,8 +25,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .metrics import Meter, topk_correct
-from .regularizers import piecewise_clustering
 from .schedules import LRSchedule
+
+if TYPE_CHECKING:
+    from defenses import TrainingDefense
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -85,6 +89,27 @@ def _mix_hidden(model: nn.Module, point: str, lam: float, perm: torch.Tensor):
         handle.remove()
 
 
+def mixup_of(defenses: Sequence[TrainingDefense]) -> MixupConfig | None:
+    """The data mixing of the one defense that asks for one (None: no mixing); two such
+    defenses raise ValueError (each would mix every batch its own way)."""
+    asked = [(d.name, m) for d in defenses if (m := d.mixup()) is not None]
+    if len(asked) > 1:
+        raise ValueError(f"choose one data-mixing defense (got "
+                         f"{', '.join(name for name, _ in asked)})")
+    return asked[0][1] if asked else None
+
+
+def _defended_loss(loss: torch.Tensor, net: nn.Module,
+                   defenses: Sequence[TrainingDefense]) -> torch.Tensor:
+    """The batch's loss (float32) plus each defense's loss term, in the defenses' order."""
+    loss = loss.float()
+    for defense in defenses:
+        term = defense.loss_term(net)
+        if term is not None:
+            loss = loss + term
+    return loss
+
+
 def _mixed_forward(model, images, mixup: MixupConfig, rng: np.random.Generator,
                    generator: torch.Generator):
     """Forward with mixup; returns ``(outputs, lam, perm)``."""
@@ -100,14 +125,16 @@ def _mixed_forward(model, images, mixup: MixupConfig, rng: np.random.Generator,
 
 
 def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torch.optim.Optimizer,
-                    schedule: LRSchedule, epoch: int, *, lambda_coeff: float = 0.0,
-                    mixup: MixupConfig | None = None, seed: int = 0, progress: bool = True,
-                    description: str = "train", amp: bool = False) -> dict:
+                    schedule: LRSchedule, epoch: int, *,
+                    defenses: Sequence[TrainingDefense] = (), seed: int = 0,
+                    progress: bool = True, description: str = "train", amp: bool = False) -> dict:
     """Train ``model`` for one epoch; returns ``{'loss', 'top1', 'lr'}``.
 
-    The loss is ``output.loss`` plus, with ``lambda_coeff > 0``, the piecewise-clustering
-    penalty. All randomness of the epoch (mixup draws) is a function of ``(seed, epoch)``, so
-    a resumed run repeats it exactly. ``amp``: forward and loss under bfloat16 autocast.
+    ``defenses``: the training-time defenses of the run (:mod:`defenses`); the batches are
+    mixed as the data-mixing one asks (:func:`mixup_of`), and the loss is ``output.loss`` plus
+    every defense's loss term (piecewise clustering's penalty). All randomness of the epoch
+    (mixup draws) is a function of ``(seed, epoch)``, so a resumed run repeats it exactly.
+    ``amp``: forward and loss under bfloat16 autocast.
     ``model`` may be wrapped in ``DistributedDataParallel``; each rank's loss is then scaled
     by ``loader.batch_weight(i)`` so that DDP's gradient average is the gradient of the mean
     loss over the global batch.
@@ -122,6 +149,7 @@ def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torc
     net = unwrap_model(model)
     device = next(net.parameters()).device
     batch_weight = getattr(loader, "batch_weight", None)
+    mixup = mixup_of(defenses)
     bar = tqdm(loader, total=n_batches, desc=f"{description} {epoch}", leave=False,
                disable=not progress, dynamic_ncols=True)
     for i, (images, targets) in enumerate(bar):
@@ -137,9 +165,7 @@ def train_one_epoch(model: nn.Module, output: nn.Module, loader, optimizer: torc
             else:
                 outputs = model(images)
                 loss = output.loss(outputs, targets)
-        loss = loss.float()
-        if lambda_coeff > 0:
-            loss = loss + piecewise_clustering(net, lambda_coeff)
+        loss = _defended_loss(loss, net, defenses)
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at epoch {epoch}, batch {i} "
