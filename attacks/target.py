@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models.bits import FLOAT_BITS
+from models.bits import ATTACK_FORMATS, FLOAT_BITS, FLOAT_FORMAT_NAMES
 from models.factory import ModelConfig, ModelFlags
 from utils.errors import UserError
 from utils.faults import FaultModel
 
-# The number formats a model can be attacked in (docs/algorithms.md section 1b): as trained
-# (N-bit per-layer codes, fp32 for a float model), the IEEE formats, PyTorch's per-channel int8.
-ATTACK_FORMATS = ("trained", "fp32", "bf16", "fp16", "torch-int8")
+# ATTACK_FORMATS (models/bits.py): the number formats a model can be attacked in
+# (docs/algorithms.md section 1b): as trained (N-bit per-layer codes, fp32 for a float model),
+# the IEEE formats, PyTorch's per-channel int8.
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def _attack_format(model: nn.Module, config: ModelConfig, name: str, calibration
         return to_integer(model), None, ""
     if quant_layers(model):
         plain_layers(model)  # the float weights the quantized layers were trained with
-    if name in ("fp32", "bf16", "fp16"):
+    if name in FLOAT_FORMAT_NAMES:
         return to_float_format(model, name), None, name
     # torch-int8: PyTorch's per-channel post-training quantization, attacked through its twin
     if torch.device(device).type != "cpu":

@@ -14,7 +14,8 @@ import os
 import sys
 import torch
 
-from attacks.target import ATTACK_FORMATS, AttackTarget, DataSpec, TargetSpec, build_target
+from attacks.target import AttackTarget, DataSpec, TargetSpec, build_target
+from models.bits import ATTACK_FORMATS
 from models import list_models
 from models.factory import ModelConfig, ModelFlags
 from models.ocm import LEGACY_SEED

@@ -366,7 +366,7 @@ def test_flip_attacks_make_only_admissible_flips(attack, case, tmp_path):
     assert changed and result.fault_violations == 0
     assert result.fault_model == fault.to_dict()
     if case == "budget":
-        assert result.bit_flips == 3 and result.stopped_by == "budget"
+        assert result.bits_flipped == 3 and result.stopped_by == "budget"
 
 
 @pytest.mark.parametrize("case", ["page", "0to1", "budget"])
