@@ -32,15 +32,16 @@ import sys
 
 import torch
 
-from attacks.bfa import BFA, RandomFlips, Stopping, plan_repetitions
+from attacks.bfa import BFA, AttackBatch, RandomFlips, Repetition, Stopping, plan_repetitions
 from attacks.common import EvalSet
 from campaigns.runner import CampaignRunner, open_campaign
 from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
-                      check_number, check_output_dir, check_runtime_args,
-                      fault_model_from_args, load_attack_target, run, runtime_device)
-from utils.data import load_split_tensors
-from utils.distributed import cleanup, init_distributed, is_main
-from utils.errors import UserError
+                      check_input_file, check_number, check_output_dir, check_runtime_args,
+                      fault_model_from_args, load_attack_target, run, in_process_group)
+from utils.data import (file_digest, load_split_tensors, read_attack_batch, read_index_list,
+                        write_attack_batch)
+from utils.distributed import is_main
+from utils.errors import DataError, UserError
 
 log = logging.getLogger("attack_bfa")
 
@@ -58,6 +59,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("attack (flags of the BFA repository)")
     a.add_argument("--avgs", type=int, default=1,
                    help="runs, each with its own seed (--seed + r) and attack batch (default 1)")
+    a.add_argument("--attack-batch", "--attack_batch", dest="attack_batch", default=None,
+                   metavar="FILE",
+                   help="the exact attack batch instead of a draw: a torch file {\"data\": images "
+                        "(uint8 pixels, or float inputs already normalized) [N, C, H, W], "
+                        "\"target\": labels [N]}, as every run saves its own "
+                        "(<results>/attack_batch.r<rep>.pt) and the public run's "
+                        "attack_batch_seed2.pt")
+    a.add_argument("--attack-indices", "--attack_indices", dest="attack_indices", default=None,
+                   metavar="FILE",
+                   help="the attack batch as training-split positions: a JSON list of integers "
+                        "(labelled with the model's own predictions)")
     a.add_argument("--attack_sample_size", type=int, default=128,
                    help="training images in the attack batch, a seeded random draw "
                         "(default: 128)")
@@ -124,7 +136,7 @@ LEGACY_FILES = ("profile.csv", "summary.json")
 CAMPAIGN_KEYS = ("attack", "source", "dataset", "config", "seed", "n_iter", "break_acc", "k_top",
                  "attack_sample_size", "max_bits_per_layer", "public_binary_mask",
                  "public_random_stream", "augment_attack_batch", "number_format", "fault",
-                 "defenses")
+                 "defenses", "pinned_batch", "normalization")
 
 
 def check_numbers(args) -> None:
@@ -139,6 +151,15 @@ def check_numbers(args) -> None:
     check_runtime_args(args)
     if args.results:
         check_output_dir(args.results, "--results")
+    for flag, path in (("--attack-batch", args.attack_batch),
+                       ("--attack-indices", args.attack_indices)):
+        if path:
+            check_input_file(path, flag)
+    if args.attack_batch and args.attack_indices:
+        raise UserError("give either --attack-batch or --attack-indices, not both")
+    if (args.attack_batch or args.attack_indices) and args.avgs > 1 and not args.random_bfa:
+        raise UserError("a pinned attack batch makes every BFA run the same: drop --avgs (or "
+                        "draw the batches: drop --attack-batch / --attack-indices)")
 
 
 def check_legacy_folder(results: str, overwrite: bool) -> None:
@@ -198,11 +219,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_numbers(args)  # everything that can be wrong, checked before the folder exists
     args.fault = fault_model_from_args(args)
-    device = init_distributed(runtime_device(args))
-    try:
-        return _main(args, device)
-    finally:
-        cleanup()
+    return in_process_group(args, _main)
 
 
 def _main(args, device) -> int:
@@ -210,19 +227,19 @@ def _main(args, device) -> int:
     target = load_attack_target(args, device)
     apply_defaults(args, target.dataset)
     test_x, test_y = target.load_test_split()
-    attack_batch(args, target.dataset, args.seed)  # the data can be read: fail here if not
     results_dir = args.results or default_results_dir(args, target.source)
     check_output_dir(results_dir, "--results")
+    batches = AttackBatches(args, target, results_dir)  # the data and any pinned batch are read
     eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
                        batch_size=args.test_batch)
-    attack = build_attack(args, target, eval_set)
+    attack = build_attack(args, target, eval_set, batches)
     items = plan_repetitions(args.avgs, args.seed)
     # Everything is valid: from here on, files are written.
     if is_main():
         check_legacy_folder(results_dir, args.overwrite)
-    results = open_campaign(results_dir, campaign_settings(args, target), CAMPAIGN_KEYS,
+    results = open_campaign(results_dir, campaign_settings(args, target, batches), CAMPAIGN_KEYS,
                             args.overwrite)
-    attack.on_flip = log_flip
+    attack.on_flip, attack.on_batch = log_flip, batches.save
     runner = CampaignRunner(results, attack, items, args.progress)
     runner.announce(f"{'random bit-flips' if args.random_bfa else 'BFA'} on "
                     f"{target.describe()}, {target.dataset.name}: {args.attack_sample_size} "
@@ -231,7 +248,7 @@ def _main(args, device) -> int:
     return runner.run()
 
 
-def campaign_settings(args, target) -> dict:
+def campaign_settings(args, target, batches: "AttackBatches") -> dict:
     """What defines the campaign (``campaign.json``; a results folder holds one)."""
     return {"attack": "random" if args.random_bfa else "bfa", "source": target.source,
             "dataset": target.dataset.name, "config": target.config.to_dict(),
@@ -244,7 +261,8 @@ def campaign_settings(args, target) -> dict:
             "number_format": target.number_format or None,
             "fault": args.fault.to_dict() if args.fault else None,
             "test_batch": args.test_batch, "avgs": args.avgs,
-            "defenses": target.deployment_record()}
+            "defenses": target.deployment_record(), "pinned_batch": batches.pinned_record(),
+            "normalization": target.normalization_record()}
 
 
 def log_flip(row) -> None:
@@ -254,28 +272,78 @@ def log_flip(row) -> None:
              row.accuracy_drop, row.bits_changed)
 
 
-def attack_batch(args, dataset, seed: int) -> torch.Tensor:
-    """One run's attack batch: ``--attack_sample_size`` training images drawn with ``seed``
-    (augmented with ``--augment_attack_batch``), as uint8 images."""
-    images, _ = load_split_tensors(dataset.name, args.data_dir, split="train",
-                                   download=args.download, workers=args.workers,
-                                   max_images=args.attack_sample_size, seed=seed)
-    if len(images) == 0:
-        raise UserError(f"{dataset.name} in {args.data_dir} has no training images to attack "
-                        f"with")
-    if args.augment_attack_batch:
-        if dataset.name == "imagenet":
-            raise UserError("--augment_attack_batch needs a 32x32 data set: the public ImageNet "
-                            "augmentation (RandomResizedCrop) needs the original images")
-        images = augment_like_public_training(images, torch.Generator().manual_seed(seed))
-    return images
+class AttackBatches:
+    """Each run's attack batch (:class:`attacks.bfa.AttackBatch`): ``--attack_sample_size``
+    training images drawn with the run's seed (augmented with ``--augment_attack_batch``), or
+    the pinned batch of ``--attack-batch`` / ``--attack-indices``; :meth:`save` writes the one a
+    run used to ``<results>/attack_batch.r<rep>.pt``, so that any run can be repeated exactly.
+    Everything is read (and checked) here, before anything is written."""
+
+    def __init__(self, args, target, results_dir: str):
+        self.args, self.dataset, self.results_dir = args, target.dataset, results_dir
+        self.pinned: AttackBatch | None = None
+        try:
+            if args.attack_batch:
+                images, labels, indices = read_attack_batch(args.attack_batch,
+                                                            self.dataset.image_size)
+                self._check_labels(labels, target.config.num_classes)
+                self.pinned = AttackBatch(images, labels, {
+                    "file": os.path.abspath(args.attack_batch),
+                    "sha256": file_digest(args.attack_batch), "indices": indices})
+            elif args.attack_indices:
+                indices = read_index_list(args.attack_indices)
+                self.pinned = AttackBatch(self._load(indices=indices), None, {
+                    "indices_file": os.path.abspath(args.attack_indices), "indices": indices})
+            else:
+                self(Repetition(0, args.seed))  # the data can be read: fail here if not
+        except (DataError, ValueError) as e:
+            raise UserError(str(e)) from None
+
+    def _check_labels(self, labels, num_classes: int) -> None:
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise UserError(f"--attack-batch {self.args.attack_batch}: labels outside the "
+                            f"model's {num_classes} classes")
+
+    def _load(self, **pick) -> torch.Tensor:
+        a = self.args
+        images, _ = load_split_tensors(self.dataset.name, a.data_dir, split="train",
+                                       download=a.download, workers=a.workers, **pick)
+        if len(images) == 0:
+            raise UserError(f"{self.dataset.name} in {a.data_dir} has no training images to "
+                            f"attack with")
+        return images
+
+    def __call__(self, item: Repetition) -> AttackBatch:
+        if self.pinned is not None:
+            return self.pinned
+        a, seed = self.args, item.seed
+        images = self._load(max_images=a.attack_sample_size, seed=seed)
+        if a.augment_attack_batch:
+            if self.dataset.name == "imagenet":
+                raise UserError("--augment_attack_batch needs a 32x32 data set: the public "
+                                "ImageNet augmentation (RandomResizedCrop) needs the original "
+                                "images")
+            images = augment_like_public_training(images, torch.Generator().manual_seed(seed))
+        return AttackBatch(images, None, {"seed": seed, "augmented": a.augment_attack_batch})
+
+    def pinned_record(self) -> dict | None:
+        """The pinned batch as the campaign records it (None: drawn per run)."""
+        if self.pinned is None:
+            return None
+        return {k: v for k, v in self.pinned.origin.items() if k != "indices"}
+
+    def save(self, item: Repetition, batch: AttackBatch, labels: torch.Tensor) -> None:
+        """The run's batch with the labels it is attacked with (``--attack-batch`` reads it)."""
+        name = f"attack_batch.r{item.rep}.pt"
+        write_attack_batch(os.path.join(self.results_dir, name), batch.images, labels,
+                           batch.origin.get("indices"))
+        batch.origin["saved"] = name
 
 
-def build_attack(args, target, eval_set):
+def build_attack(args, target, eval_set, batches: AttackBatches):
     """:class:`BFA` with the search flags, or :class:`RandomFlips` (``--random_bfa``), under
     ``args.fault`` (None: every flip), running its campaign items on ``eval_set``."""
-    campaign = dict(data=eval_set, attack_batch=lambda seed: attack_batch(args, target.dataset,
-                                                                           seed),
+    campaign = dict(data=eval_set, attack_batch=batches,
                     stopping=Stopping(args.n_iter, args.break_acc),
                     number_format=target.number_format)
     try:

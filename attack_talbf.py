@@ -37,9 +37,9 @@ from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
                            items_from_pinned, read_attack_info, with_drawn_aux)
 from attacks.talbf_file import check_attacks, read_attacks_file, write_attacks_file
 from campaigns.runner import CampaignRunner, open_campaign
-from utils.distributed import cleanup, init_distributed, is_main
+from utils.distributed import is_main
 from cli.args import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
-                       check_output_dir, check_output_file, check_runtime_args, runtime_device,
+                       check_output_dir, check_output_file, check_runtime_args, in_process_group,
                        load_attack_target, run)
 from utils.errors import UserError
 from campaigns.results import default_results_dir
@@ -47,7 +47,7 @@ from campaigns.results import default_results_dir
 log = logging.getLogger("attack_talbf")
 
 # Settings that define a campaign: a results folder holds one campaign.
-CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed", "defenses")
+CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed", "defenses", "normalization")
 # TA-LBF options that change the speed only (not part of the campaign).
 SPEED_ONLY = ("gamma_batch", "k_batch")
 
@@ -163,15 +163,11 @@ def talbf_config(args) -> TALBFConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        return _main(argv)
-    finally:
-        cleanup()  # leave the torchrun process group, if any
-
-
-def _main(argv=None) -> int:
     args, cfg, given = parse_and_check(argv)
-    device = init_distributed(runtime_device(args))  # torchrun: one GPU per rank
+    return in_process_group(args, lambda args, device: _main(args, cfg, given, device))
+
+
+def _main(args, cfg: TALBFConfig, given, device) -> int:
     torch.manual_seed(args.seed)
     target = load_attack_target(args, device)
     images, labels = checked_test_split(target, cfg)
@@ -224,7 +220,8 @@ def campaign_settings(args, target, cfg: TALBFConfig, attack_list: dict) -> dict
             "config": target.config.to_dict(),
             "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
             "seed": args.seed, "attack_list": attack_list,
-            "defenses": target.deployment_record()}
+            "defenses": target.deployment_record(),
+            "normalization": target.normalization_record()}
 
 
 def parse_and_check(argv) -> tuple:

@@ -29,11 +29,11 @@ from attacks.common import EvalSet
 from attacks.tbfa import (PROTOCOLS, TBFA, TBFAConfig, default_set_size, plan_experiments,
                           plan_pinned, protocol_pairs)
 from campaigns.runner import CampaignRunner, open_campaign
-from utils.distributed import cleanup, init_distributed, is_main
+from utils.distributed import is_main
 from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
                        check_input_file, check_number, check_output_dir, check_output_file,
                        check_runtime_args, fault_model_from_args,
-                       load_attack_target, run, runtime_device)
+                       load_attack_target, run, in_process_group)
 from utils.errors import UserError
 from campaigns.results import default_results_dir
 
@@ -42,7 +42,7 @@ log = logging.getLogger("attack_tbfa")
 # Settings that define a campaign: a results folder holds one campaign.
 CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_gradient",
                  "oscillation_by_layer", "stop_on_src_only", "iters", "sets_file",
-                 "number_format", "fault", "defenses")
+                 "number_format", "fault", "defenses", "normalization")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -144,11 +144,7 @@ def main(argv=None) -> int:
         check_output_file(args.save_sets, "--save-sets")
     if args.results:
         check_output_dir(args.results, "--results")
-    device = init_distributed(runtime_device(args))
-    try:
-        return _main(args, device)
-    finally:
-        cleanup()
+    return in_process_group(args, _main)
 
 
 def _main(args, device) -> int:
@@ -227,7 +223,8 @@ def campaign_settings(args, target, n_src, n_aux) -> dict:
             # None for the defaults, so that campaigns written before these settings resume
             "number_format": target.number_format or None,
             "fault": args.fault.to_dict() if args.fault else None,
-            "defenses": target.deployment_record()}
+            "defenses": target.deployment_record(),
+            "normalization": target.normalization_record()}
 
 
 def cli() -> None:

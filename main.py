@@ -39,7 +39,8 @@ import torch.nn as nn
 from defenses import (check_defenses, config_defenses, list_defenses, parse_defense,
                       switch_defenses)
 from utils import distributed
-from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from utils.checkpoint import (checkpoint_config, checkpoint_normalization, load_checkpoint,
+                              model_from_checkpoint)
 from cli.args import (MODEL_FLAGS, add_data_args, add_model_args, add_runtime_args,
                        check_number, check_output_dir, check_runtime_args, runtime_device,
                        explicit_dests, resolve_dataset, resolve_model_config, run)
@@ -321,6 +322,9 @@ def _check_modes(args) -> None:
         raise UserError(f"choose one of --eval, --resume and --finetune (got {', '.join(modes)})")
     if args.ft_path and not args.finetune:
         raise UserError("--ft_path is only used with --finetune")
+    if args.normalization != "auto" and args.eval is None:
+        raise UserError("--normalization applies to --eval and the attack scripts; training "
+                        "normalizes with the data set's own values (stored in the checkpoint)")
 
 
 @dataclass
@@ -501,12 +505,19 @@ def _train_run(args, start: Start, optimizer, schedule, train_loader, test_loade
 
 
 def run_eval(args, model, output, dataset, device, ckpt, ckpt_path) -> int:
+    """Test accuracy of the checkpoint, its inputs normalized as ``--normalization`` says
+    (the BFA repository's for its checkpoints by default; docs/algorithms.md section 10)."""
     batch = args.test_batch or (256 if dataset.name != "imagenet" else 128)
+    try:
+        norm = checkpoint_normalization(ckpt, dataset, args.normalization)
+    except ValueError as e:
+        raise UserError(f"--normalization: {e}") from None
     _, test_loader, _ = build_loaders(dataset.name, args.data_dir, batch, device,
                                       workers=args.workers, download=args.download,
-                                      seed=args.seed, test_batch_size=batch)
+                                      seed=args.seed, test_batch_size=batch, normalization=norm)
     stats = evaluate(model, output, test_loader, progress=args.progress, description="test")
     result = {"checkpoint": ckpt_path, "dataset": dataset.name, "epoch": ckpt.get("epoch"),
+              "normalization": norm.to_dict(),
               "top1": round(stats["top1"], 4), "top5": round(stats["top5"], 4),
               "loss": round(stats["loss"], 6), "n": stats["n"]}
     print(f"{ckpt_path}: top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  "

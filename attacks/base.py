@@ -54,6 +54,14 @@ def attack_class(name: str) -> type["Attack"]:
         raise KeyError(f"unknown attack {name!r}; registered: {', '.join(_REGISTRY)}") from None
 
 
+def tally(records: list[dict], field: str) -> str:
+    """``"2 success, 1 oscillation"``: how many records have each value of ``field``."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r.get(field))] = counts.get(str(r.get(field)), 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+
 def _plain(value):
     """JSON-ready form of a field value: nested dataclasses (e.g. profile rows) as dicts."""
     if is_dataclass(value) and not isinstance(value, type):

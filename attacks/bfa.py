@@ -92,7 +92,7 @@ from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchSt
 from utils.data import normalize_images
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult, register_attack
+from .base import Attack, AttackResult, register_attack, tally
 from .common import EvalSet
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,17 @@ def plan_repetitions(reps: int, seed: int) -> list[Repetition]:
 
 
 @dataclass
+class AttackBatch:
+    """One run's attack batch: ``images`` (uint8 pixels, or float inputs already normalized),
+    the ``labels`` the attack uses (None: the model's own predictions, the BFA papers' rule) and
+    its ``origin`` as the records keep it (a seed, a file and its digest, training indices)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    origin: dict = field(default_factory=dict)
+
+
+@dataclass
 class Stopping:
     """When a run stops: ``n_iter`` iterations, or the test accuracy at ``break_acc`` (%)."""
 
@@ -197,9 +208,9 @@ class Stopping:
 
 class _FlipAttack(Attack):
     """What BFA and the random baseline share: labelling, the loss, the attack loop, and the
-    campaign protocol (:mod:`attacks.base`): an item is a :class:`Repetition`, whose attack
-    batch ``attack_batch(seed)`` gives (uint8 images, e.g. a seeded draw of training images),
-    attacked until ``stopping`` on ``data``."""
+    campaign protocol (:mod:`attacks.base`): an item is a :class:`Repetition`, whose
+    :class:`AttackBatch` ``attack_batch(item)`` gives (e.g. a seeded draw of training images, or
+    a pinned batch), attacked until ``stopping`` on ``data``."""
 
     noun = "BFA runs"
     results_dir = "attack_bfa"
@@ -211,10 +222,12 @@ class _FlipAttack(Attack):
 
     #: called with each :class:`ProfileRow` as a campaign item flips it (live logs)
     on_flip: Callable[["ProfileRow"], None] | None = None
+    #: called with ``(item, batch, labels)`` before a campaign item attacks (to save the batch)
+    on_batch: Callable[[Repetition, AttackBatch, torch.Tensor], None] | None = None
 
     def __init__(self, model: nn.Module, output: nn.Module, fault: FaultModel | None = None,
                  eval_model: nn.Module | None = None, data: EvalSet | None = None,
-                 attack_batch: Callable[[int], torch.Tensor] | None = None,
+                 attack_batch: Callable[[Repetition], AttackBatch] | None = None,
                  stopping: Stopping | None = None, number_format: str = ""):
         layers = bit_layers(model)
         if not layers:
@@ -246,14 +259,23 @@ class _FlipAttack(Attack):
     def run_item(self, item: Repetition) -> dict:
         """One run: its attack batch and draws seeded with ``item.seed``, the whole profile."""
         self.reseed(item.seed)
-        result = self.run(self.attack_batch(item.seed), self.data, self.stopping.n_iter,
-                          break_acc=self.stopping.break_acc, on_flip=self.on_flip)
+        batch = self.attack_batch(item)
+        labels = batch.labels
+        if labels is None:
+            labels = self.label(self.prepare(batch.images, self.data))
+        labels = labels.to(self.device)
+        if self.on_batch is not None:
+            self.on_batch(item, batch, labels)
+        result = self.run(batch.images, self.data, self.stopping.n_iter,
+                          break_acc=self.stopping.break_acc, on_flip=self.on_flip,
+                          labels=labels)
         d = result.to_dict()
         d["number_format"] = self.number_format or d["number_format"]
         return {"rep": item.rep, "seed": item.seed, "clean_acc": d.pop("clean_accuracy"),
                 "final_acc": d.pop("final_accuracy"), **{k: v for k, v in d.items()
                                                           if k != "attack"},
-                "n_iter": self.stopping.n_iter, "break_acc": self.stopping.break_acc}
+                "n_iter": self.stopping.n_iter, "break_acc": self.stopping.break_acc,
+                "attack_batch": batch.origin}
 
     def describe(self, record: dict) -> str:
         return (f"{record['key']}: {record['stopped_by']} after {record['iterations']} "
@@ -262,11 +284,7 @@ class _FlipAttack(Attack):
                 f"{record['final_acc']:.2f}%")
 
     def closing(self, records: list[dict]) -> str:
-        stops: dict[str, int] = {}
-        for r in records:
-            stops[r["stopped_by"]] = stops.get(r["stopped_by"], 0) + 1
-        return (f"{len(records)} runs "
-                f"({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})")
+        return f"{len(records)} runs ({tally(records, 'stopped_by')})"
 
     def new_fault_state(self) -> FaultState | None:
         """A fresh fault state for a run (pages unused, budget whole), or None."""
@@ -302,7 +320,7 @@ class _FlipAttack(Attack):
             break_acc: float | None = None,
             on_flip: Callable[[ProfileRow], None] | None = None,
             on_start: Callable[[BFAResult], None] | None = None,
-            progress: bool = False) -> BFAResult:
+            progress: bool = False, labels: torch.Tensor | None = None) -> BFAResult:
         """Attack until the test accuracy falls to ``break_acc`` (%) or ``n_iter`` iterations.
 
         Args:
@@ -315,6 +333,8 @@ class _FlipAttack(Attack):
             on_flip: called with each :class:`ProfileRow` as soon as its iteration is done.
             on_start: called once with the result holding the clean accuracy and loss.
             progress: tqdm bar over the iterations.
+            labels: the attack batch's labels (default None: the model's own predictions, the
+                BFA papers' rule; a pinned batch of the public code brings its own).
 
         The Hamming distance is measured against the codes at the start of this call. The
         model stays attacked; keep a :func:`models.bits.snapshot` to undo the flips.
@@ -324,7 +344,7 @@ class _FlipAttack(Attack):
             raise ValueError(f"n_iter must be at least 1, got {n_iter}")
         self.model.eval()
         x = self.prepare(attack_x, eval_set)
-        y = self.label(x)
+        y = self.label(x) if labels is None else labels.to(self.device)
         clean_acc = eval_set.accuracy(self.eval_model, self.output)
         with torch.inference_mode():
             clean_loss = float(self.loss(x, y))

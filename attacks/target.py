@@ -52,7 +52,9 @@ class TargetSpec:
     checkpoint's, else cifar10. ``number_format`` is one of :data:`ATTACK_FORMATS`
     (torch-int8 calibrates on ``calibration_images`` training images drawn with ``seed``).
     ``defenses``: deployment-time defenses (``"NAME[:key=value,...]"``) added to those the
-    checkpoint records.
+    checkpoint records. ``normalization``: ``auto`` (the checkpoint's own; the BFA repository's
+    for its checkpoints; else the data set's), ``dataset`` or ``bfa``
+    (:func:`utils.checkpoint.checkpoint_normalization`).
     """
 
     checkpoint: str | None = None
@@ -65,6 +67,7 @@ class TargetSpec:
     seed: int = 0
     fault: FaultModel | None = None
     defenses: tuple[str, ...] = ()
+    normalization: str = "auto"
 
 
 @dataclass
@@ -85,6 +88,7 @@ class AttackTarget:
     data: DataSpec = field(default_factory=DataSpec)
     fault: FaultModel | None = None
     defenses: list = field(default_factory=list)  # every defense of the model (defenses/)
+    normalization: str = "dataset"  # whose normalization mean/std are (utils.data.Normalization)
 
     def describe(self) -> str:
         """``<source> (<arch>, <bits>-bit[, OCM<n>][, as <format>][, <defense>...])``, as the
@@ -101,6 +105,10 @@ class AttackTarget:
         campaigns written before defenses existed resume)."""
         deployed = [d.to_dict() for d in self.defenses if d.stage == "deployment"]
         return deployed or None
+
+    def normalization_record(self) -> dict:
+        """The inputs' normalization as the results record it."""
+        return {"name": self.normalization, "mean": list(self.mean), "std": list(self.std)}
 
     def load_test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split of the model's data set as uint8 images and labels; labels the model
@@ -124,7 +132,8 @@ def build_target(spec: TargetSpec, device) -> AttackTarget:
         raise UserError(f"number format {spec.number_format!r}: use one of "
                         f"{', '.join(ATTACK_FORMATS)}")
     loaded = _load_pretrained(spec) if spec.pretrained else _load_checkpoint(spec)
-    model, output, config, dataset, source, (mean, std), defenses = loaded
+    model, output, config, dataset, source, norm, defenses = loaded
+    mean, std = norm.mean, norm.std
     if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
         raise UserError(f"-c/--num_classes {config.num_classes} does not match {dataset.name}, "
                         f"which has {dataset.num_classes} classes")
@@ -151,7 +160,7 @@ def build_target(spec: TargetSpec, device) -> AttackTarget:
         eval_model = DefendedModel(eval_model if eval_model is not None else model, model,
                                    deployed)
     return AttackTarget(model, output, config, dataset, source, mean, std, label, eval_model,
-                        spec.data, spec.fault, defenses)
+                        spec.data, spec.fault, defenses, norm.name)
 
 
 def _flags_error(e: Exception) -> UserError:
@@ -162,7 +171,7 @@ def _load_pretrained(spec: TargetSpec):
     from models.factory import build_model
     from models.loading import load_weights
     from models.pretrained import torchvision_state_dict
-    from utils.data import get_dataset_info
+    from utils.data import get_dataset_info, named_normalization
 
     if spec.checkpoint:
         raise UserError("give either --pretrained or --checkpoint, not both")
@@ -183,12 +192,17 @@ def _load_pretrained(spec: TargetSpec):
         load_weights(model, state)
     except (ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
-    return (model, output, config, dataset, f"torchvision:{config.arch}",
-            (dataset.mean, dataset.std), [])
+    try:
+        norm = named_normalization(dataset, "dataset" if spec.normalization == "auto"
+                                   else spec.normalization)
+    except ValueError as e:
+        raise UserError(f"--normalization: {e}") from None
+    return model, output, config, dataset, f"torchvision:{config.arch}", norm, []
 
 
 def _load_checkpoint(spec: TargetSpec):
-    from utils.checkpoint import (checkpoint_config, checkpoint_defenses, load_checkpoint,
+    from utils.checkpoint import (checkpoint_config, checkpoint_defenses,
+                                  checkpoint_normalization, load_checkpoint,
                                   model_from_checkpoint)
     from utils.data import get_dataset_info
 
@@ -204,10 +218,11 @@ def _load_checkpoint(spec: TargetSpec):
     except (KeyError, ValueError) as e:
         raise _flags_error(e) from None
     model, output = model_from_checkpoint(ckpt, config, path)
-    norm = ckpt.get("normalization") or {}
-    mean = tuple(norm.get("mean", dataset.mean))
-    std = tuple(norm.get("std", dataset.std))
-    return model, output, config, dataset, path, (mean, std), checkpoint_defenses(ckpt, config)
+    try:
+        norm = checkpoint_normalization(ckpt, dataset, spec.normalization)
+    except ValueError as e:
+        raise UserError(f"--normalization: {e}") from None
+    return model, output, config, dataset, path, norm, checkpoint_defenses(ckpt, config)
 
 
 def _deployment_defenses(specs: tuple[str, ...]) -> list:

@@ -29,7 +29,7 @@ from models.bits import changed_bits, restore, snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult, register_attack
+from .base import Attack, AttackResult, register_attack, tally
 from .common import EvalSet
 
 # Paper protocol per data set (docs/algorithms.md section 7): classes used as sources, |D_src| = |D_aux|.
@@ -386,11 +386,7 @@ class TBFA(Attack):
                 f"({per:.2f}s/iteration)")
 
     def closing(self, records: list[dict]) -> str:
-        stops: dict[str, int] = {}
-        for r in records:
-            stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
-        return (f"{len(records)} experiments "
-                f"({', '.join(f'{v} {k}' for k, v in sorted(stops.items()))})")
+        return f"{len(records)} experiments ({tally(records, 'stop_reason')})"
 
 
 # ---------------------------------------------------------------------------------------------

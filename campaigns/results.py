@@ -353,6 +353,10 @@ def _campaign_leftovers(results_dir: str) -> list[str]:
 
 
 def _same_setting(key: str, before, now) -> bool:
+    if key == "normalization" and before is None and isinstance(now, dict):
+        # recorded since the BFA repository's normalization became a choice: before it every
+        # campaign used the checkpoint's own or the data set's
+        return now.get("name") in ("checkpoint", "dataset")
     if key == "config" and isinstance(before, dict) and isinstance(now, dict):
         from models.factory import ModelConfig  # a config stored before a field existed
         return ModelConfig.from_dict(before).to_dict() == now

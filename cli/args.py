@@ -44,6 +44,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="download CIFAR-10/100 with torchvision when missing (needs internet)")
     g.add_argument("--workers", type=int, default=4,
                    help="data-loading processes for ImageNet (default: 4)")
+    g.add_argument("--normalization", default="auto", choices=("auto", "dataset", "bfa"),
+                   help="input normalization to evaluate and attack a checkpoint with: auto "
+                        "(default: the one our checkpoints store; the BFA repository's for its "
+                        "checkpoints; else the data set's own), dataset, or bfa (mean "
+                        "(125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255 on CIFAR-10)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +99,17 @@ def runtime_device(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return resolve_device(device_spec(args))
+
+
+def in_process_group(args, body) -> int:
+    """``body(args, device)`` on the device of ``--device`` / ``--gpu``; under torchrun in the
+    process group (one GPU per rank), which it leaves afterwards, also after an error."""
+    from utils.distributed import cleanup, init_distributed
+
+    try:
+        return body(args, init_distributed(runtime_device(args)))
+    finally:
+        cleanup()
 
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -315,7 +331,8 @@ def target_spec(args) -> TargetSpec:
                       data=DataSpec(args.data_dir, args.download, args.workers),
                       number_format=getattr(args, "format", "trained"),
                       calibration_images=getattr(args, "calibration_images", 512),
-                      seed=args.seed, fault=fault, defenses=tuple(args.defenses or ()))
+                      seed=args.seed, fault=fault, defenses=tuple(args.defenses or ()),
+                      normalization=args.normalization)
 
 
 def load_attack_target(args, device) -> AttackTarget:

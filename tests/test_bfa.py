@@ -20,7 +20,7 @@ from models.bits import changed_bits, random_flip, restore, snapshot
 from utils.bitsearch import MAXIMIZE, ProgressiveBitSearch
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from cli.args import run
-from utils.data import get_dataset_info
+from utils.data import get_dataset_info, read_attack_batch, sample_indices
 
 CONFIGS = {
     "vanilla": ModelConfig("resnet20_quan", 10),
@@ -484,6 +484,42 @@ def test_a_deployment_defense_checks_before_every_evaluation(data_dir, checkpoin
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err
 
 
+def test_attack_bfa_saves_its_batch_and_takes_a_pinned_one(data_dir, checkpoint, tmp_path):
+    """Each run saves the batch it attacked with; --attack-batch with that file and
+    --attack-indices with the positions of the draw repeat the run flip for flip."""
+    base = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "2",
+            "--break_acc", "-1", *COMMON]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "drawn")]) == 0
+    (drawn,), campaign = read_runs(tmp_path / "drawn")
+    assert drawn["attack_batch"]["seed"] == 0 and campaign["pinned_batch"] is None
+    assert campaign["normalization"]["name"] == "checkpoint"
+    saved = tmp_path / "drawn" / drawn["attack_batch"]["saved"]
+    images, labels, _ = read_attack_batch(str(saved))
+    assert images.dtype == torch.uint8 and len(images) == len(labels) == 16
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "file"),
+                                        "--attack-batch", str(saved)]) == 0
+    (pinned,), campaign = read_runs(tmp_path / "file")
+    assert pinned["profile"] == drawn["profile"]
+    assert campaign["pinned_batch"]["sha256"] == pinned["attack_batch"]["sha256"]
+    indices = tmp_path / "indices.json"
+    indices.write_text(json.dumps(sample_indices(100, 16, 0)))  # the fake training split: 100
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "idx"),
+                                        "--attack-indices", str(indices)]) == 0
+    (by_index,), _ = read_runs(tmp_path / "idx")
+    assert by_index["profile"] == drawn["profile"]
+    assert by_index["attack_batch"]["indices"] == json.loads(indices.read_text())
+
+
+def test_normalization_is_chosen_and_recorded(data_dir, checkpoint, tmp_path):
+    base = ["--checkpoint", checkpoint, "--data_dir", data_dir, "--n_iter", "1", *COMMON]
+    assert run(attack_bfa.main, base + ["--results", str(tmp_path / "b"),
+                                        "--normalization", "bfa"]) == 0
+    _, campaign = read_runs(tmp_path / "b")
+    assert campaign["normalization"]["name"] == "bfa"
+    assert campaign["normalization"]["std"] == pytest.approx([63.0 / 255, 62.1 / 255,
+                                                              66.7 / 255])
+
+
 def bad_cases(data_dir, checkpoint, tmp):
     missing_data = str(tmp / "nowhere")
     a_file = tmp / "results_file"
@@ -509,14 +545,36 @@ def bad_cases(data_dir, checkpoint, tmp):
                           "nan"],
         "break_acc above 100": ["--checkpoint", checkpoint, "--data_dir", data_dir,
                                 "--break_acc", "150"],
+        "attack batch not a torch file": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                          "--attack-batch", str(a_file)],
+        "attack batch missing": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                 "--attack-batch", str(tmp / "none.pt")],
+        "attack indices not a list": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                      "--attack-indices", str(a_file)],
+        "attack indices out of range": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                        "--attack-indices", str(_json(tmp, [0, 10 ** 6]))],
+        "pinned batch and avgs": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                  "--attack-indices", str(_json(tmp, [0, 1])), "--avgs", "2"],
+        "both pinned batches": ["--checkpoint", checkpoint, "--data_dir", data_dir,
+                                "--attack-indices", str(_json(tmp, [0])), "--attack-batch",
+                                str(a_file)],
     }
+
+
+def _json(tmp, value):
+    path = tmp / f"v{abs(hash(json.dumps(value)))}.json"
+    path.write_text(json.dumps(value))
+    return path
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "n_iter 0", "attack_sample_size 0",
                                   "k_top 0", "test_batch 0", "arch mismatch", "bits mismatch",
                                   "no model", "missing data", "results is a file",
                                   "results under a file", "negative seed", "nan break_acc",
-                                  "break_acc above 100"])
+                                  "break_acc above 100", "attack batch not a torch file",
+                                  "attack batch missing", "attack indices not a list",
+                                  "attack indices out of range", "pinned batch and avgs",
+                                  "both pinned batches"])
 def test_attack_bfa_bad_input(case, data_dir, checkpoint, tmp_path, capsys):
     argv = bad_cases(data_dir, checkpoint, tmp_path)[case]
     if "--results" not in argv:

@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 
 from utils import data as D
+from utils.data import load_split_tensors, read_attack_batch, sample_indices, write_attack_batch
 from utils.errors import DataError, UserError
 
 from fakedata import N_PER_FILE, _cifar_images, _dump, make_cifar10, make_cifar100
@@ -468,3 +469,38 @@ def test_imagenet_loaders_shard_by_rank(tmp_path):
     assert len(set(epochs[0]) | set(epochs[1])) == 8  # disjoint, together the whole epoch
     with pytest.raises(DataError, match="divisible"):
         D.build_loaders("imagenet", tmp_path, 3, "cpu", workers=0, rank=0, world_size=2)
+
+
+def test_attack_batch_files_round_trip_and_refuse_what_is_not_one(tmp_path):
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([1, 0, 3, 2])
+    path = str(tmp_path / "b.pt")
+    write_attack_batch(path, images, labels, [5, 1, 9, 2])
+    got_images, got_labels, indices = read_attack_batch(path, image_size=32)
+    assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
+    assert indices == [5, 1, 9, 2] and os.listdir(tmp_path) == ["b.pt"]
+    bad = {"text": b"not a torch file", "list": None, "3-d": {"data": images[0], "target": labels},
+           "labels": {"data": images, "target": labels[:3]}}
+    for name, content in bad.items():
+        p = tmp_path / f"{name}.pt"
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            torch.save(content if content is not None else [images, labels], p)
+        with pytest.raises(DataError):
+            read_attack_batch(str(p))
+    with pytest.raises(DataError, match="pixels"):
+        read_attack_batch(path, image_size=224)
+
+
+def test_explicit_indices_and_the_seeded_draw_agree(tmp_path):
+    from fakedata import make_cifar10
+
+    make_cifar10(tmp_path)
+    drawn, drawn_labels = load_split_tensors("cifar10", str(tmp_path), "train", max_images=7,
+                                             seed=3)
+    picked, picked_labels = load_split_tensors("cifar10", str(tmp_path), "train",
+                                               indices=sample_indices(100, 7, 3))
+    assert torch.equal(drawn, picked) and torch.equal(drawn_labels, picked_labels)
+    with pytest.raises(DataError, match="outside"):
+        load_split_tensors("cifar10", str(tmp_path), "train", indices=[0, 100])

@@ -93,6 +93,16 @@ def test_eval_best_checkpoint(trained, data_dir, capsys):
     assert result["n"] == 20
 
 
+def test_eval_with_another_normalization(trained, data_dir, capsys):
+    """--normalization bfa evaluates with the BFA repository's values (recorded in the line)."""
+    assert run(main.main, ["--eval", str(trained / "model_best.pth.tar"), "--data_dir", data_dir,
+                           "--no-progress", "--normalization", "bfa"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["normalization"]["name"] == "bfa"
+    assert result["normalization"]["mean"] == pytest.approx([125.3 / 255, 123.0 / 255,
+                                                             113.9 / 255])
+
+
 def test_eval_published_layout_with_flags(trained, data_dir, tmp_path, capsys):
     ours = load_checkpoint(str(trained / "model_best.pth.tar"))
     published = {"state_dict": {"module." + k: v for k, v in ours["state_dict"].items()},
@@ -188,6 +198,7 @@ def bad_input_cases(data_dir, trained, tmp):
         "zero_threads": (["--threads", "0", *d], "--threads"),
         "resume_other_optimizer": (["--resume", str(trained / "checkpoint.pth.tar"), "--opt",
                                     "adam"], "--opt sgd"),
+        "normalization_in_training": (["--normalization", "bfa", *d], "--normalization"),
     }
 
 
@@ -200,7 +211,8 @@ CASES = ["unknown_dataset", "unknown_arch", "missing_data", "incomplete_data",
          "no_such_device", "bad_schedule", "zero_epochs", "negative_wd_adam",
          "negative_momentum", "nan_lr", "inf_lr", "negative_warmup", "zero_code_length",
          "negative_lambda", "zero_mixup_alpha", "negative_gamma", "zero_test_batch",
-         "negative_seed", "negative_workers", "zero_threads", "resume_other_optimizer"]
+         "negative_seed", "negative_workers", "zero_threads", "resume_other_optimizer",
+         "normalization_in_training"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -21,8 +21,9 @@ import torch
 
 from defenses import Defense, config_defenses, defense_from_dict, switch_defenses
 from models.factory import ModelConfig, build_model
-from models.loading import load_weights
+from models.loading import is_bfa_cifar_resnet, load_weights, strip_prefix
 
+from .data import NORMALIZATIONS, Normalization, named_normalization
 from .errors import CheckpointError
 
 FORMAT = "bitflip-ocm-checkpoint/1"
@@ -128,6 +129,31 @@ def is_self_describing(ckpt: dict) -> bool:
 def checkpoint_config(ckpt: dict) -> ModelConfig | None:
     """The stored model config, or None for a checkpoint without metadata (published ones)."""
     return ModelConfig.from_dict(ckpt["model_config"]) if is_self_describing(ckpt) else None
+
+
+def checkpoint_origin(ckpt: dict) -> str:
+    """Which code wrote a checkpoint: ``ours`` (self-describing), ``bfa`` (the BFA repository's
+    ``main.py``: it pickles its ``RecorderMeter`` as ``recorder``, and its CIFAR ResNet has its
+    own layer names), else ``published`` (e.g. the OCM repository's)."""
+    if is_self_describing(ckpt):
+        return "ours"
+    state = strip_prefix(ckpt.get("state_dict") or {})
+    return "bfa" if "recorder" in ckpt or is_bfa_cifar_resnet(state) else "published"
+
+
+def checkpoint_normalization(ckpt: dict, info, choice: str = "auto") -> Normalization:
+    """The input normalization to evaluate and attack ``ckpt`` with (docs/algorithms.md section
+    10). ``auto``: the one our checkpoints store; the BFA repository's for its checkpoints; else
+    the data set's own (the OCM repository's). ``dataset`` / ``bfa``: that one (ValueError when
+    it has no values for the data set)."""
+    if choice == "auto":
+        stored = ckpt.get("normalization")
+        if isinstance(stored, dict) and stored:
+            return Normalization("checkpoint", tuple(stored.get("mean", info.mean)),
+                                 tuple(stored.get("std", info.std)))
+        choice = "bfa" if checkpoint_origin(ckpt) == "bfa" and info.name in NORMALIZATIONS["bfa"] \
+            else "dataset"
+    return named_normalization(info, choice)
 
 
 def model_from_checkpoint(ckpt: dict, config: ModelConfig, path: str = "checkpoint",

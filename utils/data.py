@@ -13,6 +13,8 @@ Nothing is cached on disk.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -40,6 +42,9 @@ __all__ = [
     "build_loaders",
     "normalize_images",
     "load_split_tensors",
+    "sample_indices",
+    "Normalization",
+    "named_normalization",
 ]
 
 
@@ -75,6 +80,50 @@ DATASETS: dict[str, DatasetInfo] = {
                             224, True, False),
     "digits": DatasetInfo("digits", 10, _CIFAR10_MEAN, _CIFAR10_STD, 32, True, True),
 }
+
+
+# The normalizations other code bases evaluate and attack with (docs/algorithms.md section 10):
+# "dataset" is each data set's own above (the OCM repository's); "bfa" the BFA repository's
+# main.py (CIFAR-10: mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255), which its
+# checkpoints expect. Digits are read as CIFAR-10 (above), so they take CIFAR-10's values.
+_BFA_CIFAR10 = (tuple(x / 255 for x in (125.3, 123.0, 113.9)),
+                tuple(x / 255 for x in (63.0, 62.1, 66.7)))
+NORMALIZATIONS: dict[str, dict[str, tuple[tuple, tuple]]] = {
+    "bfa": {"cifar10": _BFA_CIFAR10, "digits": _BFA_CIFAR10,
+            "cifar100": (tuple(x / 255 for x in (129.3, 124.1, 112.4)),
+                         tuple(x / 255 for x in (68.2, 65.4, 70.4))),
+            "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))},
+}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How pixels become a model's inputs: ``(x/255 - mean) / std``, and whose rule it is
+    (``checkpoint``: stored in ours; ``dataset``: the data set's own; ``bfa``: the BFA
+    repository's)."""
+
+    name: str
+    mean: tuple
+    std: tuple
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+
+def named_normalization(info: DatasetInfo, name: str) -> Normalization:
+    """The normalization ``name`` (``dataset`` or a key of :data:`NORMALIZATIONS`) for ``info``;
+    ValueError when that code base has none for the data set."""
+    if name == "dataset":
+        return Normalization("dataset", tuple(info.mean), tuple(info.std))
+    table = NORMALIZATIONS.get(name)
+    if table is None:
+        raise ValueError(f"unknown normalization {name!r}; use dataset or "
+                         f"{', '.join(NORMALIZATIONS)}")
+    if info.name not in table:
+        raise ValueError(f"the {name} normalization has no values for {info.name} (it has "
+                         f"{', '.join(table)})")
+    mean, std = table[info.name]
+    return Normalization(name, tuple(mean), tuple(std))
 
 
 def list_datasets() -> list[str]:
@@ -509,26 +558,31 @@ def _image_folder(path: str, transform):
 def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4,
                   download: bool = False, seed: int = 0, test_batch_size: int | None = None,
                   rank: int = 0, world_size: int = 1,
-                  memory_format: torch.memory_format = torch.contiguous_format):
+                  memory_format: torch.memory_format = torch.contiguous_format,
+                  normalization: Normalization | None = None):
     """Build ``(train_loader, test_loader, info)`` for a data set.
 
     In-memory data sets give two :class:`TensorLoader` (train: shuffled and augmented; test:
     in order). ImageNet gives two :class:`FolderLoader` over ``ImageFolder``. ``test_batch_size``
     defaults to ``max(batch_size, 256)``. With ``world_size > 1`` (torchrun) ``batch_size`` is
     the global batch and each loader serves rank ``rank``'s share (see the loaders).
+    ``normalization`` replaces the data set's own (e.g. a checkpoint's, or the BFA
+    repository's for its checkpoints).
     """
     dist_kw = {"rank": rank, "world_size": world_size, "memory_format": memory_format}
     info = get_dataset_info(name)
+    mean, std = ((normalization.mean, normalization.std) if normalization is not None
+                 else (info.mean, info.std))
     if test_batch_size is None:
         test_batch_size = max(int(batch_size), 256)
     device = torch.device(device)
     if info.in_memory:
         xtr, ytr, xte, yte = load_in_memory(info.name, data_dir, download=download)
         # A last batch of one sample (per process) would break BatchNorm in training: drop it.
-        train = TensorLoader(xtr, ytr, batch_size, info.mean, info.std, device, train=True,
+        train = TensorLoader(xtr, ytr, batch_size, mean, std, device, train=True,
                              hflip=info.hflip, seed=seed,
                              drop_last=0 < len(ytr) % batch_size < 2 * world_size, **dist_kw)
-        test = TensorLoader(xte, yte, test_batch_size, info.mean, info.std, device, train=False,
+        test = TensorLoader(xte, yte, test_batch_size, mean, std, device, train=False,
                             **dist_kw)
         return train, test, info
 
@@ -538,7 +592,7 @@ def build_loaders(name: str, data_dir, batch_size: int, device, workers: int = 4
         raise DataError("imagenet: no data directory given; pass --data_dir pointing at the "
                         "folder that holds train/ and val/")
     train_dir, val_dir = _find_imagenet_dirs(os.fspath(data_dir))
-    norm = T.Normalize(info.mean, info.std)
+    norm = T.Normalize(mean, std)
     train_ds = _image_folder(train_dir, T.Compose([
         T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
     val_ds = _image_folder(val_dir, T.Compose([
@@ -570,15 +624,30 @@ def normalize_images(images: Tensor, mean, std) -> Tensor:
     return (images.float() / 255.0 - m) / s
 
 
+def sample_indices(size: int, max_images: int | None, seed: int) -> list[int] | None:
+    """The positions :func:`load_split_tensors` takes with ``max_images`` and ``seed`` (None:
+    every image, in order)."""
+    if max_images is None or max_images >= size:
+        return None
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_images].tolist()
+
+
+def _check_indices(indices, size: int, split: str) -> None:
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise DataError(f"index {bad[0]} is outside the {split} split (0..{size - 1})")
+
+
 def load_split_tensors(name: str, data_dir, split: str = "test", download: bool = False,
                        workers: int = 4, max_images: int | None = None,
-                       seed: int = 0) -> tuple[Tensor, Tensor]:
+                       seed: int = 0, indices: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """A whole split as ``(uint8 images [N,3,H,W], int64 labels)`` CPU tensors, read once.
 
     The attacks keep these on their device and normalize slices on the fly. ImageNet images get
     the test transform (Resize(256), CenterCrop(224)) and are decoded once by ``workers``
     processes. ``max_images`` takes a seeded random subset (e.g. BFA's attack batch drawn from
-    the training split) without decoding the rest.
+    the training split; its positions: :func:`sample_indices`) without decoding the rest;
+    ``indices`` takes exactly those positions, in that order.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -586,9 +655,13 @@ def load_split_tensors(name: str, data_dir, split: str = "test", download: bool 
     if info.in_memory:
         xtr, ytr, xte, yte = load_in_memory(info.name, data_dir, download=download)
         x, y = (xtr, ytr) if split == "train" else (xte, yte)
-        if max_images is not None and max_images < len(y):
-            pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-            pick = pick[:max_images]
+        pick = indices
+        if pick is None:
+            pick = sample_indices(len(y), max_images, seed)
+        else:
+            _check_indices(pick, len(y), split)
+        if pick is not None:
+            pick = torch.as_tensor(pick, dtype=torch.int64)
             x, y = x[pick], y[pick]
         return x, y
     from torchvision import transforms as T
@@ -599,10 +672,10 @@ def load_split_tensors(name: str, data_dir, split: str = "test", download: bool 
     train_dir, val_dir = _find_imagenet_dirs(os.fspath(data_dir))
     dataset = _image_folder(train_dir if split == "train" else val_dir, T.Compose([
         T.Resize(256), T.CenterCrop(info.image_size), T.PILToTensor()]))
-    indices = list(range(len(dataset)))
-    if max_images is not None and max_images < len(indices):
-        pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))
-        indices = pick[:max_images].tolist()
+    if indices is None:
+        indices = sample_indices(len(dataset), max_images, seed) or list(range(len(dataset)))
+    else:
+        _check_indices(indices, len(dataset), split)
     subset = torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(subset, batch_size=64, num_workers=int(workers))
     images = torch.empty((len(indices), 3, info.image_size, info.image_size), dtype=torch.uint8)
@@ -613,3 +686,74 @@ def load_split_tensors(name: str, data_dir, split: str = "test", download: bool 
         labels[pos:pos + len(y)] = y
         pos += len(y)
     return images, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Attack batches as files (attack_bfa.py --attack-batch, and the batch each run saves)
+# --------------------------------------------------------------------------------------------
+
+def write_attack_batch(path: str, images: Tensor, labels: Tensor,
+                       indices: list[int] | None = None) -> None:
+    """Save an attack batch as the BFA repository's run keeps one: ``{"data": images (uint8
+    pixels or normalized float inputs) [N, C, H, W], "target": int64 labels [N]}``, plus the
+    training-split ``indices`` when known; written atomically (a crash leaves no half file)."""
+    state = {"data": images.detach().cpu(), "target": labels.detach().cpu().long()}
+    if indices is not None:
+        state["indices"] = torch.as_tensor(indices, dtype=torch.int64)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_attack_batch(path: str, image_size: int | None = None
+                      ) -> tuple[Tensor, Tensor, list[int] | None]:
+    """``(images, labels, indices or None)`` of an attack-batch file (:func:`write_attack_batch`,
+    or the public run's ``attack_batch_seed2.pt``). Only tensors are read (no code runs);
+    anything else raises DataError with one line saying what is wrong."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a file it cannot read
+        raise DataError(f"{path} is not an attack-batch file ({type(e).__name__}: "
+                        f"{_one_line(e)}); expected a torch file with 'data' and 'target'") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(state.get(k))
+                                              for k in ("data", "target")):
+        raise DataError(f"{path}: an attack-batch file holds a dict with the tensors 'data' "
+                        f"[N, C, H, W] and 'target' [N]")
+    images, labels = state["data"], state["target"]
+    if images.dim() != 4 or len(images) == 0 or images.dtype not in (torch.uint8,
+                                                                       torch.float32):
+        raise DataError(f"{path}: 'data' must be uint8 pixels or float32 inputs [N, C, H, W] "
+                        f"with N >= 1, got {images.dtype} {tuple(images.shape)}")
+    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
+        raise DataError(f"{path}: images of {tuple(images.shape[2:])} pixels, the data set's "
+                        f"are {image_size}x{image_size}")
+    if labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point():
+        raise DataError(f"{path}: 'target' must be {len(images)} integer labels, got "
+                        f"{labels.dtype} {tuple(labels.shape)}")
+    indices = state.get("indices")
+    return images, labels.long(), (indices.tolist() if torch.is_tensor(indices) else None)
+
+
+def read_index_list(path: str) -> list[int]:
+    """A JSON list of non-negative integers (split positions); DataError naming what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} is not a JSON list of indices ({type(e).__name__}: "
+                        f"{_one_line(e)})") from None
+    if not isinstance(values, list) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise DataError(f"{path}: expected a non-empty JSON list of non-negative integers, e.g. "
+                        f"[12, 7, 301]")
+    return values
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (how records name a pinned input)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
