@@ -41,9 +41,10 @@ from defenses import (check_defenses, config_defenses, list_defenses, parse_defe
 from utils import distributed
 from utils.checkpoint import (checkpoint_config, checkpoint_normalization, load_checkpoint,
                               model_from_checkpoint)
-from cli.args import (MODEL_FLAGS, add_data_args, add_model_args, add_runtime_args,
-                       check_number, check_output_dir, check_runtime_args, runtime_device,
-                       explicit_dests, resolve_dataset, resolve_model_config, run)
+from cli.args import (MODEL_FLAGS, add_checkpoint_safety_args, add_data_args, add_model_args,
+                       add_runtime_args, check_number, check_output_dir, check_runtime_args,
+                       runtime_device, explicit_dests, resolve_dataset, resolve_model_config,
+                       run)
 from utils.data import build_loaders
 from utils.errors import UserError
 from utils.schedules import LRSchedule, parse_schedule
@@ -82,6 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "re-initialise that one (e.g. with --ocm --code_length L)")
     g.add_argument("--ft_path", default=None,
                    help="checkpoint to finetune (ours or published), or its run folder")
+    add_checkpoint_safety_args(g)
     g.add_argument("--outdir", default=None,
                    help="run folder for checkpoints and logs (default: runs/<dataset>_<arch>...;"
                         " with --resume: the checkpoint's folder)")
@@ -366,7 +368,10 @@ def _start_checkpoint(args) -> tuple[dict | None, str | None]:
         ckpt_path = args.ft_path
         if os.path.isdir(ckpt_path):  # the original scripts pass the run folder
             ckpt_path = os.path.join(ckpt_path, "model_best.pth.tar")
-    return (load_checkpoint(ckpt_path, map_location="cpu") if ckpt_path else None), ckpt_path
+    if not ckpt_path:
+        return None, None
+    return load_checkpoint(ckpt_path, map_location="cpu", trust=args.trust_checkpoint,
+                           verify=args.verify_checkpoint), ckpt_path
 
 
 def resolve_start(args, explicit: set[str]) -> Start:

@@ -54,7 +54,9 @@ class TargetSpec:
     ``defenses``: deployment-time defenses (``"NAME[:key=value,...]"``) added to those the
     checkpoint records. ``normalization``: ``auto`` (the checkpoint's own; the BFA repository's
     for its checkpoints; else the data set's), ``dataset`` or ``bfa``
-    (:func:`utils.checkpoint.checkpoint_normalization`).
+    (:func:`utils.checkpoint.checkpoint_normalization`). ``trust_checkpoint``: unpickle a file
+    that needs more than the allowed types (runs its code); ``verify_checkpoint``: check the
+    stored tensor digest (:func:`utils.checkpoint.load_checkpoint`).
     """
 
     checkpoint: str | None = None
@@ -68,6 +70,8 @@ class TargetSpec:
     fault: FaultModel | None = None
     defenses: tuple[str, ...] = ()
     normalization: str = "auto"
+    trust_checkpoint: bool = False
+    verify_checkpoint: bool = True
 
 
 @dataclass
@@ -210,7 +214,7 @@ def _load_checkpoint(spec: TargetSpec):
         raise UserError("no model to attack: give --checkpoint PATH (or --outdir holding "
                         "model_best.pth.tar, or --pretrained)")
     path = spec.checkpoint
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust=spec.trust_checkpoint, verify=spec.verify_checkpoint)
     stored = checkpoint_config(ckpt)
     dataset = get_dataset_info(spec.dataset or ckpt.get("dataset") or "cifar10")
     try:

@@ -72,6 +72,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "store their codebook (default: 1, as the published ones)")
 
 
+def add_checkpoint_safety_args(group) -> None:
+    """``--trust-checkpoint`` and ``--no-verify-checkpoint``: what loading a checkpoint may
+    skip (:func:`utils.checkpoint.load_checkpoint`); both off by default."""
+    group.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
+                       action="store_true",
+                       help="load a checkpoint that pickles objects beyond tensors, plain "
+                            "values, numpy arrays and the published scripts' types (refused by "
+                            "default): runs the file's code: only for files you trust")
+    group.add_argument("--no-verify-checkpoint", "--no_verify_checkpoint",
+                       dest="verify_checkpoint", action="store_false",
+                       help="load a checkpoint of ours whose tensors no longer match the digest "
+                            "stored with them (refused by default): for deliberate "
+                            "experiments, e.g. a model whose bits were changed on purpose")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i> (default: auto)")
@@ -255,6 +270,7 @@ def add_attack_model_args(parser: argparse.ArgumentParser) -> None:
                    help="a deployment-time defense in front of the attacked model (repeatable; "
                         "its training-time defenses come from the checkpoint); "
                         "docs/algorithms.md section 11")
+    add_checkpoint_safety_args(g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +348,9 @@ def target_spec(args) -> TargetSpec:
                       number_format=getattr(args, "format", "trained"),
                       calibration_images=getattr(args, "calibration_images", 512),
                       seed=args.seed, fault=fault, defenses=tuple(args.defenses or ()),
-                      normalization=args.normalization)
+                      normalization=args.normalization,
+                      trust_checkpoint=getattr(args, "trust_checkpoint", False),
+                      verify_checkpoint=getattr(args, "verify_checkpoint", True))
 
 
 def load_attack_target(args, device) -> AttackTarget:
