@@ -83,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="score every trial flip with a full forward pass (same flips, slower; "
                         "default: re-run the network from the flipped layer on)")
     a.add_argument("--flip-log", action="store_true",
-                   help="store every flip (layer, index, bit, values, loss) in the results")
+                   help="accepted for compatibility: every record lists its flips (layer, index, "
+                        "bit, values, loss), from which rebuild_attacked.py rebuilds the model")
     a.add_argument("--curve-every", type=int, default=0, metavar="K",
                    help="store ASR and PA-ACC every K flips (supplement Figures 1 and 2)")
     a.add_argument("--results", default=None,
@@ -167,9 +168,9 @@ def _main(args, device) -> int:
     config = TBFAConfig(max_iters=args.iters, full_gradient=args.full_gradient,
                         incremental=not args.plain_search,
                         oscillation_by_layer=args.oscillation_by_layer,
-                        stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every,
-                        flip_log=args.flip_log, fault=args.fault)
-    attack = TBFA(target.model, target.output, config, target.eval_model, data)
+                        stop_on_rest=not args.stop_on_src_only, curve_every=args.curve_every, fault=args.fault)
+    attack = TBFA(target.model, target.output, config, target.eval_model, data,
+                  target.number_format)
     runner = CampaignRunner(results, attack, experiments, args.progress)
     runner.announce(f"T-BFA on {target.describe()}: clean test accuracy "
                     f"{attack.clean_accuracy():.2f}%")

@@ -137,6 +137,14 @@ class Attack:
 
         return summarize(records, list(cls.summary_metrics))
 
+    @classmethod
+    def recorded_flips(cls, record: dict) -> list[tuple]:
+        """Every bit the item's record says it flipped, in order, as ``(layer, index, bit,
+        value before or None)``; ``layer`` None means the final layer, with ``index`` a
+        ``(row, column)`` pair (TA-LBF). :mod:`campaigns.attacked` rebuilds the attacked model
+        from them."""
+        raise NotImplementedError(f"{cls.name} records no flips to rebuild")
+
     def describe(self, record: dict) -> str:
         """The log line of a finished item."""
         return f"{record['key']}: {self.count} {record.get(self.count)}"

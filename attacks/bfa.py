@@ -87,7 +87,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.quantization import settle_zero_codes
-from models.bits import bit_layers, changed_bits, random_flip, restore, snapshot
+from models.bits import (bit_layers, changed_bits, format_label, random_flip, restore,
+                         snapshot)
 from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep
 from utils.data import normalize_images
 from utils.faults import FaultModel, FaultState
@@ -277,6 +278,14 @@ class _FlipAttack(Attack):
                 "n_iter": self.stopping.n_iter, "break_acc": self.stopping.break_acc,
                 "attack_batch": batch.origin}
 
+    @classmethod
+    def recorded_flips(cls, record: dict) -> list[tuple]:
+        rows = record.get("profile") or []
+        if rows and "layer" not in rows[0]:
+            raise ValueError(f"record {record.get('key')} is a run of an earlier version whose "
+                             f"profile keeps no flipped bits")
+        return [(r["layer"], r["index"], r["bit"], r["before"]) for r in rows]
+
     def describe(self, record: dict) -> str:
         return (f"{record['key']}: {record['stopped_by']} after {record['iterations']} "
                 f"iterations, {record['bits_flipped']} bits flipped ({record['bits_changed']} "
@@ -351,10 +360,9 @@ class _FlipAttack(Attack):
         settle_zero_codes(self.model)  # difference 6 of the module docstring
         clean_codes = snapshot(self.model)
         faults = self.new_fault_state()
-        formats = sorted({layer.bit_format.name for _, layer in bit_layers(self.model)})
         result = BFAResult(self.name, clean_acc, clean_loss, clean_acc, clean_loss,
                            attack_images=len(x), test_images=len(eval_set),
-                           number_format="+".join(formats),
+                           number_format=format_label(self.model),
                            fault_model=self.fault.to_dict() if self.fault else None)
         self.result = result
         log.debug("%s: clean accuracy %.2f%%, attack loss %.4f", self.name, clean_acc,

@@ -442,7 +442,8 @@ class TALBF(Attack):
         res = self.run(item.index, item.target, aux=aux, seed=s or 0)
         return {"pos": item.pos, **res.to_dict(exclude=("aux",)),
                 "asr": 100.0 if res.success else 0.0, "clean_acc": self.clean_accuracy(),
-                "aux_seed": s, "aux_idx": res.aux}
+                "aux_seed": s, "aux_idx": res.aux, "number_format": f"int{self.layer.n_bits}",
+                "fault_model": None}  # TA-LBF's relaxation takes no fault model
 
     @classmethod
     def summary(cls, records: list[dict]) -> list[dict]:
@@ -457,6 +458,11 @@ class TALBF(Attack):
         m, s = mean_std([r.get(F.clean_acc) for r in records])
         rows.append({"metric": "clean_acc", "mean": m, "std": s, "n": len(records)})
         return rows
+
+    @classmethod
+    def recorded_flips(cls, record: dict) -> list[tuple]:
+        """The bits of the final layer a successful attack changed (a failed one: none)."""
+        return [(None, (row, col), bit, None) for row, col, bit in record.get("flips") or []]
 
     def describe(self, record: dict) -> str:
         if not record["success"]:

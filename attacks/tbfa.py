@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.bits import changed_bits, restore, snapshot
+from models.bits import changed_bits, format_label, restore, snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.faults import FaultModel, FaultState
 
@@ -183,7 +183,6 @@ class TBFAConfig:
       weight's index within its layer over three consecutive iterations; True also compares
       the layer;
     - ``curve_every``: record ASR and PA-ACC every K flips (0 = never);
-    - ``flip_log``: record every flip (layer, index, bit, values, attack loss);
     - ``fault``: a :class:`utils.faults.FaultModel`: only the flips it admits (default None:
       every flip, as the papers); the attack then also stops with ``budget`` (the flip budget
       is spent) or ``no_admissible`` (no admissible flip left, e.g. every page used);
@@ -197,7 +196,6 @@ class TBFAConfig:
     full_gradient: bool = False
     oscillation_by_layer: bool = False
     curve_every: int = 0
-    flip_log: bool = False
     incremental: bool = True
     fault: FaultModel | None = None
 
@@ -244,8 +242,11 @@ class TBFA(Attack):
     scalars = ("asr", "pa_acc", "iterations", "test_acc")
 
     def __init__(self, model: nn.Module, output: nn.Module, config: TBFAConfig | None = None,
-                 eval_model: nn.Module | None = None, data: EvalSet | None = None):
+                 eval_model: nn.Module | None = None, data: EvalSet | None = None,
+                 number_format: str = ""):
         self.model = model
+        # the records' label of the attacked weights' format (torch-int8: not the layers' own)
+        self.number_format = number_format or format_label(model)
         self.output = output
         self.data = data
         self._clean = snapshot(model)
@@ -313,8 +314,7 @@ class TBFA(Attack):
                 break
             flip = step.flips[0]
             record = {**flip.as_dict(), "loss": step.loss_after}
-            if cfg.flip_log:
-                flips.append(record)
+            flips.append(record)  # every flip, so that the attacked model can be rebuilt
             if on_flip is not None:
                 on_flip(it, record)
             if self.on_step is not None:
@@ -371,12 +371,20 @@ class TBFA(Attack):
                   "sets_seed": item.seed, "clean_acc": clean_acc,
                   **{k: v for k, v in result.to_dict().items()
                      if k not in ("source", "target", "flips", "curve")},
-                  "n_src": len(item.sets.src), "n_aux": len(item.sets.aux)}
-        if self.config.flip_log:
-            record["flips"] = result.flips
+                  "n_src": len(item.sets.src), "n_aux": len(item.sets.aux),
+                  "number_format": self.number_format,
+                  "fault_model": self.config.fault.to_dict() if self.config.fault else None,
+                  "flips": result.flips}
         if self.config.curve_every:
             record["curve"] = result.curve
         return record
+
+    @classmethod
+    def recorded_flips(cls, record: dict) -> list[tuple]:
+        if "flips" not in record:
+            raise ValueError(f"record {record.get('key')} lists no flips (written before every "
+                             f"flip was recorded, without --flip-log): run the experiment again")
+        return [(f["layer"], f["index"], f["bit"], f["before"]) for f in record["flips"]]
 
     def describe(self, record: dict) -> str:
         per = record["seconds"] / max(record["iterations"], 1)

@@ -171,7 +171,7 @@ def bench_experiment(args, device):
             layer.weight.data.copy_(clean[n])
         # success can never fire (an untrained model may predict the target everywhere):
         # both variants run to the cap unless no bit is left
-        cfg = T.TBFAConfig(max_iters=args.experiment_iters, flip_log=True,
+        cfg = T.TBFAConfig(max_iters=args.experiment_iters,
                            incremental=incremental, success_threshold=101.0,
                            oscillation_by_layer=True)
         dt, res = timed(lambda: T.TBFA(model, output, cfg).run(data, sets, 0, 1), device)

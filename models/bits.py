@@ -455,6 +455,12 @@ def random_flip(model: "nn.Module", generator: torch.Generator | None = None, *,
     return flip_and_record(name, layer, index, bit)
 
 
+def format_label(model: "nn.Module") -> str:
+    """The number format(s) of the model's attacked weights as records name them, e.g. ``int8``
+    (``int1+int8`` for a model mixing formats)."""
+    return "+".join(sorted({layer.bit_format.name for _, layer in bit_layers(model)}))
+
+
 def snapshot(model: "nn.Module") -> dict[str, torch.Tensor]:
     """Copy of every attackable layer's stored weights (to restore or to compare later)."""
     return {name: layer.weight.detach().clone() for name, layer in bit_layers(model)}

@@ -115,7 +115,7 @@ def test_fast_search_equals_plain_search_over_a_whole_experiment(digits_checkpoi
     for incremental in (False, True):
         for name, layer in quant_layers(model):
             layer.weight.data.copy_(clean[name])
-        cfg = T.TBFAConfig(max_iters=60, flip_log=True, incremental=incremental,
+        cfg = T.TBFAConfig(max_iters=60, incremental=incremental,
                            full_gradient=full_gradient, stop_on_rest=False)
         results[incremental] = T.TBFA(model, output, cfg).run(digits_test, sets, 3, 5)
     plain, fast = results[False], results[True]

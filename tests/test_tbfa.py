@@ -54,7 +54,7 @@ def test_tbfa_reaches_target_and_keeps_count(digits_checkpoints, digits_test):
     model, output = attacked_model(digits_checkpoints["vanilla"])
     clean = snapshot(model)
     sets = T.draw_sets(digits_test.labels, 3, 12, 12, seed=0)
-    result = T.TBFA(model, output, T.TBFAConfig(max_iters=200, flip_log=True)).run(
+    result = T.TBFA(model, output, T.TBFAConfig(max_iters=200)).run(
         digits_test, sets, source=3, target=5)
     assert result.stop_reason == "success"
     assert max(result.asr_src, result.asr) == 100.0
@@ -103,7 +103,7 @@ def test_tbfa_iteration_lowers_attack_loss(digits_checkpoints, digits_test):
             return float(output.loss(out[:12], y[:12]) + output.loss(out[12:], y[12:]))
 
     before = loss()
-    result = T.TBFA(model, output, T.TBFAConfig(max_iters=1, flip_log=True)).run(
+    result = T.TBFA(model, output, T.TBFAConfig(max_iters=1)).run(
         digits_test, sets, source=1, target=7)
     assert result.iterations == 1
     assert loss() == pytest.approx(result.flips[0]["loss"], rel=1e-4)
@@ -169,7 +169,7 @@ def test_campaign_resume_equals_uninterrupted(digits_checkpoints, digits_test, t
     model, output = attacked_model(digits_checkpoints["ocm16"])
     clean = snapshot(model)
     exps = T.plan_experiments(digits_test.labels, [(0, 1), (4, 3)], 2, 8, 8, seed=3)
-    attack = T.TBFA(model, output, T.TBFAConfig(max_iters=6, flip_log=True), data=digits_test)
+    attack = T.TBFA(model, output, T.TBFAConfig(max_iters=6), data=digits_test)
     full = CampaignResults(str(tmp_path / "a"))
     CampaignRunner(full, attack, exps, progress=False).run_items()
     assert changed_bits(model, clean) == 0  # restored
