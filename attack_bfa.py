@@ -35,9 +35,10 @@ import torch
 from attacks.bfa import BFA, AttackBatch, RandomFlips, Repetition, Stopping, plan_repetitions
 from attacks.common import EvalSet
 from campaigns.runner import CampaignRunner, open_campaign
-from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
-                      check_input_file, check_number, check_output_dir, check_runtime_args,
-                      fault_model_from_args, load_attack_target, run, in_process_group)
+from cli.args import (ArgumentParser, add_attack_model_args, add_fault_args, add_format_args,
+                      add_runtime_args, check_number, check_paths, check_runtime_args,
+                      explicit_dests, fault_model_from_args, in_process_group,
+                      load_attack_target, model_path, run)
 from utils.data import (file_digest, load_split_tensors, read_attack_batch, read_index_list,
                         write_attack_batch)
 from utils.distributed import is_main
@@ -51,8 +52,8 @@ BREAK_ACC = {"cifar10": 11.0, "imagenet": 0.2}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
     add_format_args(p)
     add_fault_args(p)
@@ -132,6 +133,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 # What a BFA run of an earlier version (before campaigns) wrote into its results folder.
 LEGACY_FILES = ("profile.csv", "summary.json")
 
+# Most runs of a campaign (--avgs): the papers average 5; beyond this it is a typo.
+MAX_AVGS = 10000
+
 # Settings that define a campaign: a results folder holds one campaign.
 CAMPAIGN_KEYS = ("attack", "source", "dataset", "config", "seed", "n_iter", "break_acc", "k_top",
                  "attack_sample_size", "max_bits_per_layer", "public_binary_mask",
@@ -139,24 +143,24 @@ CAMPAIGN_KEYS = ("attack", "source", "dataset", "config", "seed", "n_iter", "bre
                  "defenses", "pinned_batch", "normalization")
 
 
-def check_numbers(args) -> None:
-    """Reject impossible numeric flags and paths before anything is loaded or written."""
+def check_numbers(args, given: set[str] = frozenset()) -> None:
+    """Reject impossible numeric flags and combinations before anything is loaded or written
+    (``given``: the flags on the command line)."""
     for flag in ("n_iter", "attack_sample_size", "k_top", "test_batch", "calibration_images",
                  "avgs"):
         check_number(getattr(args, flag), f"--{flag}", minimum=1)
+    check_number(args.avgs, "--avgs", maximum=MAX_AVGS)
     if args.max_bits_per_layer < 0:
         raise UserError(f"--max_bits_per_layer must be at least 1 (or 0: no bound), got "
                         f"{args.max_bits_per_layer}")
     check_number(args.break_acc, "--break_acc", maximum=100)  # negative: never stop early
     check_runtime_args(args)
-    if args.results:
-        check_output_dir(args.results, "--results")
-    for flag, path in (("--attack-batch", args.attack_batch),
-                       ("--attack-indices", args.attack_indices)):
-        if path:
-            check_input_file(path, flag)
     if args.attack_batch and args.attack_indices:
         raise UserError("give either --attack-batch or --attack-indices, not both")
+    if (args.attack_batch or args.attack_indices) and "attack_sample_size" in given:
+        flag = "--attack-batch" if args.attack_batch else "--attack-indices"
+        raise UserError(f"{flag} gives the attack batch, so --attack_sample_size would be "
+                        f"ignored: drop one of them")
     if (args.attack_batch or args.attack_indices) and args.avgs > 1 and not args.random_bfa:
         raise UserError("a pinned attack batch makes every BFA run the same: drop --avgs (or "
                         "draw the batches: drop --attack-batch / --attack-indices)")
@@ -206,19 +210,33 @@ def augment_like_public_training(images: torch.Tensor, generator: torch.Generato
     return out
 
 
-def default_results_dir(args, source: str) -> str:
+def default_results_dir(args) -> str:
+    """``<checkpoint folder>/attack_bfa`` (``attack_bfa_random``), ``runs/...`` for
+    ``--pretrained``."""
     name = "attack_bfa_random" if args.random_bfa else "attack_bfa"
     if args.pretrained:
         return os.path.join("runs", name)
-    return os.path.join(os.path.dirname(source), name)
+    return os.path.join(os.path.dirname(model_path(args)), name)
+
+
+def script_paths(args) -> tuple[list, list]:
+    """``(inputs, outputs)`` of this command, as :func:`cli.args.check_paths` takes them."""
+    inputs = [("--checkpoint", model_path(args), "file"),
+              ("--fault-profile", args.fault_profile, "file"),
+              ("--attack-batch", args.attack_batch, "file"),
+              ("--attack-indices", args.attack_indices, "file")]
+    return inputs, [("--results", args.results, "folder")]
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    check_numbers(args)  # everything that can be wrong, checked before the folder exists
+    check_numbers(args, explicit_dests(parser, argv))  # checked before the folder exists
     args.fault = fault_model_from_args(args)
+    if args.results is None:  # an empty --results is refused, never the default
+        args.results = default_results_dir(args)
+    check_paths(*script_paths(args))
     return in_process_group(args, _main)
 
 
@@ -227,8 +245,7 @@ def _main(args, device) -> int:
     target = load_attack_target(args, device)
     apply_defaults(args, target.dataset)
     test_x, test_y = target.load_test_split()
-    results_dir = args.results or default_results_dir(args, target.source)
-    check_output_dir(results_dir, "--results")
+    results_dir = args.results
     batches = AttackBatches(args, target, results_dir)  # the data and any pinned batch are read
     eval_set = EvalSet(test_x, test_y, target.mean, target.std, device,
                        batch_size=args.test_batch)

@@ -38,10 +38,11 @@ from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
 from attacks.talbf_file import check_attacks, read_attacks_file, write_attacks_file
 from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import is_main
-from cli.args import (add_attack_model_args, add_runtime_args, check_input_file, check_number,
-                       check_output_dir, check_output_file, check_runtime_args, in_process_group,
-                       load_attack_target, run)
+from cli.args import (ArgumentParser, add_attack_model_args, add_runtime_args, check_number,
+                      check_paths, check_runtime_args, in_process_group, load_attack_target,
+                      model_path, run)
 from utils.errors import UserError
+from utils.textfiles import read_text
 from campaigns.results import default_results_dir
 
 log = logging.getLogger("attack_talbf")
@@ -58,8 +59,8 @@ def _flag(group, names: list[str], dest: str, kind, default, text: str) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
     d = TALBFConfig()
     a = p.add_argument_group("TA-LBF search and lp-box ADMM (defaults: docs/algorithms.md section 8)")
@@ -178,14 +179,11 @@ def _main(args, cfg: TALBFConfig, given, device) -> int:
     items, attack_list = listed or generated_attacks(args, labels, target.config.num_classes,
                                                      attack)
     attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
-    results_dir = args.results or default_results_dir(target.source, args.pretrained,
-                                                      "attack_talbf")
-    check_output_dir(results_dir, "--results")
     campaign = campaign_settings(args, target, cfg, attack_list)
     # Everything is valid: from here on, files are written.
-    results = open_campaign(results_dir, campaign, CAMPAIGN_KEYS, args.overwrite)
+    results = open_campaign(args.results, campaign, CAMPAIGN_KEYS, args.overwrite)
     if args.save_attack_info and is_main():
-        with open(args.save_attack_info, "w") as f:
+        with open(args.save_attack_info, "w", encoding="utf-8") as f:
             f.write(format_attack_info(items))
     if args.save_attacks and is_main():
         write_attacks_file(args.save_attacks, with_drawn_aux(attack, items, args.seed))
@@ -234,20 +232,9 @@ def parse_and_check(argv) -> tuple:
     check_number(args.n_attacks, "--n-attacks", minimum=1)
     check_number(args.test_batch, "--test_batch", minimum=1)
     check_runtime_args(args)
-    for flag, path in (("--attacks-file", args.attacks_file), ("--attack_info", args.attack_info)):
-        if path:
-            check_input_file(path, flag)
-    for flag, path in (("--save-attacks", args.save_attacks),
-                       ("--save-attack-info", args.save_attack_info)):
-        if path:
-            check_output_file(path, flag)
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise UserError(f"{flag} {path}: folder {folder} does not exist; create it first")
-            if os.path.isdir(path):
-                raise UserError(f"{flag} {path} is a folder; give a file name")
-    if args.results:
-        check_output_dir(args.results, "--results")
+    if args.results is None:  # an empty --results is refused, never the default
+        args.results = default_results_dir(model_path(args), args.pretrained, "attack_talbf")
+    check_paths(*script_paths(args))
     if args.attacks_file and args.attack_info:
         raise UserError("give either --attacks-file or --attack_info, not both")
     if args.correct_only and (args.attacks_file or args.attack_info):
@@ -265,16 +252,20 @@ def parse_and_check(argv) -> tuple:
     return args, cfg, given
 
 
+def script_paths(args) -> tuple[list, list]:
+    """``(inputs, outputs)`` of this command, as :func:`cli.args.check_paths` takes them."""
+    inputs = [("--checkpoint", model_path(args), "file"),
+              ("--attacks-file", args.attacks_file, "file"),
+              ("--attack_info", args.attack_info, "file")]
+    outputs = [("--results", args.results, "folder"),
+               ("--save-attacks", args.save_attacks, "file"),
+               ("--save-attack-info", args.save_attack_info, "file")]
+    return inputs, outputs
+
+
 def _read_attack_info(path: str) -> list:
     try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"attack list not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the attack list {path} ({type(e).__name__}: {e})") from None
-    try:
-        return read_attack_info(text, name=path)
+        return read_attack_info(read_text(path, "the attack list"), name=path)
     except ValueError as e:
         raise UserError(str(e)) from None
 

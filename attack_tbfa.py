@@ -30,14 +30,18 @@ from attacks.tbfa import (PROTOCOLS, TBFA, TBFAConfig, default_set_size, plan_ex
                           plan_pinned, protocol_pairs)
 from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import is_main
-from cli.args import (add_attack_model_args, add_fault_args, add_format_args, add_runtime_args,
-                       check_input_file, check_number, check_output_dir, check_output_file,
-                       check_runtime_args, fault_model_from_args,
-                       load_attack_target, run, in_process_group)
+from cli.args import (ArgumentParser, add_attack_model_args, add_fault_args, add_format_args,
+                      add_runtime_args, check_number, check_paths, check_runtime_args,
+                      explicit_dests, fault_model_from_args, in_process_group,
+                      load_attack_target, model_path, run)
 from utils.errors import UserError
+from utils.textfiles import read_text
 from campaigns.results import default_results_dir
 
 log = logging.getLogger("attack_tbfa")
+
+# Most repetitions per pair (--avgs): the protocol's 5, with room; beyond it a typo.
+MAX_AVGS = 10000
 
 # Settings that define a campaign: a results folder holds one campaign.
 CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_gradient",
@@ -46,8 +50,8 @@ CAMPAIGN_KEYS = ("source", "dataset", "config", "n_src", "n_aux", "seed", "full_
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
     add_format_args(p)
     add_fault_args(p)
@@ -137,15 +141,36 @@ def main(argv=None) -> int:
                                  ("--source_end", args.source_end, 1),
                                  ("--calibration_images", args.calibration_images, 1)):
         check_number(value, flag, minimum=minimum)
+    check_number(args.avgs, "--avgs", maximum=MAX_AVGS)
     check_runtime_args(args)
+    check_pinned_flags(args, explicit_dests(parser, argv))
     args.fault = fault_model_from_args(args)
-    if args.sets:
-        check_input_file(args.sets, "--sets")
-    if args.save_sets:
-        check_output_file(args.save_sets, "--save-sets")
-    if args.results:
-        check_output_dir(args.results, "--results")
+    if args.results is None:  # an empty --results is refused, never the default
+        args.results = default_results_dir(model_path(args), args.pretrained, "attack_tbfa")
+    check_paths(*script_paths(args))
     return in_process_group(args, _main)
+
+
+def check_pinned_flags(args, given: set[str]) -> None:
+    """``--sets`` pins the experiments: the flags that would choose them mean nothing with it."""
+    if not args.sets:
+        return
+    unused = [flag for dest, flag in (("pairs", "--pairs"), ("avgs", "--avgs"),
+                                      ("n_src", "--n-src"), ("n_aux", "--n-aux"),
+                                      ("source_start", "--source_start"),
+                                      ("source_end", "--source_end")) if dest in given]
+    if unused:
+        raise UserError(f"--sets pins the experiments (pairs, repetitions and sets), so "
+                        f"{', '.join(unused)} would be ignored: drop {' and '.join(unused)}, or "
+                        f"drop --sets")
+
+
+def script_paths(args) -> tuple[list, list]:
+    """``(inputs, outputs)`` of this command, as :func:`cli.args.check_paths` takes them."""
+    inputs = [("--checkpoint", model_path(args), "file"),
+              ("--fault-profile", args.fault_profile, "file"), ("--sets", args.sets, "file")]
+    outputs = [("--results", args.results, "folder"), ("--save-sets", args.save_sets, "file")]
+    return inputs, outputs
 
 
 def _main(args, device) -> int:
@@ -153,14 +178,11 @@ def _main(args, device) -> int:
     target = load_attack_target(args, device)
     images, labels = target.load_test_split()
     experiments, n_src, n_aux = plan_from_args(args, labels, target)
-    results_dir = args.results or default_results_dir(target.source, args.pretrained,
-                                                      "attack_tbfa")
-    check_output_dir(results_dir, "--results")
     # Everything is valid: from here on, files are written.
-    results = open_campaign(results_dir, campaign_settings(args, target, n_src, n_aux),
+    results = open_campaign(args.results, campaign_settings(args, target, n_src, n_aux),
                             CAMPAIGN_KEYS, args.overwrite)
     if args.save_sets and is_main():
-        with open(args.save_sets, "w") as f:
+        with open(args.save_sets, "w", encoding="utf-8") as f:
             json.dump({"experiments": [{"source": e.source, "target": e.target, "rep": e.rep,
                                         **e.sets.to_dict()} for e in experiments]}, f)
     data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
@@ -183,11 +205,12 @@ def plan_from_args(args, labels: torch.Tensor, target) -> tuple[list, int | None
     num_classes = target.config.num_classes
     if args.sets:
         try:
-            with open(args.sets) as f:
-                entries = json.load(f)["experiments"]
-            experiments = plan_pinned(labels, entries)
-        except FileNotFoundError:
-            raise UserError(f"pinned-sets file not found: {args.sets}") from None
+            text = read_text(args.sets, "the pinned-sets file")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        try:
+            entries = json.loads(text)["experiments"]
+            experiments = plan_pinned(labels, entries, num_classes)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{args.sets} is not a pinned-sets file ({type(e).__name__}: {e}); "
                             f"expected {{\"experiments\": [{{\"source\", \"target\", \"src\", "
@@ -201,6 +224,10 @@ def plan_from_args(args, labels: torch.Tensor, target) -> tuple[list, int | None
         pairs = parse_pairs(args.pairs, num_classes)
     else:
         protocol = PROTOCOLS.get(name, {"classes": num_classes})
+        if args.source_end is not None and args.source_end > protocol["classes"]:
+            raise UserError(f"--source_end {args.source_end} lies beyond the protocol's "
+                            f"{protocol['classes']} source classes of {name}: give at most "
+                            f"{protocol['classes']} (or --pairs)")
         pairs = protocol_pairs(protocol["classes"], args.source_start, args.source_end)
         if not pairs:
             raise UserError(f"no source classes in [{args.source_start}, {args.source_end})")

@@ -41,10 +41,10 @@ from defenses import (check_defenses, config_defenses, list_defenses, parse_defe
 from utils import distributed
 from utils.checkpoint import (checkpoint_config, checkpoint_normalization, load_checkpoint,
                               model_from_checkpoint)
-from cli.args import (MODEL_FLAGS, add_checkpoint_safety_args, add_data_args, add_model_args,
-                       add_runtime_args, check_number, check_output_dir, check_runtime_args,
-                       runtime_device, explicit_dests, resolve_dataset, resolve_model_config,
-                       run)
+from cli.args import (MODEL_FLAGS, ArgumentParser, add_checkpoint_safety_args, add_data_args,
+                      add_model_args, add_runtime_args, check_number, check_paths,
+                      check_runtime_args, explicit_dests, resolve_dataset, resolve_model_config,
+                      run, runtime_device)
 from utils.data import build_loaders
 from utils.errors import UserError
 from utils.schedules import LRSchedule, parse_schedule
@@ -67,8 +67,8 @@ RUN_FILES = ("checkpoint.pth.tar", "model_best.pth.tar", "log.csv", "args.json",
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     add_model_args(p)
     g = p.add_argument_group("mode")
@@ -303,6 +303,7 @@ def main(argv=None) -> int:
 def _main(args, explicit: set[str]) -> int:
     check_runtime_args(args)
     _check_modes(args)
+    check_paths(*run_paths(args, args.outdir if args.eval is None else None))
     device = runtime_device(args)
     if distributed.launched_by_torchrun() and args.eval is None:
         device = distributed.init_distributed(device)  # one process (and GPU) per rank
@@ -355,19 +356,38 @@ def _checkpoint_path(value: str, outdir: str | None, default_name: str, flag: st
     return os.path.join(outdir, default_name)
 
 
-def _start_checkpoint(args) -> tuple[dict | None, str | None]:
-    """The checkpoint of --eval, --resume or --finetune (loaded on the CPU) and its path."""
-    ckpt_path = None
+def _start_checkpoint_path(args) -> tuple[str | None, str | None]:
+    """The flag and path of the checkpoint a run starts from (--eval, --resume, --finetune's
+    --ft_path), or ``(None, None)`` for a new run."""
     if args.eval is not None:
-        ckpt_path = _checkpoint_path(args.eval, args.outdir, "model_best.pth.tar", "--eval")
-    elif args.resume is not None:
-        ckpt_path = _checkpoint_path(args.resume, args.outdir, "checkpoint.pth.tar", "--resume")
-    elif args.finetune:
+        return "--eval", _checkpoint_path(args.eval, args.outdir, "model_best.pth.tar", "--eval")
+    if args.resume is not None:
+        return "--resume", _checkpoint_path(args.resume, args.outdir, "checkpoint.pth.tar",
+                                            "--resume")
+    if args.finetune:
         if not args.ft_path:
             raise UserError("--finetune needs --ft_path (the checkpoint to start from)")
-        ckpt_path = args.ft_path
-        if os.path.isdir(ckpt_path):  # the original scripts pass the run folder
-            ckpt_path = os.path.join(ckpt_path, "model_best.pth.tar")
+        if os.path.isdir(args.ft_path):  # the original scripts pass the run folder
+            return "--ft_path", os.path.join(args.ft_path, "model_best.pth.tar")
+        return "--ft_path", args.ft_path
+    return None, None
+
+
+def run_paths(args, outdir: str | None) -> tuple[list, list]:
+    """``(inputs, outputs)`` of this run, as :func:`cli.args.check_paths` takes them: the
+    checkpoint it starts from and the run folder (``outdir``; None: not known yet, or
+    --eval). --resume's checkpoint in its own run folder is the run's state, which the run goes
+    on writing: it is no input there."""
+    flag, path = _start_checkpoint_path(args)
+    if flag == "--resume" and (outdir is None or os.path.realpath(outdir) ==
+                               os.path.realpath(os.path.dirname(path) or ".")):
+        flag = None
+    return [(flag, path if flag else None, "file")], [("--outdir", outdir, "folder")]
+
+
+def _start_checkpoint(args) -> tuple[dict | None, str | None]:
+    """The checkpoint of --eval, --resume or --finetune (loaded on the CPU) and its path."""
+    _, ckpt_path = _start_checkpoint_path(args)
     if not ckpt_path:
         return None, None
     return load_checkpoint(ckpt_path, map_location="cpu", trust=args.trust_checkpoint,
@@ -385,6 +405,7 @@ def resolve_start(args, explicit: set[str]) -> Start:
                 setattr(args, name, value)
     requested = requested_defenses(args)
     dataset = resolve_dataset(args, ckpt.get("dataset") if ckpt else None)
+    args.dataset = dataset.name  # what the checkpoints record: the data set used
     build = _finetuned_model if args.finetune else _model
     config, model, output = build(args, explicit, dataset, ckpt, ckpt_path, stored, requested)
     if config.num_classes != dataset.num_classes and dataset.name != "imagenet":
@@ -471,7 +492,7 @@ def _training_outdir(args, start: Start) -> tuple[str, bool]:
     of the checkpoint that --resume continues."""
     outdir = args.outdir or (os.path.dirname(start.ckpt_path) or "." if args.resume is not None
                              else default_outdir(start.dataset, start.config))
-    check_output_dir(outdir, "--outdir")
+    check_paths(*run_paths(args, outdir))
     same_run = (args.resume is not None and os.path.isdir(outdir)
                 and os.path.samefile(os.path.dirname(start.ckpt_path) or ".", outdir))
     if not same_run:

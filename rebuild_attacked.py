@@ -20,15 +20,14 @@ import os
 import sys
 
 from campaigns.attacked import rebuild_attacked, save_attacked
-from cli.args import add_runtime_args, check_output_file, in_process_group, run
+from cli.args import ArgumentParser, add_runtime_args, check_output_file, in_process_group, run
 from utils.errors import UserError
 
 log = logging.getLogger("rebuild_attacked")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", required=True, help="a campaign's results folder")
     p.add_argument("--key", required=True, help="the item's key (a record's 'key')")
     p.add_argument("--out", required=True, help="the checkpoint to write")

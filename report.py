@@ -7,8 +7,9 @@ and random-flip accuracy curves).
 Each model is LABEL=FOLDER, FOLDER being its training run folder with the attack scripts'
 default result folders inside (attack_tbfa/, attack_talbf/, attack_bfa*/). Labels vanilla, pc,
 ocm16, ocm64, ocm16_pc, mixup, manifold_mixup get the paper's names and published values.
-Nothing is written into the model folders; a corrupt results line is named (file:line) and
-skipped; what is missing is listed, and everything that can be written is.
+Nothing is written into the model folders: an --out that is, or lies inside, a model folder or
+a folder holding a campaign (campaign.json, results.jsonl) is refused. A corrupt results line is
+named (file:line) and skipped; what is missing is listed, and everything that can be written is.
 
 Examples:
   python report.py vanilla=runs/paper/cifar10/vanilla ocm16=runs/paper/cifar10/ocm16 \
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from cli.args import check_input_file, check_number, check_output_dir, run, setup_logging
+from cli.args import (ArgumentParser, check_input_file, check_number, check_paths, run,
+                      setup_logging)
 from utils.errors import UserError
+from campaigns.results import MERGED
 from campaigns.report import (ATTACKS, PUBLISHED, datasets_of, load_model, parse_model_specs,
                           read_models_file, write_report)
 
@@ -31,8 +35,8 @@ log = logging.getLogger("report")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="LABEL=FOLDER",
                    help="a model's label and its run folder (the order is the table's)")
     p.add_argument("--models-file", default=None, metavar="FILE",
@@ -64,8 +68,8 @@ def main(argv=None) -> int:
     setup_logging()
     check_number(args.band, "--band", minimum=0)
     check_number(args.max_flips, "--max-flips", minimum=1)
-    check_output_dir(args.out, "--out")
     pairs, attacks = model_folders(args), attack_kinds(args.attacks)
+    check_paths(*script_paths(args, pairs))
     models = [load_model(label, folder, args.tbfa_dir, args.talbf_dir, expect=attacks,
                          curves=not args.no_figures) for label, folder in pairs]
     report = write_report(models, args.out, published=published_values(args.published, models),
@@ -94,6 +98,30 @@ def model_folders(args) -> list[tuple[str, str]]:
         raise UserError("no models: give LABEL=FOLDER arguments (e.g. ocm16=runs/paper/ocm16) "
                         "or --models-file")
     return pairs
+
+
+def script_paths(args, pairs: list[tuple[str, str]]) -> tuple[list, list]:
+    """``(inputs, outputs)`` as :func:`cli.args.check_paths` takes them: the model folders,
+    the models file and every results folder at or above ``--out`` (a folder holding
+    ``campaign.json`` or ``results.jsonl``) are read, so ``--out`` can lie in none of them."""
+    inputs = [(f"the folder of model {label}", folder, "folder") for label, folder in pairs]
+    inputs += [("--models-file", args.models_file, "file")]
+    inputs += [("the results folder", folder, "folder")
+               for folder in results_folders_above(args.out)]
+    return inputs, [("--out", args.out, "folder")]
+
+
+def results_folders_above(path: str) -> list[str]:
+    """The folders at or above ``path`` that hold a campaign's ``campaign.json`` or
+    ``results.jsonl`` (the results of an attack, which the report only reads)."""
+    found, probe = [], os.path.realpath(path)
+    while True:
+        if any(os.path.exists(os.path.join(probe, n)) for n in ("campaign.json", MERGED)):
+            found.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return found
+        probe = parent
 
 
 def attack_kinds(text: str) -> tuple[str, ...]:

@@ -778,8 +778,8 @@ def _as_int(text: str) -> int | None:
 def read_attack_info(text: str, name: str = "attack list") -> list[tuple[int, int, int]]:
     """Syntax of the public format: one ``target_class test_index`` pair per line (blank lines
     and ``#`` comments are skipped). Returns ``(line number, target, index)`` per pair; raises
-    ValueError naming the first malformed line."""
-    out = []
+    ValueError naming the first malformed line, or a pair listed before (it would run twice)."""
+    out, first = [], {}
     for number, line in enumerate(text.splitlines(), start=1):
         body = line.split("#", 1)[0].strip()
         if not body:
@@ -787,7 +787,12 @@ def read_attack_info(text: str, name: str = "attack list") -> list[tuple[int, in
         values = [_as_int(p) for p in body.replace(",", " ").split()]
         if len(values) != 2 or None in values:
             raise ValueError(f"{name} line {number}: expected 'target_class test_index' (two "
-                             f"integers), got {line.strip()!r}")
+                             f"integers), got {line.strip()[:60]!r}")
+        if tuple(values) in first:
+            raise ValueError(f"{name} line {number} repeats the attack of line "
+                             f"{first[tuple(values)]} (target {values[0]}, test index "
+                             f"{values[1]}): list each attack once")
+        first[tuple(values)] = number
         out.append((number, values[0], values[1]))
     if not out:
         raise ValueError(f"{name} holds no 'target_class test_index' lines")

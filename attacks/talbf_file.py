@@ -53,9 +53,10 @@ def parse_attacks(text: str, name: str = "attacks file",
 
     Raises ValueError naming the first bad line: not JSON, not an object, a missing or unknown
     key, a non-integer, an ``aux_idx`` that is not a list, that repeats an index, holds the
-    attacked image or (``n_aux`` given) has another size; or a file without attacks.
+    attacked image or (``n_aux`` given) has another size, an attack listed before (it would
+    run twice); or a file without attacks.
     """
-    out = []
+    out, first = [], {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -103,7 +104,13 @@ def parse_attacks(text: str, name: str = "attacks file",
                              f"{n_aux}; give --n_aux {len(aux)} or {n_aux} indices")
         if not aux:
             raise ValueError(f"{where}: aux_idx is empty; D_aux needs at least one image")
-        out.append(PinnedAttack(number, obj["target"], obj["idx"], tuple(aux)))
+        attack = PinnedAttack(number, obj["target"], obj["idx"], tuple(aux))
+        same = (attack.target, attack.idx, attack.aux_idx)
+        if same in first:
+            raise ValueError(f"{where} repeats the attack of line {first[same]} (same target, "
+                             f"idx and aux_idx): list each attack once")
+        first[same] = number
+        out.append(attack)
     if not out:
         raise ValueError(f"{name} holds no attacks (one JSON object per line: "
                          f'{{"target": ..., "idx": ..., "aux_idx": [...]}})')
@@ -135,17 +142,9 @@ def check_attacks(attacks: list[PinnedAttack], n_test: int, labels=None,
 def read_attacks_file(path: str, n_aux: int | None = None) -> list[PinnedAttack]:
     """:func:`parse_attacks` of the file at ``path``; a missing or unreadable file is a
     ValueError too."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"attacks file not found: {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"attacks file {path} is a folder; give a JSON lines file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the attacks file {path} ({type(e).__name__}: {e})") \
-            from None
-    return parse_attacks(text, name=path, n_aux=n_aux)
+    from utils.textfiles import read_text
+
+    return parse_attacks(read_text(path, "the attacks file"), name=path, n_aux=n_aux)
 
 
 def format_attacks(attacks) -> str:

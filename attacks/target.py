@@ -13,7 +13,8 @@ ImageNet weights; the attack scripts, the benchmarks and the tests call it::
     target.model, target.output, target.fault, target.defenses
 
 Every check of the spec raises :class:`utils.errors.UserError` (one line, what to do) before
-anything is written.
+anything is written, the fault model's against the attacked format included (bit positions
+inside it, profile cells inside its weights).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn as nn
 from models.bits import ATTACK_FORMATS, FLOAT_BITS, FLOAT_FORMAT_NAMES
 from models.factory import ModelConfig, ModelFlags
 from utils.errors import UserError
-from utils.faults import FaultModel
+from utils.faults import FaultModel, check_applies
 
 # ATTACK_FORMATS (models/bits.py): the number formats a model can be attacked in
 # (docs/algorithms.md section 1b): as trained (N-bit per-layer codes, fp32 for a float model),
@@ -155,6 +156,11 @@ def build_target(spec: TargetSpec, device) -> AttackTarget:
 
     model, eval_model, label = _attack_format(model, config, spec.number_format, calibration,
                                               device)
+    if spec.fault is not None:
+        try:
+            check_applies(spec.fault, model)  # only now is the attacked format known
+        except ValueError as e:
+            raise UserError(f"fault model: {e}") from None
     deployed = [d for d in defenses if d.stage == "deployment"]
     if deployed:
         from defenses.deployment import DefendedModel

@@ -111,12 +111,16 @@ def pa_acc_public(correct: torch.Tensor, block: int = 100) -> float:
     return 100.0 * int(correct[:scored].sum()) / len(correct)
 
 
-def _index_list(values, name: str) -> torch.Tensor:
-    """A list of integer test-set positions (a float such as 3.5 or true is refused, never
-    truncated)."""
+def _index_list(values, name: str, n: int) -> torch.Tensor:
+    """A list of integer positions in a test set of ``n`` samples (a float such as 3.5 or true
+    is refused, never truncated; so is a position outside it, however large)."""
     if not isinstance(values, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"pinned set {name!r} must be a list of integer test-set indices")
+    bad = [v for v in values if not 0 <= v < n]
+    if bad:
+        raise ValueError(f"pinned set {name!r} has index {bad[0]} outside the test set "
+                         f"(0..{n - 1})")
     return torch.tensor(values, dtype=torch.int64)
 
 
@@ -132,13 +136,9 @@ def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
     for name in ("src", "rest", "aux"):
         if name not in entry:
             raise ValueError(f"pinned sets lack {name!r}")
-        idx = _index_list(entry[name], name)
+        idx = _index_list(entry[name], name, n)
         if len(idx) == 0:
             raise ValueError(f"pinned set {name!r} is empty")
-        bad = idx[(idx < 0) | (idx >= n)]
-        if len(bad):
-            raise ValueError(f"pinned set {name!r} has index {int(bad[0])} outside the test set "
-                             f"(0..{n - 1})")
         if len(torch.unique(idx)) != len(idx):
             raise ValueError(f"pinned set {name!r} repeats an index")
         out[name] = idx
@@ -159,7 +159,7 @@ def pinned_sets(entry: dict, labels: torch.Tensor, source: int) -> TBFASets:
     mask[out["aux"]] = False
     pa = mask.nonzero().view(-1)
     if entry.get("pa") is not None:
-        given = _index_list(entry["pa"], "pa")
+        given = _index_list(entry["pa"], "pa", n)
         if len(given) != len(pa) or not torch.equal(torch.sort(given).values, pa):
             raise ValueError(f"pinned set 'pa' must hold exactly the {len(pa)} samples outside "
                              f"the source class and D_aux (it has {len(given)}); drop it to "
@@ -426,8 +426,11 @@ def plan_experiments(labels: torch.Tensor, pairs: list[tuple[int, int]], reps: i
     return out
 
 
-def plan_pinned(labels: torch.Tensor, entries: list[dict]) -> list[Experiment]:
-    """Experiments from a pinned-sets file (see :func:`pinned_sets`)."""
+def plan_pinned(labels: torch.Tensor, entries: list[dict], num_classes: int | None = None
+                ) -> list[Experiment]:
+    """Experiments from a pinned-sets file (see :func:`pinned_sets`); ``source`` and ``target``
+    must be classes of the model (``num_classes``; default: of the labels)."""
+    num_classes = num_classes or int(labels.max()) + 1
     if not isinstance(entries, list) or not entries:
         raise ValueError("'experiments' must be a non-empty list")
     out, keys = [], set()
@@ -439,6 +442,9 @@ def plan_pinned(labels: torch.Tensor, entries: list[dict]) -> list[Experiment]:
             raise ValueError(f"pinned experiment {i} needs integer 'source' and 'target' (and "
                              f"'rep', when given) of at least 0")
         source, target, rep = values
+        if max(source, target) >= num_classes:
+            raise ValueError(f"pinned experiment {i}: class {max(source, target)} is out of "
+                             f"range: the model has {num_classes} classes (0..{num_classes - 1})")
         try:
             sets = pinned_sets(e, labels, source)
         except ValueError as err:

@@ -334,11 +334,13 @@ def parse_model_specs(specs: list[str], base: str | None = None) -> list[tuple[s
 
 def read_models_file(path: str) -> list[tuple[str, str]]:
     """A manifest: one ``label=folder`` per line (``#`` comments; folders relative to it)."""
+    from utils.textfiles import read_text
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.split("#", 1)[0].strip() for ln in f]
-    except OSError as e:
-        raise UserError(f"cannot read the models file {path} ({e.strerror})") from None
+        text = read_text(path, "the models file")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     return parse_model_specs([ln for ln in lines if ln],
                              base=os.path.dirname(os.path.abspath(path)))
 

@@ -198,7 +198,8 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 def results_files(results_dir: str) -> list[str]:
     """``results.jsonl`` then the rank files (``results.rank<r>.jsonl``) by rank number, those
-    that exist."""
+    that exist as files (a campaign refuses a folder of another kind under these names:
+    :func:`check_campaign`)."""
     merged = os.path.join(results_dir, MERGED)
     ranked = []
     if os.path.isdir(results_dir):
@@ -206,7 +207,7 @@ def results_files(results_dir: str) -> list[str]:
             m = re.fullmatch(RANK_FILE, name)
             if m:
                 ranked.append((int(m.group(1)), os.path.join(results_dir, name)))
-    return ([merged] if os.path.exists(merged) else []) + [p for _, p in sorted(ranked)]
+    return [p for p in [merged] + [p for _, p in sorted(ranked)] if os.path.isfile(p)]
 
 
 def read_records(results_dir: str, problems: list[str] | None = None) -> list[dict]:
@@ -364,33 +365,73 @@ def _same_setting(key: str, before, now) -> bool:
 
 
 def check_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = False) -> str:
-    """Refuse a results folder that holds a campaign with other settings, or results this
-    tool's campaigns did not write (no ``campaign.json``), unless ``overwrite``: then what a
-    campaign writes is removed from it. Returns the path of its ``campaign.json`` (written by
-    :func:`write_campaign` once everything is valid)."""
+    """Refuse a results folder that holds a campaign with other settings, a damaged one (a
+    ``campaign.json`` that is not a JSON object, results that are not UTF-8 text), or results
+    this tool's campaigns did not write (no ``campaign.json``), unless ``overwrite``: then what
+    a campaign writes is removed from it. A campaign's file that is a folder (or its ``tb``
+    folder a file) is refused even then: it is not the campaign's to remove. Returns the path
+    of its ``campaign.json`` (written by :func:`write_campaign` once everything is valid)."""
     from utils.errors import UserError
 
     path = os.path.join(results_dir, "campaign.json")
-    leftovers = _campaign_leftovers(results_dir)
-    problem = None
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                before = json.load(f)
-        except (OSError, ValueError) as e:
-            before, problem = None, f"an unreadable campaign.json ({type(e).__name__})"
-        if before is not None:
-            diff = [k for k in keys if not _same_setting(k, before.get(k), campaign.get(k))]
-            if diff:
-                problem = f"a campaign with other settings ({', '.join(diff)} differ)"
-    elif any(n.startswith("results") for n in leftovers):
-        problem = "results without a campaign.json (not written by this tool's campaigns)"
-    if problem is None:
-        return path
-    if not overwrite:
+    wrong = _wrong_kind(results_dir)
+    if wrong:
+        raise UserError(f"{results_dir} holds {wrong}, where a campaign keeps its own: move it "
+                        f"away, or use another --results folder")
+    problem = _campaign_problem(results_dir, campaign, keys)
+    if problem is not None and not overwrite:
         raise UserError(f"{results_dir} holds {problem}: use another --results folder, or add "
                         f"--overwrite to replace them")
     return path
+
+
+def _wrong_kind(results_dir: str) -> str | None:
+    """A name a campaign writes, present as another kind of thing (a folder ``results.jsonl``,
+    a file ``tb``), described; None if all is well."""
+    for name in _campaign_leftovers(results_dir):
+        target = os.path.join(results_dir, name)
+        folder = name == "tb"
+        if os.path.isdir(target) != folder or not (folder or os.path.isfile(target)):
+            return f"{name} as a {'file' if folder else 'folder or special file'}"
+    return None
+
+
+def _campaign_problem(results_dir: str, campaign: dict, keys) -> str | None:
+    """Why the folder cannot take ``campaign`` as it is (other settings, a damaged
+    ``campaign.json`` or results, foreign results), or None."""
+    path = os.path.join(results_dir, "campaign.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            return f"an unreadable campaign.json ({type(e).__name__})"
+        if not isinstance(before, dict):
+            kind = {list: "a list", str: "a string", type(None): "null", bool: "true/false"}
+            return (f"a damaged campaign.json ({kind.get(type(before), 'a number')}, not a JSON "
+                    f"object)")
+        undecodable = [os.path.basename(p) for p in results_files(results_dir)
+                       if not _utf8_lines(p)]
+        if undecodable:
+            return f"results that are not UTF-8 text ({', '.join(undecodable)})"
+        diff = [k for k in keys if not _same_setting(k, before.get(k), campaign.get(k))]
+        if diff:
+            return f"a campaign with other settings ({', '.join(diff)} differ)"
+    elif any(n.startswith("results") for n in _campaign_leftovers(results_dir)):
+        return "results without a campaign.json (not written by this tool's campaigns)"
+    return None
+
+
+def _utf8_lines(path: str) -> bool:
+    """Every ended line of ``path`` is UTF-8 text (a last line without its newline may be cut
+    anywhere by a crash, inside a character too: resuming drops it)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data[:data.rfind(b"\n") + 1].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def clear_campaign(results_dir: str) -> None:

@@ -127,6 +127,20 @@ def in_process_group(args, body) -> int:
         cleanup()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' flag parser: a flag error (unknown flag, bad value, missing argument) is a
+    :class:`UserError`, so that :func:`run` prints it as the one line ``error: ...`` (exit status
+    2) like every other bad input, instead of argparse's usage block. Abbreviated flags are
+    off: ``--res`` never silently means ``--results``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{message} ({self.prog} --help lists the flags)")
+
+
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Destinations of the options that appear on the command line ``argv``."""
     given = set()
@@ -168,13 +182,48 @@ def _blocking_file(path: str) -> str | None:
         probe = parent
 
 
+def _shown(path: str) -> str:
+    """``path`` as a message can show it: a name that is not UTF-8 with its bytes escaped."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# The kernel's views of the system (not places for files): nothing is written below them.
+VIRTUAL_ROOTS = ("/proc", "/sys", "/dev")
+VIRTUAL_EXCEPTIONS = ("/dev/shm",)  # a RAM disk: files are written there
+
+
+def _check_path_text(path: str, flag: str) -> None:
+    """``path`` can be used and shown: not empty, no NUL, valid UTF-8 (a name in another
+    encoding could be opened but not logged, printed or recorded, and would fail half-way)."""
+    if path == "":
+        raise UserError(f"{flag} is an empty path: give a path")
+    if "\0" in path:
+        raise UserError(f"{flag} {path!r} holds a NUL character: give a path")
+    try:
+        os.path.abspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {_shown(path)}: the path is not valid UTF-8 (a name in another "
+                        f"encoding, which the logs and results cannot record): rename it") from None
+
+
+def _check_writable_place(path: str, flag: str) -> None:
+    """Nothing is written under the kernel's virtual file systems (/proc, /sys, /dev)."""
+    real = os.path.realpath(path)
+    for root in VIRTUAL_ROOTS:
+        if _within(real, root) and not any(_within(real, x) for x in VIRTUAL_EXCEPTIONS):
+            raise UserError(f"{flag} {path} lies in {root}, the kernel's view of the system, "
+                            f"where no files can be written: give a path on a disk")
+
+
 def check_output_dir(path: str, flag: str) -> None:
     """``path`` can be (or already is) a folder this run writes into."""
+    _check_path_text(path, flag)
     blocker = _blocking_file(path)
     if blocker == os.path.abspath(path):
         raise UserError(f"{flag} {path} is a file, not a folder: give a folder path")
     if blocker is not None:
         raise UserError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
+    _check_writable_place(path, flag)
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -184,6 +233,7 @@ def check_output_dir(path: str, flag: str) -> None:
 
 def check_output_file(path: str, flag: str) -> None:
     """``path`` is a file this run writes: not a folder, in a folder that exists."""
+    _check_path_text(path, flag)
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: give a file path")
     folder = os.path.dirname(os.path.abspath(path))
@@ -192,18 +242,82 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: the folder {folder} does not exist (create it first)")
+    _check_writable_place(path, flag)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is not a regular file (a device, pipe or socket): "
+                        f"give a file path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: no permission to write in {folder}")
 
 
 def check_input_file(path: str, flag: str) -> None:
     """``path`` is an existing, readable file."""
+    _check_path_text(path, flag)
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: give the file inside it")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: file not found")
     if not os.access(path, os.R_OK):
         raise UserError(f"{flag} {path}: no permission to read it")
+
+
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it (both absolute, normalized)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _same(a: str, b: str) -> bool:
+    """Two paths name one file: the same real path, or (both existing) the same inode, as
+    a hard link is."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _overlap(out: tuple, other: tuple, other_is_output: bool) -> str | None:
+    """How the output ``out`` collides with ``other`` (an input, or another output), as the
+    end of an error line; None when they are apart. Each is ``(flag, path, kind)``."""
+    (_, path, kind), (o_flag, o_path, o_kind) = out, other
+    role = "writes" if other_is_output else "reads"
+    real, o_real = os.path.realpath(path), os.path.realpath(o_path)
+    if _same(path, o_path):
+        return f"is {o_flag} {o_path} (the {o_kind} this command also {role})"
+    if _within(real, o_real):
+        return f"lies inside {o_flag} {o_path} (a folder this command also {role})"
+    if kind == "folder" and _within(o_real, real) and (other_is_output or o_kind == "file"):
+        return (f"holds {o_flag} {o_path} (which this command also {role}), and this command "
+                f"writes into it")
+    return None
+
+
+def check_paths(inputs: list[tuple], outputs: list[tuple]) -> None:
+    """Every path a command reads (``inputs``) and writes (``outputs``), checked together
+    before anything is written; each is ``(flag, path or None, kind)``, kind ``"file"`` or
+    ``"folder"`` (a path of None: flag not given). Each path must be usable (valid UTF-8; an
+    input file that exists; an output in a place where it can be written, never under /proc,
+    /sys or /dev). Then no output may be, or lie inside, an input or another output, and no
+    input file may lie inside an output folder: a command never writes over what it reads,
+    nor two things to one place. Real paths are compared, so symlinks, ``..`` and hard links
+    count. The one home of these rules: every script calls it (input folders are only
+    compared: a missing one is each reader's own matter)."""
+    inputs = [p for p in inputs if p[1] is not None]
+    outputs = [p for p in outputs if p[1] is not None]
+    for flag, path, kind in inputs:
+        _check_path_text(path, flag)
+        if kind == "file":
+            check_input_file(path, flag)
+    for flag, path, kind in outputs:
+        (check_output_file if kind == "file" else check_output_dir)(path, flag)
+    for i, out in enumerate(outputs):
+        pairs = [(out, p, False) for p in inputs]
+        pairs += [pair for p in outputs[:i] for pair in ((out, p, True), (p, out, True))]
+        for a, b, b_is_output in pairs:
+            problem = _overlap(a, b, b_is_output)
+            if problem:
+                raise UserError(f"{a[0]} {a[1]} {problem}: give {a[0]} another path")
 
 
 def check_runtime_args(args) -> None:
@@ -305,31 +419,54 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
                         "in the weight layout of docs/algorithms.md section 5b)")
     g.add_argument("--one-flip-per-page", action="store_true",
                    help="at most one flip per memory page of the weights as stored")
-    g.add_argument("--page-bytes", type=int, default=4096,
-                   help="page size for --one-flip-per-page (default: 4096)")
+    g.add_argument("--page-bytes", type=int, default=None,
+                   help="page size for --one-flip-per-page, a power of two (default: 4096)")
     g.add_argument("--flip-budget", type=int, default=None, metavar="N",
                    help="at most N flips in the whole attack (per experiment for T-BFA)")
 
 
 def fault_model_from_args(args):
     """The :class:`utils.faults.FaultModel` the flags describe (None when unconstrained);
-    raises UserError for a bad value or an unreadable profile, before anything is written."""
-    from utils.faults import FaultModel, parse_bit_positions, read_profile
+    raises UserError for a bad value, a setting without effect (``--page-bytes`` without
+    ``--one-flip-per-page``) or a malformed or empty profile, before anything is written. What
+    depends on the model (bit positions inside its format, profile cells inside its weights)
+    is checked once it is loaded (:func:`attacks.target.build_target`)."""
+    from utils.faults import PAGE_BYTES, FaultModel, parse_bit_positions, read_profile
 
+    if args.page_bytes is not None and not args.one_flip_per_page:
+        raise UserError("--page-bytes is the page of --one-flip-per-page, which is not given: "
+                        "add --one-flip-per-page, or drop --page-bytes")
+    check_number(args.page_bytes, "--page-bytes", minimum=4, maximum=2 ** 30)
     try:
         positions = (parse_bit_positions(args.fault_bits) if args.fault_bits is not None
                      else None)
         profile = None
         if args.fault_profile is not None:
             check_input_file(args.fault_profile, "--fault-profile")
-            read_profile(args.fault_profile)  # a malformed file fails here, with its line
+            read_profile(args.fault_profile)  # a malformed or empty file fails here
             profile = os.path.abspath(args.fault_profile)
         fault = FaultModel(bit_positions=positions, direction=args.fault_direction,
                            profile=profile, one_per_page=args.one_flip_per_page,
-                           page_bytes=args.page_bytes, budget=args.flip_budget)
+                           page_bytes=args.page_bytes or PAGE_BYTES, budget=args.flip_budget)
     except ValueError as e:
         raise UserError(f"fault model: {e}") from None
     return None if fault.unconstrained else fault
+
+
+def model_path(args) -> str | None:
+    """The checkpoint the attack scripts' flags name: ``--checkpoint``, else
+    ``<--outdir>/model_best.pth.tar`` (the original scripts' way); None with ``--pretrained``.
+    Raises UserError when there is no model, or two."""
+    if args.pretrained:
+        if args.checkpoint:
+            raise UserError("give either --pretrained or --checkpoint, not both")
+        return None
+    if args.checkpoint:
+        return args.checkpoint
+    if args.outdir:
+        return os.path.join(args.outdir, "model_best.pth.tar")
+    raise UserError("no model to attack: give --checkpoint PATH (or --outdir holding "
+                    "model_best.pth.tar, or --pretrained)")
 
 
 def target_spec(args) -> TargetSpec:
@@ -338,11 +475,10 @@ def target_spec(args) -> TargetSpec:
     flags = ModelFlags(arch=args.arch, bits=args.bits, num_classes=args.num_classes,
                        ocm=args.ocm, code_length=args.code_length, output_act=args.output_act,
                        codebook_seed=args.codebook_seed)
-    checkpoint = args.checkpoint or (os.path.join(args.outdir, "model_best.pth.tar")
-                                     if args.outdir else None)
+    checkpoint = model_path(args)
     fault = args.fault if hasattr(args, "fault") else (
         fault_model_from_args(args) if hasattr(args, "fault_bits") else None)
-    return TargetSpec(checkpoint=None if args.pretrained else checkpoint,
+    return TargetSpec(checkpoint=checkpoint,
                       pretrained=args.pretrained, model=flags, dataset=args.dataset,
                       data=DataSpec(args.data_dir, args.download, args.workers),
                       number_format=getattr(args, "format", "trained"),
@@ -355,6 +491,4 @@ def target_spec(args) -> TargetSpec:
 
 def load_attack_target(args, device) -> AttackTarget:
     """The attack scripts' target: :func:`attacks.target.build_target` of :func:`target_spec`."""
-    if args.pretrained and args.checkpoint:
-        raise UserError("give either --pretrained or --checkpoint, not both")
     return build_target(target_spec(args), device)

@@ -496,6 +496,8 @@ def test_attack_bfa_saves_its_batch_and_takes_a_pinned_one(data_dir, checkpoint,
     saved = tmp_path / "drawn" / drawn["attack_batch"]["saved"]
     images, labels, _ = read_attack_batch(str(saved))
     assert images.dtype == torch.uint8 and len(images) == len(labels) == 16
+    base.remove("--attack_sample_size")  # a pinned batch has its size: the flag is refused
+    base.remove("16")
     assert run(attack_bfa.main, base + ["--results", str(tmp_path / "file"),
                                         "--attack-batch", str(saved)]) == 0
     (pinned,), campaign = read_runs(tmp_path / "file")

@@ -21,8 +21,8 @@ from models.bits import FloatFormat, StoredWeights, bit_layers, snapshot
 from models.factory import ModelConfig, build_model
 from utils.bitsearch import MAXIMIZE, MINIMIZE, layer_candidate
 from utils.data import get_dataset_info
-from utils.faults import (FaultModel, FaultState, MemoryLayout, parse_bit_positions,
-                          read_profile)
+from utils.faults import (FaultModel, FaultState, MemoryLayout, check_applies,
+                          parse_bit_positions, read_profile)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,7 +141,7 @@ def write_profile(path, model, n_cells=900, seed=3):
     _, total = layout_starts(model)
     rng = np.random.default_rng(seed)
     cells = {}
-    lines = ["offset,bit,direction", "# templated cells"]
+    lines = ["# offset,bit,direction", "# templated cells"]
     for _ in range(n_cells):
         offset, bit = int(rng.integers(total)), int(rng.integers(8))
         d = int(rng.integers(1, 3))
@@ -257,11 +257,21 @@ def test_parsing_and_validation(tmp_path):
         with pytest.raises(ValueError):
             parse_bit_positions(bad)
     p = tmp_path / "p.csv"
-    p.write_text("offset,bit,direction\n0x10 7 1to0\n3, 0, 0->1  # comment\n\n")
+    p.write_text("# offset,bit,direction\n0x10 7 1to0\n3, 0, 0->1  # comment\n\n")
     assert read_profile(str(p)) == [(16, 7, 2), (3, 0, 1)]
-    p.write_text("0 0 0to1\n5 9 0to1\n")
-    with pytest.raises(ValueError, match=r"p.csv:2"):
+    for text, where in (("0 0 0to1\n5 9 0to1\n", "p.csv:2"),  # bit 9 of a byte
+                        ("offset,bit,direction\n0 0 0to1\n", "p.csv:1"),  # a header, not #
+                        ("0 0 0to1 extra\n", "p.csv:1"), ("# only comments\n\n", "no cells")):
+        p.write_text(text)
+        with pytest.raises(ValueError, match=where):
+            read_profile(str(p))
+    p.write_bytes(b"0 0 0to1\n\xff 1 0to1\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
         read_profile(str(p))
+    with pytest.raises(ValueError, match="beyond every number format"):
+        parse_bit_positions("0-40")
+    with pytest.raises(ValueError, match="power of two"):
+        FaultModel(one_per_page=True, page_bytes=3000)
     with pytest.raises(ValueError):
         FaultModel(direction="up")
     with pytest.raises(ValueError):
@@ -416,3 +426,18 @@ def test_profile_cells_outside_the_weights_are_counted(tmp_path):
     state = FaultState(model, FaultModel(profile=str(tmp_path / "c.txt")))
     assert state.profile_cells_outside >= 1
     assert os.path.exists(tmp_path / "c.txt")
+    check_applies(FaultModel(profile=str(tmp_path / "c.txt")), model)  # some cells inside
+
+
+def test_a_fault_model_must_apply_to_the_attacked_format(tmp_path):
+    """Bit positions outside every attacked layer's format, or a profile with no cell in the
+    weights, cannot mean what they say: refused (the scripts do it before writing)."""
+    model = toy_model()  # layers of 2 to 16 bits: the narrowest decides
+    narrow = min(layer.bit_format.n_bits for _, layer in bit_layers(model))
+    check_applies(FaultModel(bit_positions=tuple(range(narrow))), model)
+    with pytest.raises(ValueError, match=f"bits 0-{narrow - 1}"):
+        check_applies(FaultModel(bit_positions=(narrow,)), model)
+    _, total = layout_starts(model)
+    (tmp_path / "far.txt").write_text(f"{total} 0 0to1\n{total + 99} 7 1to0\n")
+    with pytest.raises(ValueError, match="none of the 2 cells"):
+        check_applies(FaultModel(profile=str(tmp_path / "far.txt")), model)

@@ -78,6 +78,7 @@ def test_interrupt_and_resume_is_exact(trained, data_dir, tmp_path, monkeypatch,
     a = load_checkpoint(str(trained / "checkpoint.pth.tar"))
     b = load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))
     assert b["epoch"] == 3 and b["best_acc"] == a["best_acc"]
+    assert a["args"]["dataset"] == b["args"]["dataset"] == "cifar10"  # resumed: still known
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert read_csv_rows(tmp_path / "log.csv")[-1].split(",")[:7] == \

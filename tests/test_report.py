@@ -340,3 +340,13 @@ def test_runs_are_grouped_by_number_format_and_fault_model(tmp_path):
     assert rows == [("fp16", "none", 2.0), ("fp16", "1/page", 3.0), ("fp32", "none", 1.0)]
     table = format_markdown_bfa(bfa_rows([model]))
     assert "| float [0to1] | fp16 | 1/page | BFA | 1 |" in table
+
+
+def test_a_results_path_of_the_wrong_kind_is_left_out(tmp_path):
+    """A ``results.jsonl`` that is a folder holds no results: the report lists the attack as
+    missing instead of failing on it (a partial folder never makes an error)."""
+    (tmp_path / "m" / "attack_tbfa" / "results.jsonl").mkdir(parents=True)
+    assert results_files(str(tmp_path / "m" / "attack_tbfa")) == []
+    assert run(report_script.main, [f"m={tmp_path / 'm'}", "--out", str(tmp_path / "r"),
+                                    "--no-figures", "--attacks", "tbfa"]) == 0
+    assert "m: no " in (tmp_path / "r" / "report.md").read_text()

@@ -57,9 +57,9 @@ class FaultModel:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"flip direction must be one of {', '.join(DIRECTIONS)}, got "
                              f"{self.direction!r}")
-        if self.page_bytes < 4 or self.page_bytes % 4:
-            raise ValueError(f"page size must be a positive multiple of 4 bytes, got "
-                             f"{self.page_bytes}")
+        if self.page_bytes < 4 or self.page_bytes & (self.page_bytes - 1):
+            raise ValueError(f"page size must be a power of two of at least 4 bytes (e.g. "
+                             f"4096), got {self.page_bytes}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"flip budget must be at least 1, got {self.budget}")
         if self.bit_positions is not None:
@@ -113,8 +113,14 @@ def _ranges(values: tuple[int, ...]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+# The widest value of any attacked format (fp32): no bit position lies beyond it. Whether a
+# position lies inside the attacked format is known once the model is loaded (check_applies).
+MAX_VALUE_BITS = 32
+
+
 def parse_bit_positions(text: str) -> tuple[int, ...]:
-    """``"0"``, ``"1-7"``, ``"0,2,4-6"`` -> sorted bit positions (0 = MSB)."""
+    """``"0"``, ``"1-7"``, ``"0,2,4-6"`` -> sorted bit positions (0 = MSB), each below
+    :data:`MAX_VALUE_BITS`."""
     out = set()
     for part in text.split(","):
         part = part.strip()
@@ -125,6 +131,9 @@ def parse_bit_positions(text: str) -> tuple[int, ...]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f"empty bit range {part!r} in {text!r}")
+        if hi >= MAX_VALUE_BITS:
+            raise ValueError(f"bit position {hi} in {text!r} lies beyond every number format "
+                             f"(at most {MAX_VALUE_BITS} bits: positions 0-{MAX_VALUE_BITS - 1})")
         out.update(range(lo, hi + 1))
     return tuple(sorted(out))
 
@@ -135,30 +144,62 @@ def read_profile(path: str) -> list[tuple[int, int, int]]:
     One cell per line: ``<byte offset> <bit> <direction>``, separated by spaces or commas; the
     offset in the weight layout (module docstring), decimal or ``0x`` hex; the bit within the
     byte, 0 = LSB (as memory profilers report it); the direction ``0to1`` or ``1to0`` (also
-    ``0->1``, ``1->0``). ``#`` starts a comment; a first line that is not a cell (a CSV header)
-    is skipped. A cell listed with both directions flips both ways. Raises ValueError (with the
-    line number) for anything else.
+    ``0->1``, ``1->0``). ``#`` starts a comment (a header line must be one: a line that is not
+    a cell is an error, never skipped). A cell listed with both directions flips both ways.
+    Raises ValueError (with the line number) for anything else, for text that is not UTF-8 and
+    for a file without cells (an attack under it could flip nothing).
     """
+    from utils.textfiles import read_text
+
     cells = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            fields = [x for x in re.split(r"[\s,]+", text) if x]
-            try:
-                offset = int(fields[0], 0)
-                bit = int(fields[1])
-                direction = _DIRECTION_ALIASES[fields[2].lower()]
-                if len(fields) != 3 or offset < 0 or not 0 <= bit <= 7:
-                    raise ValueError
-            except (ValueError, IndexError, KeyError):
-                if number == 1 and not fields[0][:1].isdigit():
-                    continue  # header
-                raise ValueError(f"{path}:{number}: a profile line is '<byte offset> <bit 0-7, "
-                                 f"0 = LSB> <0to1|1to0>', got {line.strip()!r}") from None
-            cells.append((offset, bit, direction))
+    for number, line in enumerate(read_text(path, "the profile").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            cells.append(_profile_cell(text, f"{path}:{number}", line))
+    if not cells:
+        raise ValueError(f"{path} holds no cells: a profile lists the vulnerable cells, one "
+                         f"'<byte offset> <bit 0-7, 0 = LSB> <0to1|1to0>' per line")
     return cells
+
+
+def _profile_cell(text: str, where: str, line: str) -> tuple[int, int, int]:
+    """One profile line's cell (:func:`read_profile`); ValueError naming ``where``."""
+    fields = [x for x in re.split(r"[\s,]+", text) if x]
+    try:
+        if len(fields) != 3:
+            raise ValueError
+        offset, bit = int(fields[0], 0), int(fields[1])
+        direction = _DIRECTION_ALIASES[fields[2].lower()]
+        if offset < 0 or not 0 <= bit <= 7:
+            raise ValueError
+    except (ValueError, KeyError):
+        raise ValueError(f"{where}: a profile line is '<byte offset> <bit 0-7, 0 = LSB> "
+                         f"<0to1|1to0>' (a header must start with #), got "
+                         f"{line.strip()[:60]!r}") from None
+    return offset, bit, direction
+
+
+def check_applies(fault: FaultModel, model: nn.Module) -> None:
+    """Raise ValueError when ``fault`` names what ``model``'s attacked weights do not have, so
+    that a run never records a setting it could not apply: a bit position outside their format
+    (positions 0 .. n_bits - 1 of every attacked layer) or a profile none of whose cells lies
+    in them (the attack could flip nothing)."""
+    layers = bit_layers(model)
+    if not layers:
+        raise ValueError("the model has no attacked layers")
+    narrow = min((layer.bit_format for _, layer in layers), key=lambda f: f.n_bits)
+    outside = [b for b in fault.bit_positions or () if b >= narrow.n_bits]
+    if outside:
+        raise ValueError(f"bit position(s) {_ranges(tuple(outside))} lie outside the attacked "
+                         f"weights: {narrow.name} values have bits 0-{narrow.n_bits - 1} "
+                         f"(0 = MSB); give positions inside them (--fault-bits)")
+    if fault.profile is not None:
+        state = FaultState(model, fault)
+        if not state._profile:
+            raise ValueError(f"none of the {state.profile_cells_outside} cells of the profile "
+                             f"{fault.profile} lies in the attacked weights (bytes 0-"
+                             f"{state.layout.total_bytes - 1} of the layout of docs/algorithms.md "
+                             f"section 5b, {narrow.name}): the attack could flip nothing")
 
 
 @dataclass
