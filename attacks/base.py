@@ -21,12 +21,20 @@ Each attack's :meth:`Attack.run` (its own arguments: an attack batch, the attack
 sample and a target) stays the Python API for one attack; ``run_item`` maps an item onto it.
 Adding an attack is its module (a subclass decorated with ``@register_attack``) plus one import
 line in :mod:`attacks`; ``report.py`` then shows its campaigns (:mod:`campaigns.report`).
+
+The defenses x attacks matrix (``evaluate_defenses.py``, :mod:`campaigns.matrix`) builds every
+attack the same way, from a spec ``NAME[:key=value,...]`` (:func:`create_attack`): the class's
+:meth:`Attack.from_target` takes the attack target (model, output head, fault model, defenses),
+the test split and one :class:`Protocol` shared by all attacks, and :meth:`Attack.plan` gives
+the campaign's items under that protocol.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, is_dataclass
-from typing import Callable, ClassVar, Iterable
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+from utils.specs import parse_spec, spec_label
 
 _REGISTRY: dict[str, type["Attack"]] = {}
 
@@ -52,6 +60,63 @@ def attack_class(name: str) -> type["Attack"]:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown attack {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One protocol for every attack of a comparison (docs/algorithms.md section 13).
+
+    - ``pairs``: the targeted attacks' (source, target) classes; T-BFA runs each ``reps`` times
+      with ``n_src`` / ``n_aux`` samples (None: the data set's protocol size) and at most
+      ``iters`` iterations;
+    - ``samples``: TA-LBF attacks (test samples; attack i targets class i mod C);
+    - ``bfa_reps``: untargeted runs (each its own seed and attack batch of ``bfa_batch``
+      training images), at most ``bfa_iters`` iterations, stopped at test accuracy
+      ``break_acc`` % (None: chance + 1 point, the flips to chance accuracy);
+    - ``seed``: every draw of the protocol (sets, samples, batches) derives from it.
+    """
+
+    pairs: tuple[tuple[int, int], ...] = ()
+    reps: int = 1
+    n_src: int | None = None
+    n_aux: int | None = None
+    iters: int = 5000
+    samples: int = 5
+    bfa_reps: int = 1
+    bfa_batch: int = 128
+    bfa_iters: int = 100
+    break_acc: float | None = None
+    seed: int = 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pairs"] = [list(p) for p in self.pairs]
+        return d
+
+
+def create_attack(spec: str, target, data, protocol: Protocol) -> "Attack":
+    """The attack of ``spec`` (``NAME[:key=value,...]``) on ``target`` (an
+    :class:`attacks.target.AttackTarget`, whose fault model and defenses it honours), measuring
+    on ``data`` (the test split as an :class:`attacks.common.EvalSet`). Raises KeyError for an
+    unknown name and ValueError for parameters the attack does not take or cannot use."""
+    name, params = parse_spec(spec)
+    return attack_class(name).from_target(target, data, protocol, **params)
+
+
+def attack_label(spec: str) -> str:
+    """The canonical form of an attack spec (parameters sorted), as results name it."""
+    return spec_label(*parse_spec(spec))
+
+
+def check_params(name: str, params: dict[str, Any], allowed: dict[str, tuple]) -> None:
+    """ValueError unless every parameter is one ``allowed`` names, with one of its values."""
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(f"attack {name!r} has no parameter {key!r}; its parameters: "
+                             f"{', '.join(sorted(allowed)) or 'none'}")
+        if allowed[key] and value not in allowed[key]:
+            raise ValueError(f"attack {name!r}: {key} must be one of "
+                             f"{', '.join(map(str, allowed[key]))}, got {value!r}")
 
 
 def tally(records: list[dict], field: str) -> str:
@@ -119,6 +184,21 @@ class Attack:
 
     def run(self, *args, **kwargs) -> AttackResult:
         raise NotImplementedError
+
+    @classmethod
+    def from_target(cls, target, data, protocol: Protocol, **params) -> "Attack":
+        """The attack on an :class:`attacks.target.AttackTarget` under ``protocol`` (see
+        :func:`create_attack`); ``params`` are the spec's ``key=value`` parameters."""
+        raise NotImplementedError(f"attack {cls.name!r} cannot be built from a target")
+
+    def plan(self, protocol: Protocol) -> list:
+        """The campaign items of ``protocol`` for this attack (each with a unique ``key``)."""
+        raise NotImplementedError(f"attack {self.name!r} plans no items")
+
+    def settings(self) -> dict:
+        """What, besides the target and the protocol, defines this attack's campaigns (its
+        parameters), recorded in ``campaign.json``."""
+        return {}
 
     def run_item(self, item) -> dict:
         """Attack ``item`` and return its record fields (without ``key`` and ``attack``, which

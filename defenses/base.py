@@ -28,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from utils.specs import parse_spec
 
 _REGISTRY: dict[str, type["Defense"]] = {}
 
@@ -67,27 +69,11 @@ def create_defense(name: str, **params) -> "Defense":
     return defense
 
 
-def _value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
-
-
 def parse_defense(spec: str) -> "Defense":
-    """``NAME`` or ``NAME:key=value,key=value`` (numbers and true/false converted)."""
-    name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"parameters are key=value pairs, got {item!r}")
-        params[key.strip()] = _value(value.strip())
-    return create_defense(name.strip(), **params)
+    """``NAME`` or ``NAME:key=value,key=value`` (numbers and true/false converted,
+    :func:`utils.specs.parse_spec`)."""
+    name, params = parse_spec(spec)
+    return create_defense(name, **params)
 
 
 def defense_from_dict(record: dict) -> "Defense":
