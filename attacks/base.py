@@ -64,7 +64,7 @@ def attack_class(name: str) -> type["Attack"]:
 
 @dataclass(frozen=True)
 class Protocol:
-    """One protocol for every attack of a comparison (docs/algorithms.md section 13).
+    """One protocol for every attack of a comparison (docs/algorithms.md section 14).
 
     - ``pairs``: the targeted attacks' (source, target) classes; T-BFA runs each ``reps`` times
       with ``n_src`` / ``n_aux`` samples (None: the data set's protocol size) and at most
@@ -104,8 +104,16 @@ def create_attack(spec: str, target, data, protocol: Protocol) -> "Attack":
 
 
 def attack_label(spec: str) -> str:
-    """The canonical form of an attack spec (parameters sorted), as results name it."""
-    return spec_label(*parse_spec(spec))
+    """The canonical form of an attack spec (parameters sorted), as results name it; checks
+    the name and the parameters (KeyError / ValueError)."""
+    name, params = parse_spec(spec)
+    attack_class(name).check_params(params)
+    return spec_label(name, params)
+
+
+class NotApplicable(ValueError):
+    """The attack does not apply to this target (e.g. a defense-aware attack on a model
+    without that defense): a comparison shows the cell as not applicable."""
 
 
 def check_params(name: str, params: dict[str, Any], allowed: dict[str, tuple]) -> None:
@@ -179,11 +187,19 @@ class Attack:
     columns: ClassVar[tuple[tuple[str, str], ...]] = ()
     scalars: ClassVar[tuple[str, ...]] = ()
 
+    #: the spec parameters :meth:`from_target` takes: name -> allowed values (empty: any)
+    PARAMS: ClassVar[dict[str, tuple]] = {}
+
     #: called by the attack with ``(step, info: dict)`` while an item runs (progress postfix)
     on_step: Callable[[int, dict], None] | None = None
 
     def run(self, *args, **kwargs) -> AttackResult:
         raise NotImplementedError
+
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        """ValueError unless ``params`` are parameters of this attack (:attr:`PARAMS`)."""
+        check_params(cls.name, params, cls.PARAMS)
 
     @classmethod
     def from_target(cls, target, data, protocol: Protocol, **params) -> "Attack":
@@ -216,6 +232,25 @@ class Attack:
         from campaigns.results import summarize
 
         return summarize(records, list(cls.summary_metrics))
+
+    @classmethod
+    def succeeded(cls, record: dict) -> bool:
+        """Whether the item's attack reached its goal (TA-LBF ``success``, T-BFA stopped by its
+        success rule)."""
+        return bool(record.get("success", record.get("stop_reason") == "success"))
+
+    @classmethod
+    def outcome(cls, records: list[dict]) -> dict:
+        """A comparison's cell (docs/algorithms.md section 14): ``asr``, ``pa_acc`` and
+        ``flips`` (the attack's ``count``), each with its ``_std``, and ``n``, read from
+        :meth:`summary` so that each attack's averaging rule holds (TA-LBF: PA-ACC and bits
+        over its successes). A metric the attack has not is None."""
+        rows = {r["metric"]: r for r in cls.summary(records)}
+        out: dict = {"n": len(records), "count": cls.count}
+        for key, metric in (("asr", "asr"), ("pa_acc", "pa_acc"), ("flips", cls.count)):
+            row = rows.get(metric) or {}
+            out[key], out[key + "_std"] = row.get("mean"), row.get("std")
+        return out
 
     @classmethod
     def recorded_flips(cls, record: dict) -> list[tuple]:

@@ -90,11 +90,12 @@ from models.quantization import settle_zero_codes
 from models.bits import (bit_layers, changed_bits, format_label, random_flip, restore,
                          snapshot)
 from utils.bitsearch import MAXIMIZE, AttackLoss, ProgressiveBitSearch, SearchStep
-from utils.data import normalize_images
+from utils.data import load_split_tensors, normalize_images
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult, register_attack, tally
+from .base import Attack, AttackResult, Protocol, register_attack, tally
 from .common import EvalSet
+from .objectives import LOSSES, adaptive_objective
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,20 @@ class AttackBatch:
     origin: dict = field(default_factory=dict)
 
 
+def drawn_attack_batches(target, size: int) -> Callable[[Repetition], AttackBatch]:
+    """Each run's attack batch: ``size`` training images of ``target``'s data set drawn with
+    the run's seed, labelled by the model (what ``attack_bfa.py`` does without a pinned
+    batch)."""
+    def draw(item: Repetition) -> AttackBatch:
+        images, _ = load_split_tensors(target.dataset.name, target.data.data_dir, split="train",
+                                       download=target.data.download,
+                                       workers=target.data.workers, max_images=size,
+                                       seed=item.seed)
+        return AttackBatch(images, None, {"seed": item.seed, "augmented": False})
+
+    return draw
+
+
 @dataclass
 class Stopping:
     """When a run stops: ``n_iter`` iterations, or the test accuracy at ``break_acc`` (%)."""
@@ -251,6 +266,27 @@ class _FlipAttack(Attack):
         self._clean = snapshot(model)
 
     # -- the campaign protocol (attacks/base.py) ---------------------------------------------
+    @classmethod
+    def from_target(cls, target, data: EvalSet, protocol: Protocol, **params) -> "_FlipAttack":
+        """The attack on ``target`` (its fault model) under ``protocol``: each run attacks
+        ``protocol.bfa_batch`` training images drawn with its seed, for at most
+        ``protocol.bfa_iters`` iterations or until the test accuracy is at
+        ``protocol.break_acc`` (default: chance + 1 point)."""
+        cls.check_params(params)
+        return cls._on_target(target, data, protocol, target.output)
+
+    @classmethod
+    def _on_target(cls, target, data, protocol: Protocol, output, **options):
+        classes = int(target.config.num_classes)
+        break_acc = protocol.break_acc if protocol.break_acc is not None else 100.0 / classes + 1
+        return cls(target.model, output, fault=target.fault, eval_model=target.eval_model,
+                   data=data, attack_batch=drawn_attack_batches(target, protocol.bfa_batch),
+                   stopping=Stopping(protocol.bfa_iters, break_acc),
+                   number_format=target.number_format, **options)
+
+    def plan(self, protocol: Protocol) -> list[Repetition]:
+        return plan_repetitions(protocol.bfa_reps, protocol.seed)
+
     def reset(self) -> None:
         restore(self.model, self._clean)
 
@@ -277,6 +313,24 @@ class _FlipAttack(Attack):
                                                           if k != "attack"},
                 "n_iter": self.stopping.n_iter, "break_acc": self.stopping.break_acc,
                 "attack_batch": batch.origin}
+
+    @classmethod
+    def succeeded(cls, record: dict) -> bool:
+        """The run brought the test accuracy down to its ``break_acc``."""
+        return record.get("stopped_by") == "break_acc"
+
+    @classmethod
+    def outcome(cls, records: list[dict]) -> dict:
+        """The untargeted cell: ``asr`` is the % of runs that brought the test accuracy down to
+        their ``break_acc`` (chance), ``flips`` the bits flipped to get there (mean over those
+        runs); no PA-ACC (docs/algorithms.md section 14)."""
+        from campaigns.results import mean_std
+
+        reached = [r for r in records if cls.succeeded(r)]
+        asr, asr_std = mean_std([100.0 * cls.succeeded(r) for r in records])
+        flips, flips_std = mean_std([r.get(cls.count) for r in reached])
+        return {"n": len(records), "count": cls.count, "asr": asr, "asr_std": asr_std,
+                "pa_acc": None, "pa_acc_std": None, "flips": flips, "flips_std": flips_std}
 
     @classmethod
     def recorded_flips(cls, record: dict) -> list[tuple]:
@@ -524,3 +578,25 @@ class RandomFlips(_FlipAttack):
         with torch.inference_mode():
             after = float(self.loss(x, y))
         return SearchStep([flip], before, after, True, 1)
+
+
+@register_attack
+class BFAAdaptive(BFA):
+    """BFA that knows the output head: the same progressive search, maximising a loss over the
+    decoded class scores of the model's own predictions (:class:`attacks.objectives.
+    DecodedObjective`, untargeted; docs/algorithms.md section 14). Parameters: ``loss``
+    (``ce`` | ``margin``), ``scores`` (``tanh`` | ``preact``), ``kappa`` (1.0)."""
+
+    name = "bfa_adaptive"
+    PARAMS = {"loss": LOSSES, "scores": ("tanh", "preact"), "kappa": ()}
+
+    @classmethod
+    def from_target(cls, target, data: EvalSet, protocol: Protocol, **params) -> "BFA":
+        cls.check_params(params)
+        objective = adaptive_objective(target, untargeted=True, **params)
+        attack = cls._on_target(target, data, protocol, objective)
+        attack.params = objective.to_dict()
+        return attack
+
+    def settings(self) -> dict:
+        return dict(self.params)

@@ -29,8 +29,9 @@ from models.bits import changed_bits, format_label, restore, snapshot
 from utils.bitsearch import MINIMIZE, AttackLoss, ProgressiveBitSearch
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult, register_attack, tally
+from .base import Attack, AttackResult, Protocol, register_attack, tally
 from .common import EvalSet
+from .objectives import LOSSES, SCORES, adaptive_objective
 
 # Paper protocol per data set (docs/algorithms.md section 7): classes used as sources, |D_src| = |D_aux|.
 PROTOCOLS = {
@@ -353,6 +354,32 @@ class TBFA(Attack):
                                             if faults is not None else 0))
 
     # -- the campaign protocol (attacks/base.py) ---------------------------------------------
+    @classmethod
+    def from_target(cls, target, data: EvalSet, protocol: Protocol, **params) -> "TBFA":
+        """The paper's T-BFA on ``target`` (its fault model; at most ``protocol.iters``
+        iterations), measuring on ``data``."""
+        cls.check_params(params)
+        return cls._on_target(target, data, protocol, target.output)
+
+    @classmethod
+    def _on_target(cls, target, data, protocol: Protocol, output, **config) -> "TBFA":
+        attack = cls(target.model, output,
+                     TBFAConfig(max_iters=protocol.iters, fault=target.fault, **config),
+                     target.eval_model, data, target.number_format)
+        attack.dataset_name = target.dataset.name
+        return attack
+
+    def plan(self, protocol: Protocol) -> list["Experiment"]:
+        """``protocol.pairs`` (default: the data set's protocol pairs) ``protocol.reps`` times,
+        sets of ``protocol.n_src`` / ``n_aux`` samples (default: the protocol's size)."""
+        labels, classes = self.data.labels, int(self.output.num_classes)
+        name = getattr(self, "dataset_name", "")
+        pairs = list(protocol.pairs) or protocol_pairs(
+            PROTOCOLS.get(name, {"classes": classes})["classes"])
+        n = default_set_size(name, labels, classes)
+        return plan_experiments(labels, pairs, protocol.reps, protocol.n_src or n,
+                                protocol.n_aux or n, protocol.seed)
+
     def reset(self) -> None:
         restore(self.model, self._clean)
 
@@ -395,6 +422,30 @@ class TBFA(Attack):
 
     def closing(self, records: list[dict]) -> str:
         return f"{len(records)} experiments ({tally(records, 'stop_reason')})"
+
+
+@register_attack
+class TBFAAdaptive(TBFA):
+    """T-BFA that knows the output head: the same search and stop rules, its loss over the
+    decoded class scores (:class:`attacks.objectives.DecodedObjective`; docs/algorithms.md
+    section 14). Parameters: ``loss`` (``ce`` | ``margin``), ``scores`` (``tanh`` |
+    ``preact``), ``kappa`` (the margin, 1.0), ``full_gradient`` (the paper objective's
+    gradient, D_aux included; default False, as the paper attack)."""
+
+    name = "tbfa_adaptive"
+    PARAMS = {"loss": LOSSES, "scores": SCORES, "kappa": (), "full_gradient": (True, False)}
+
+    @classmethod
+    def from_target(cls, target, data: EvalSet, protocol: Protocol, **params) -> "TBFA":
+        cls.check_params(params)
+        full_gradient = params.pop("full_gradient", False)
+        objective = adaptive_objective(target, **params)
+        attack = cls._on_target(target, data, protocol, objective, full_gradient=full_gradient)
+        attack.params = {**objective.to_dict(), "full_gradient": full_gradient}
+        return attack
+
+    def settings(self) -> dict:
+        return dict(self.params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,27 @@ class FaultModel:
         return " + ".join(parts) if parts else "none"
 
 
+# Named fault models of the threat-model work, as the defenses x attacks matrix takes them
+# (docs/algorithms.md sections 5b and 13): every flip; one flip per 4 KiB page (DeepHammer);
+# 0 -> 1 or 1 -> 0 only (a cell leaks one way); the MSB only.
+FAULT_PRESETS = {
+    "none": FaultModel(),
+    "page": FaultModel(one_per_page=True),
+    "0to1": FaultModel(direction="0to1"),
+    "1to0": FaultModel(direction="1to0"),
+    "msb": FaultModel(bit_positions=(0,)),
+}
+
+
+def fault_preset(name: str) -> FaultModel | None:
+    """The fault model named ``name`` (:data:`FAULT_PRESETS`; ``none``: None, every flip);
+    ValueError naming the presets otherwise."""
+    if name not in FAULT_PRESETS:
+        raise ValueError(f"unknown fault model {name!r}: use one of {', '.join(FAULT_PRESETS)}")
+    fault = FAULT_PRESETS[name]
+    return None if fault.unconstrained else fault
+
+
 def _ranges(values: tuple[int, ...]) -> str:
     """``(0, 2, 3, 4, 7)`` -> ``"0,2-4,7"`` (the inverse of :func:`parse_bit_positions`)."""
     runs: list[list[int]] = []

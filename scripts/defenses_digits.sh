@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The defenses x attacks matrix in miniature, on the CPU, no download (docs/algorithms.md
+# section 14): five 8-bit ResNet-20 models of the quick-start recipes trained on scikit-learn's
+# digits (vanilla, OCM16, piecewise clustering, OCM16 + clustering, binarized), each attacked by
+# the papers' attacks and by the attacks that know the output head, under three fault models
+# (every flip, one flip per 4 KiB page, 0 -> 1 only), on one protocol; the matrix is printed
+# (also in $OUT/matrix/matrix.md, with matrix.csv, defenses.csv, matrix.png and
+# success_vs_flips.png).
+#
+# Usage: bash scripts/defenses_digits.sh        (from any directory)
+# Environment: OUT (runs/defenses_digits), DEVICE (auto), THREADS (2), SEED (0), PAIRS (T-BFA
+#   pairs, default 0:1,2:3,4:5,6:7,8:9; "all" = the 20 of the protocol), TALBF_ATTACKS (5),
+#   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), PYTHON, DRY_RUN=1
+#   (print the commands). A trained model is kept (delete <model>/train.done to retrain); the
+#   matrix continues where it stopped.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
+OUT="$(abspath "${OUT:-$ROOT/runs/defenses_digits}")"
+cd "$ROOT"
+THREADS="${THREADS:-2}"
+SEED="${SEED:-0}"
+PAIRS="${PAIRS:-0:1,2:3,4:5,6:7,8:9}"
+TALBF_ATTACKS="${TALBF_ATTACKS:-5}"
+ATTACKS="${ATTACKS:-tbfa tbfa_adaptive:loss=margin,scores=preact talbf talbf_adaptive:loss=margin,scores=preact bfa bfa_adaptive:loss=margin,scores=preact}"
+FAULTS="${FAULTS:-none page 0to1}"
+DATA_DIR="$OUT"   # digits needs no data folder
+out_dir "$OUT"
+start=$(date +%s)
+
+COMMON=(--dataset digits --arch resnet20_quan --bits 8 --channels-last --device "$DEVICE"
+        --threads "$THREADS" --seed "$SEED" --no-progress)
+# The quick start's recipes (scripts/quickstart.sh explains them): cross-entropy models SGD,
+# OCM models Adam; clustering adds its loss term (lambda 1e-3, the papers').
+CE_RECIPE=(-e 30 -b 128 --opt sgd --lr 0.1 --schedule constant -wd 5e-4)
+OCM_RECIPE=(-e 15 -b 64 --opt adam --lr 2e-3 --schedule cosine -wd 5e-4)
+MODELS=(vanilla ocm16 pc ocm16_pc binarized)
+for label in "${MODELS[@]}"; do
+  # shellcheck disable=SC2207
+  flags=($(model_flags "$label"))
+  case "$label" in ocm*) recipe=("${OCM_RECIPE[@]}") ;; *) recipe=("${CE_RECIPE[@]}") ;; esac
+  echo "== train $label =="
+  STEP="train $label" train "$OUT/$label" "${COMMON[@]}" "${recipe[@]}" "${flags[@]}"
+done
+echo "   ($(( $(date +%s) - start )) s so far)"
+
+ROWS=()
+for label in "${MODELS[@]}"; do ROWS+=(--model "$label=$OUT/$label/model_best.pth.tar"); done
+PAIR_FLAGS=(--pairs "$PAIRS")
+[ "$PAIRS" = "all" ] && PAIR_FLAGS=(--all-pairs)
+echo "== the matrix: ${#MODELS[@]} models x attacks ($ATTACKS) x faults ($FAULTS) =="
+# shellcheck disable=SC2206
+STEP="matrix" run_cmd "$PY" evaluate_defenses.py --dataset digits "${ROWS[@]}" \
+  --attacks $ATTACKS --faults $FAULTS "${PAIR_FLAGS[@]}" --talbf-samples "$TALBF_ATTACKS" \
+  --bfa-batch 64 --bfa-iters 50 --device "$DEVICE" --threads "$THREADS" --seed "$SEED" \
+  --no-progress --out "$OUT/matrix"
+echo "total $(( $(date +%s) - start )) s"
