@@ -473,24 +473,26 @@ def heatmap(cells: list[dict], rows: list[dict], spec: MatrixSpec, path: str) ->
     columns = [(a, f) for a in spec.attacks for f in spec.faults]
     by = {(c["model"], c["attack"], c["fault"]): c for c in cells}
     grid = np.full((len(rows), len(columns)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.25 * len(columns), 1.0 + 0.55 * len(rows)))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(columns), 2.4 + 0.5 * len(rows)))
     for i, r in enumerate(rows):
         for j, (a, f) in enumerate(columns):
             c = by.get((r["model"], a, f))
             if c and c["status"] == "done" and _num(c.get("flips")) is not None:
                 grid[i, j] = math.log10(max(c["flips"], 1.0))
-                ax.text(j, i, f"{c['flips']:.1f}\n{c['asr']:.0f}%", ha="center", va="center",
-                        fontsize=7)
+                text = f"{c['flips']:.1f}\n{c['asr']:.0f}%"
+            elif c and c["status"] == "done":
+                text = f"none\n{c['asr']:.0f}%"   # no item succeeded
             else:
-                ax.text(j, i, "n/a" if c and c["status"] == "not applicable" else "—",
-                        ha="center", va="center", fontsize=7)
+                text = "n/a" if c and c["status"] == "not applicable" else "—"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black",
+                    bbox={"facecolor": "white", "alpha": 0.6, "pad": 1, "linewidth": 0})
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels([f"{a}\n@{f}" for a, f in columns], rotation=60, ha="right", fontsize=6)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["model"] for r in rows], fontsize=8)
-    fig.colorbar(image, ax=ax, label="log10 flips (more = harder to attack)")
-    ax.set_title("flips per cell (ASR below)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="log10 flips", shrink=0.8)
+    ax.set_title("flips per cell (ASR below; more flips = harder to attack)", fontsize=9)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=130)

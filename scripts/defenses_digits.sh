@@ -10,8 +10,8 @@
 # Usage: bash scripts/defenses_digits.sh        (from any directory)
 # Environment: OUT (runs/defenses_digits), DEVICE (auto), THREADS (2), SEED (0), PAIRS (T-BFA
 #   pairs, default 0:1,2:3,4:5,6:7,8:9; "all" = the 20 of the protocol), TALBF_ATTACKS (5),
-#   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), PYTHON, DRY_RUN=1
-#   (print the commands). A trained model is kept (delete <model>/train.done to retrain); the
+#   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), TRAIN_ONLY=1 (stop
+#   after training), PYTHON, DRY_RUN=1 (print the commands). A trained model is kept (delete <model>/train.done to retrain); the
 #   matrix continues where it stopped.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
@@ -42,6 +42,7 @@ for label in "${MODELS[@]}"; do
   STEP="train $label" train "$OUT/$label" "${COMMON[@]}" "${recipe[@]}" "${flags[@]}"
 done
 echo "   ($(( $(date +%s) - start )) s so far)"
+[ "${TRAIN_ONLY:-0}" = "1" ] && exit 0
 
 ROWS=()
 for label in "${MODELS[@]}"; do ROWS+=(--model "$label=$OUT/$label/model_best.pth.tar"); done
