@@ -187,15 +187,43 @@ def _cells(out):
     return found
 
 
-def test_matrix_killed_and_resumed_equals_an_uninterrupted_one(digits_checkpoints, tmp_path,
-                                                               monkeypatch, one_thread, capsys):
+@pytest.fixture(scope="module")
+def whole_matrix(digits_checkpoints, tmp_path_factory):
+    """The small matrix run uninterrupted, in one process."""
     import evaluate_defenses
 
-    whole, parted = tmp_path / "whole", tmp_path / "parted"
-    assert run(evaluate_defenses.main, _argv(digits_checkpoints, whole)) == 0
-    printed = capsys.readouterr().out
-    assert "| vanilla |" in printed and "tbfa @ 0to1" in printed
+    out = tmp_path_factory.mktemp("whole")
+    torch.set_num_threads(1)
+    assert run(evaluate_defenses.main, _argv(digits_checkpoints, out)) == 0
+    return out
 
+
+def test_matrix_outputs(whole_matrix):
+    whole = whole_matrix
+    assert len(_cells(whole)) == 4
+    for name in ("matrix.png", "success_vs_flips.png", "defenses.csv", "matrix.md"):
+        assert (whole / name).stat().st_size > 0
+    md = (whole / "matrix.md").read_text()
+    assert "| vanilla |" in md and "tbfa @ 0to1" in md
+    csv = (whole / "matrix.csv").read_text().splitlines()
+    assert csv[0].startswith("model,attack,fault,status,n,asr")
+    assert len(csv) == 5 and all(",done," in line for line in csv[1:])
+    assert all("iterations" in line for line in csv[1:3])       # T-BFA's count
+    assert all("bits_flipped" in line for line in csv[3:])      # BFA's count
+    # every cell is a campaign of the runner: its settings and its records
+    cell = whole / "cells" / "vanilla" / "tbfa@0to1"
+    settings = json.loads((cell / "campaign.json").read_text())
+    assert settings["fault"] == "0to1" and settings["protocol"]["pairs"] == [[0, 1], [2, 3]]
+    for record in _cells(whole)["cells/vanilla/tbfa@0to1"]:
+        assert record["fault_model"]["direction"] == "0to1" and record["fault_violations"] == 0
+
+
+def test_matrix_killed_and_resumed_equals_an_uninterrupted_one(whole_matrix, digits_checkpoints,
+                                                               tmp_path, monkeypatch,
+                                                               one_thread):
+    import evaluate_defenses
+
+    parted = tmp_path / "parted"
     calls = {"n": 0}
     original = TBFA.run_item
 
@@ -211,18 +239,28 @@ def test_matrix_killed_and_resumed_equals_an_uninterrupted_one(digits_checkpoint
     assert sum(len(v) for v in _cells(parted).values()) == 2  # the two finished experiments
     monkeypatch.setattr(TBFA, "run_item", original)
     assert run(evaluate_defenses.main, _argv(digits_checkpoints, parted)) == 0
-
-    assert _cells(parted) == _cells(whole)
-    assert len(_cells(whole)) == 4
+    assert _cells(parted) == _cells(whole_matrix)
     for name in ("matrix.csv", "matrix.md"):
-        assert (parted / name).read_text() == (whole / name).read_text()
-    for name in ("matrix.png", "success_vs_flips.png", "defenses.csv"):
-        assert (whole / name).stat().st_size > 0
-    csv = (whole / "matrix.csv").read_text().splitlines()
-    assert csv[0].startswith("model,attack,fault,status,n,asr")
-    assert len(csv) == 5 and all(",done," in line for line in csv[1:])
-    assert all("iterations" in line for line in csv[1:3])       # T-BFA's count
-    assert all("bits_flipped" in line for line in csv[3:])      # BFA's count
+        assert (parted / name).read_text() == (whole_matrix / name).read_text()
+
+
+@pytest.mark.slow
+def test_matrix_under_torchrun_equals_one_process(whole_matrix, digits_checkpoints, tmp_path):
+    """Two processes share every cell's items (round-robin) and rank 0 merges: the same
+    records as one process."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(root, "evaluate_defenses.py"), *_argv(digits_checkpoints, out)]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _cells(out) == _cells(whole_matrix)
+    assert (out / "matrix.csv").read_text() == (whole_matrix / "matrix.csv").read_text()
+    assert not list(out.glob("cells/*/*/results.rank*.jsonl"))  # merged
 
 
 @pytest.mark.parametrize("extra, expected", [
