@@ -226,6 +226,24 @@ def test_projection_keeps_largest_change_per_page_and_budget(vanilla):
     assert changed == [(1, 5), (300, 4)]  # per page the larger change, then the 2 largest
 
 
+def test_profile_frees_exactly_its_cells(vanilla, tmp_path):
+    """A vulnerability profile leaves free only its cells of the final layer, each in its
+    direction (byte offsets of the whole model's layout, bit 0 = LSB in the file)."""
+    model = vanilla[0]
+    name = model.final_layer_name
+    clean = model.final_layer().bit_format.to_bits(model.final_layer().weight.detach().view(-1))
+    start = FaultState(model, FaultModel()).layout.spans[name].start
+    cells = [(5, 0), (9, 7), (130, 3)]   # (weight, bit with 0 = MSB), int8: byte start + weight
+    lines = [f"{start + w} {7 - b} {'0to1' if int(clean[w, b]) == 0 else '1to0'}"
+             for w, b in cells]
+    lines.append(f"{start + 7} {7 - 2} {'1to0' if int(clean[7, 2]) == 0 else '0to1'}")  # wrong way
+    lines.append("3 1 0to1")  # a cell of the first layer: not the final layer's
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    faults = T.FinalLayerFaults(model, FaultModel(profile=str(tmp_path / "p.txt")))
+    free = faults.free.view(-1, 8).nonzero().tolist()
+    assert sorted(map(tuple, free)) == sorted(cells)
+
+
 def test_unconstrained_fault_model_is_the_paper_attack(vanilla, digits_test):
     model, output, features = vanilla
     a = T.TALBF(T.FinalLayer.from_model(model), output, features, digits_test.labels,
