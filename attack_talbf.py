@@ -13,6 +13,7 @@ Examples:
   python attack_talbf.py --checkpoint runs/r20_ocm16/model_best.pth.tar --data_dir data
   python attack_talbf.py --outdir resnet20_quan8_OCM16/ --dataset CIFAR10 --arch resnet20_quan \
       --bits 8 --ocm --code_length 16 --output_act tanh --attack_info cifar_attack_info.txt
+  python attack_talbf.py --checkpoint ckpt.pth.tar --fault-direction 0to1   # a fault model
   python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar --n-attacks 10 \
       --save-attacks attacks.jsonl     # the attacks with their D_aux, to repeat them exactly
   python attack_talbf.py --checkpoint runs/quickstart/ocm16/model_best.pth.tar \
@@ -38,9 +39,9 @@ from attacks.talbf import (NUMERICS, TALBF, TALBFConfig, attack_list_digest,
 from attacks.talbf_file import check_attacks, read_attacks_file, write_attacks_file
 from campaigns.runner import CampaignRunner, open_campaign
 from utils.distributed import is_main
-from cli.args import (ArgumentParser, add_attack_model_args, add_runtime_args, check_number,
-                      check_paths, check_runtime_args, in_process_group, load_attack_target,
-                      model_path, run)
+from cli.args import (ArgumentParser, add_attack_model_args, add_fault_args, add_runtime_args,
+                      check_number, check_paths, check_runtime_args, fault_model_from_args,
+                      in_process_group, load_attack_target, model_path, run)
 from utils.errors import UserError
 from utils.textfiles import read_text
 from campaigns.results import default_results_dir
@@ -48,7 +49,8 @@ from campaigns.results import default_results_dir
 log = logging.getLogger("attack_talbf")
 
 # Settings that define a campaign: a results folder holds one campaign.
-CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed", "defenses", "normalization")
+CAMPAIGN_KEYS = ("source", "dataset", "config", "talbf", "seed", "fault", "defenses",
+                 "normalization")
 # TA-LBF options that change the speed only (not part of the campaign).
 SPEED_ONLY = ("gamma_batch", "k_batch")
 
@@ -62,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_model_args(p)
+    add_fault_args(p)
     d = TALBFConfig()
     a = p.add_argument_group("TA-LBF search and lp-box ADMM (defaults: docs/algorithms.md section 8)")
     _flag(a, ["--init-k", "--init_k"], "init_k", float, d.init_k, "first bit budget k")
@@ -175,7 +178,8 @@ def _main(args, cfg: TALBFConfig, given, device) -> int:
     data = EvalSet(images, labels, target.mean, target.std, device, batch_size=args.test_batch)
     del images
     listed = listed_attacks(args, given, labels, target.config.num_classes)
-    attack = TALBF.from_model(target.model, target.output, data, cfg, args.seed)  # features
+    attack = TALBF.from_model(target.model, target.output, data, cfg, args.seed,  # features
+                              fault=target.fault)
     items, attack_list = listed or generated_attacks(args, labels, target.config.num_classes,
                                                      attack)
     attack_list.update(n_attacks=len(items), sha256=attack_list_digest(items))
@@ -218,6 +222,8 @@ def campaign_settings(args, target, cfg: TALBFConfig, attack_list: dict) -> dict
             "config": target.config.to_dict(),
             "talbf": {k: v for k, v in cfg.to_dict().items() if k not in SPEED_ONLY},
             "seed": args.seed, "attack_list": attack_list,
+            # None without a fault model, so that campaigns written before it resume
+            "fault": target.fault.to_dict() if target.fault else None,
             "defenses": target.deployment_record(),
             "normalization": target.normalization_record()}
 
@@ -232,6 +238,7 @@ def parse_and_check(argv) -> tuple:
     check_number(args.n_attacks, "--n-attacks", minimum=1)
     check_number(args.test_batch, "--test_batch", minimum=1)
     check_runtime_args(args)
+    args.fault = fault_model_from_args(args)
     if args.results is None:  # an empty --results is refused, never the default
         args.results = default_results_dir(model_path(args), args.pretrained, "attack_talbf")
     check_paths(*script_paths(args))
@@ -255,6 +262,7 @@ def parse_and_check(argv) -> tuple:
 def script_paths(args) -> tuple[list, list]:
     """``(inputs, outputs)`` of this command, as :func:`cli.args.check_paths` takes them."""
     inputs = [("--checkpoint", model_path(args), "file"),
+              ("--fault-profile", args.fault_profile, "file"),
               ("--attacks-file", args.attacks_file, "file"),
               ("--attack_info", args.attack_info, "file")]
     outputs = [("--results", args.results, "folder"),

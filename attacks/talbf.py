@@ -48,6 +48,7 @@ reports the new integer codes (``result.codes``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -59,8 +60,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import bits as bitlib
+from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult, register_attack
+from .base import Attack, AttackResult, Protocol, check_params, register_attack
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +297,80 @@ def compute_features(model: nn.Module, data, batch_size: int | None = None) -> t
     return torch.cat(out).clone()
 
 
+class FinalLayerFaults:
+    """A :class:`utils.faults.FaultModel` (docs/algorithms.md section 5b) as TA-LBF applies it to
+    the final layer (section 8, "Fault models"), built from the whole model: the final layer's
+    bytes lie after every attacked layer before it (:class:`utils.faults.MemoryLayout`).
+
+    - ``free`` ``[out, in, N]`` (bool, MSB first): the bits the fault model lets flip (bit
+      positions, direction, profile); the ADMM never moves the others and rounding keeps them;
+    - :meth:`project`: the rounded bits restricted to ``free``, then at most one changed bit per
+      page (one-per-page) and at most ``budget`` changed bits, keeping the largest relaxed
+      changes ``|b - b0|``;
+    - :meth:`violations`: an independent check of attacked codes
+      (:meth:`utils.faults.FaultState.violations` on a copy of the final layer).
+    """
+
+    def __init__(self, model: nn.Module, fault: FaultModel):
+        layer = model.final_layer()
+        names = [name for name, m in bitlib.bit_layers(model) if m is layer]
+        if not names:
+            raise ValueError("the model's final layer is not one of its attacked layers")
+        self.fault, self.name = fault, names[0]
+        self.state = FaultState(model, fault)
+        out_f, in_f = layer.weight.shape
+        numel, nb = out_f * in_f, layer.bit_format.n_bits
+        self.free = self.state.mask(self.name, layer).cpu().view(out_f, in_f, nb)
+        self.pages = self.state.pages_of(self.name, torch.arange(numel)) if fault.one_per_page \
+            else None
+        self.clean = layer.weight.detach().clone().cpu()
+        # a copy of the final layer alone, under its own name, for violations()
+        self.holder = nn.Module()
+        parent, *path = [self.holder, *self.name.split(".")]
+        for part in path[:-1]:
+            parent.add_module(part, nn.Module())
+            parent = parent.get_submodule(part)
+        parent.add_module(path[-1], copy.deepcopy(layer).cpu())
+        self.copy = self.holder.get_submodule(self.name)
+
+    def to(self, device) -> "FinalLayerFaults":
+        self.free = self.free.to(device)
+        self.pages = None if self.pages is None else self.pages.to(device)
+        return self
+
+    def project(self, bits: torch.Tensor, relaxed: torch.Tensor,
+                clean: torch.Tensor) -> torch.Tensor:
+        """Rounded ``bits`` ``[out, in, N]`` made admissible (class docstring); ``relaxed`` the
+        ADMM's b before rounding, ``clean`` the clean bits (same shape)."""
+        bits = torch.where(self.free, bits, clean)
+        fault = self.fault
+        if not (fault.one_per_page or fault.budget is not None):
+            return bits
+        flat, flat_clean = bits.view(-1), clean.view(-1)
+        changed = (flat != flat_clean).nonzero().view(-1)
+        score = (relaxed.reshape(-1)[changed] - flat_clean[changed].float()).abs()
+        changed = changed[torch.sort(score, descending=True, stable=True).indices]
+        if fault.one_per_page and len(changed):
+            pages = self.pages[changed // bits.shape[-1]]
+            _, inverse = torch.unique(pages, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), len(changed), device=changed.device)
+            first.scatter_reduce_(0, inverse, torch.arange(len(changed), device=changed.device),
+                                  "amin")
+            changed = changed[first.sort().values]   # the largest change of each page
+        if fault.budget is not None:
+            changed = changed[:fault.budget]
+        out = clean.clone()
+        out.view(-1)[changed] = 1 - flat_clean[changed]
+        return out
+
+    def violations(self, codes: torch.Tensor) -> list[str]:
+        """How the final layer with integer ``codes`` ``[out, in]`` breaks the fault model
+        (empty when it does not)."""
+        with torch.no_grad():
+            self.copy.weight.copy_(codes.cpu().to(self.copy.weight.dtype))
+        return self.state.violations(self.holder, {self.name: self.clean})
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +423,7 @@ class TALBFResult(AttackResult):
     flips: list = field(default_factory=list)   # [row, col, bit] of every changed bit
     codes: torch.Tensor | None = field(default=None, repr=False)  # new integer codes
     tries: list = field(default_factory=list)   # ADMMRun.summary() of every decided run
+    fault_violations: int = 0  # flips the fault model forbids, checked on the attacked codes
 
     EXCLUDE = ("codes",)
 
@@ -365,7 +442,8 @@ class TALBF(Attack):
     ``features``: penultimate features of the whole test set ``[N, in]`` (see
     :func:`compute_features`), ``labels`` their classes; ``layer``: the attacked
     :class:`FinalLayer`; ``output``: the model's output interface (``is_ocm``, ``codebook``,
-    ``predict``). Everything runs on the features' device.
+    ``predict``); ``faults``: a fault model on the final layer (:class:`FinalLayerFaults`,
+    None: every bit may flip, the paper's attack). Everything runs on the features' device.
     """
 
     name = "talbf"
@@ -377,8 +455,12 @@ class TALBF(Attack):
     columns = (("asr", "ASR %"), ("pa_acc", "PA-ACC %"),
                ("bits_changed", "# bit-flips (bits changed)"))
 
+    #: the spec parameters (``NAME:key=value``) and their allowed values (() = any)
+    PARAMS: dict[str, tuple] = {}
+
     def __init__(self, layer: FinalLayer, output: nn.Module, features: torch.Tensor,
-                 labels: torch.Tensor, config: TALBFConfig | None = None, seed: int = 0):
+                 labels: torch.Tensor, config: TALBFConfig | None = None, seed: int = 0,
+                 faults: FinalLayerFaults | None = None):
         self.seed = seed
         self.config = (config or TALBFConfig()).validate()
         self.device = features.device
@@ -397,16 +479,48 @@ class TALBF(Attack):
         # algorithm treats the n = out*in*N bits alike (sums, norms, elementwise), and this
         # layout makes the weight sum and its gradient contiguous (much faster on the CPU).
         self.b0 = self.layer.bits().to(torch.float32).permute(2, 0, 1).reshape(-1)
+        self.faults = faults.to(self.device) if faults is not None else None
+        # the bits the ADMM may move, in b0's layout (None: all of them)
+        self.free = (None if faults is None else
+                     self.faults.free.to(torch.float32).permute(2, 0, 1).reshape(-1))
         self.clean_pred = self.predict(self.features)
         self.clean_correct = self.clean_pred == self.labels
 
     @classmethod
     def from_model(cls, model: nn.Module, output: nn.Module, data,
-                   config: TALBFConfig | None = None, seed: int = 0) -> "TALBF":
+                   config: TALBFConfig | None = None, seed: int = 0,
+                   fault: FaultModel | None = None, **params) -> "TALBF":
         """Build the attack from a model in integer mode and an :class:`EvalSet`; the features
-        of the whole test set are computed here, once."""
-        return cls(FinalLayer.from_model(model), output, compute_features(model, data),
-                   data.labels, config, seed)
+        of the whole test set are computed here, once. ``fault``: a fault model (None or an
+        unconstrained one: the paper's attack); ``params``: the attack's own (:attr:`PARAMS`)."""
+        layer = FinalLayer.from_model(model)
+        faults = (FinalLayerFaults(model, fault) if fault is not None
+                  and not fault.unconstrained else None)
+        return cls(layer, output, compute_features(model, data), data.labels, config, seed,
+                   faults, **params)
+
+    @classmethod
+    def from_target(cls, target, data, protocol: Protocol, **params) -> "TALBF":
+        """The attack on an :class:`attacks.target.AttackTarget` (its fault model) measured on
+        ``data``, D_aux drawn from ``protocol.seed`` as ``attack_talbf.py --seed`` draws it
+        (:class:`attacks.base.Protocol`, docs/algorithms.md sections 8 and 13)."""
+        check_params(cls.name, params, cls.PARAMS)
+        if target.deployment_record():
+            raise ValueError(f"attack {cls.name!r} works on the final layer on cached features, "
+                             f"which no deployment-time defense checks: attack a model with a "
+                             f"deployment-time defense with bfa or tbfa")
+        return cls.from_model(target.model, target.output, data, seed=protocol.seed,
+                              fault=target.fault, **params)
+
+    def plan(self, protocol: Protocol) -> list["AttackItem"]:
+        """``protocol.samples`` attacks of :func:`generate_attack_list` with ``protocol.seed``
+        (attack i targets class i mod C), as ``attack_talbf.py --n-attacks N --seed S``."""
+        return generate_attack_list(self.labels, self.num_classes, protocol.samples,
+                                    protocol.seed)
+
+    def settings(self) -> dict:
+        """The spec parameters (none for the paper's attack)."""
+        return {}
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -443,7 +557,8 @@ class TALBF(Attack):
         return {"pos": item.pos, **res.to_dict(exclude=("aux",)),
                 "asr": 100.0 if res.success else 0.0, "clean_acc": self.clean_accuracy(),
                 "aux_seed": s, "aux_idx": res.aux, "number_format": f"int{self.layer.n_bits}",
-                "fault_model": None}  # TA-LBF's relaxation takes no fault model
+                "fault_model": self.faults.fault.to_dict() if self.faults else None,
+                **self.settings()}
 
     @classmethod
     def summary(cls, records: list[dict]) -> list[dict]:
@@ -508,7 +623,7 @@ class TALBF(Attack):
         if (aux == index).any() or len(torch.unique(aux)) != len(aux):
             raise ValueError("D_aux must not contain the attacked sample nor repeat an index")
         aux = aux.to(self.device)
-        problem = _Problem(self, index, target, aux)
+        problem = self.problem(index, target, aux)
         order = cfg.search_order()
         winner, decided, nan_runs, tries = None, 0, 0, []
         for start, end in cfg.batches():
@@ -534,9 +649,14 @@ class TALBF(Attack):
         pred = self.predict(self.features, codes)
         pa = _percent((pred == self.labels)[keep])
         changed = (winner.bits != self.layer.bits()).nonzero().tolist()
+        violations = len(self.faults.violations(codes)) if self.faults is not None else 0
         return TALBFResult(index, target, source, True, winner.k, winner.gamma, winner.bits_changed,
                            pa, pa_clean, winner.status == "converged", winner.iters, decided,
-                           nan_runs, aux.tolist(), changed, codes, tries)
+                           nan_runs, aux.tolist(), changed, codes, tries, violations)
+
+    def problem(self, index: int, target: int, aux: torch.Tensor) -> "_Problem":
+        """The loss of one attack (the paper's; :class:`TALBFAdaptive` attacks the scores)."""
+        return _Problem(self, index, target, aux)
 
     # -- lp-box ADMM, batched over runs --------------------------------------------------------
     def admm(self, problem: "_Problem", runs: list[tuple[float, float]]) -> list[ADMMRun]:
@@ -558,7 +678,7 @@ class TALBF(Attack):
         bias = layer.bias.unsqueeze(1)                            # [out, 1]
         base = bitlib.bit_values(nb, dtype=torch.float32, device=dev)           # [N]
         sbase_col = (base * layer.step).view(nb, 1)   # dW/db_k = step * base[k]
-        b0 = self.b0
+        b0, free = self.b0, self.free
         layer_bits = layer.bits()
         b = b0.expand(G, n).clone()
         z1 = torch.zeros(G, n, device=dev)
@@ -599,6 +719,8 @@ class TALBF(Attack):
                 g.add_((b - y1).mul_(rho1))
                 g.add_((b - y2f).mul_(rho2))
                 g.add_(d.mul_(A.unsqueeze(1)))
+                if free is not None:  # a fault model: the bits it forbids never move
+                    g.mul_(free)
                 b = b - g.mul_(lr)
             # Dual and penalty updates, then the stop rule (public order).
             # b.sum is NaN when b holds a NaN (or both infinities): an exact check only then.
@@ -637,6 +759,8 @@ class TALBF(Attack):
                     results[run] = ADMMRun(k_r, g_r, "nan", ext + 1, relaxed=relaxed)
                     continue
                 bits = (relaxed > 0.5).to(torch.uint8)
+                if self.faults is not None:  # admissible bits only, one per page, the budget
+                    bits = self.faults.project(bits, relaxed, layer_bits)
                 codes = layer.codes_from_bits(bits)
                 pred = self.predict(problem.x_s, codes)
                 success = int(pred[0]) == problem.target
@@ -725,6 +849,112 @@ class _Problem:
             trap = torch.where(torch.isinf(pt.reciprocal()), float("nan"), 0.0)
             g.add_(trap.view(-1, 1, 1))  # NaN for those runs, unchanged otherwise (no sync)
         return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive TA-LBF: the loss on the decoded class scores (docs/algorithms.md section 8b)
+# ---------------------------------------------------------------------------------------------
+
+LOSSES = ("ce", "margin")
+SCORES = ("tanh", "preact")
+
+
+def score_grad(zt: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, loss: str = "ce",
+               codebook: torch.Tensor | None = None, tanh: bool = False,
+               kappa: float = 1.0) -> torch.Tensor:
+    """dL/dz of ``L = sum_b w_b l(s_b, y_b)`` for transposed logits ``zt`` ``[G, out, B]`` (the
+    layout of :meth:`_Problem.grad_zt`), same layout (docs/algorithms.md section 8b).
+
+    Scores ``s = C g(z)`` ``[G, C, B]``: ``g`` tanh (``tanh``) or the identity, ``C`` the OCM
+    ``codebook`` ``[C, L]`` (None: ``s = g(z)``, the logits of a softmax model); ``labels``
+    ``[B]`` the class of each column, ``weights`` ``[G, 1, B]``. ``loss``: ``ce``, ``l =
+    -log softmax(s)[y]``; ``margin``, ``l = max(kappa - (s_y - max_{c != y} s_c), 0)`` (TA-LBF
+    Eq. 5 on the scores). Then ``dL/dz = (C^T dL/ds) * g'(z)``.
+    """
+    a = torch.tanh(zt) if tanh else zt
+    s = torch.matmul(codebook, a) if codebook is not None else a
+    G, C, B = s.shape
+    y = labels.view(1, 1, B).expand(G, 1, B)
+    if loss == "ce":
+        gs = torch.softmax(s, dim=1).scatter_add_(1, y, torch.full_like(s[:, :1], -1.0))
+        gs.mul_(weights)
+    elif loss == "margin":
+        s_y = s.gather(1, y)
+        top, other = s.scatter(1, y, float("-inf")).max(dim=1, keepdim=True)
+        on = (kappa - (s_y - top) > 0).to(s.dtype) * weights                  # [G, 1, B]
+        gs = torch.zeros_like(s).scatter_(1, y, -on).scatter_add_(1, other, on)
+    else:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    gz = torch.matmul(codebook.t(), gs) if codebook is not None else gs
+    return gz.mul_(1.0 - a * a) if tanh else gz
+
+
+class _ScoreProblem(_Problem):
+    """The adaptive attack's loss (:func:`score_grad`): x_s weighted 1, each D_aux sample
+    gamma / |D_aux| (TA-LBF's weights), on the decoded class scores."""
+
+    def __init__(self, attack: "TALBFAdaptive", index: int, target: int, aux: torch.Tensor):
+        self.target = int(target)
+        self.ocm = attack.ocm
+        rows = torch.cat([aux, torch.tensor([index], device=aux.device)])
+        self.x = attack.features[rows]
+        self.x_s = self.x[-1:]
+        self.y = attack.labels[rows].clone()
+        self.y[-1] = self.target
+        self.n_aux = len(aux)
+        self.codebook = attack.output.codebook.to(attack.device).float() if self.ocm else None
+        self.loss, self.kappa = attack.loss, float(attack.kappa)
+        self.tanh = self.ocm and attack.scores == "tanh"
+
+    def row_weights(self, gammas: torch.Tensor):
+        """``[G, 1, B]`` weights and (unused by :meth:`grad_zt`) zero targets ``[out, B]``."""
+        G, B = len(gammas), self.x.shape[0]
+        w = torch.empty(G, B, device=gammas.device)
+        w[:, :-1] = (gammas / self.n_aux).unsqueeze(1)
+        w[:, -1] = 1.0
+        return w.unsqueeze(1), torch.zeros(1, B, device=gammas.device)
+
+    def grad_zt(self, zt: torch.Tensor, roww: torch.Tensor, ycodew: torch.Tensor) -> torch.Tensor:
+        return score_grad(zt, self.y, roww, self.loss, self.codebook, self.tanh, self.kappa)
+
+
+@register_attack
+class TALBFAdaptive(TALBF):
+    """TA-LBF whose loss acts on the model's decoded class scores (docs/algorithms.md section
+    8b): on an OCM model ``s = g(z) C^T`` (``scores``: ``tanh``, ``g = tanh``, the model's
+    outputs; ``preact``, the identity: no saturated gradient), on a softmax model the logits.
+    ``loss``: ``ce`` (cross-entropy over the scores) or ``margin`` (Eq. 5 of the paper with
+    margin ``kappa``, in score units). Everything else is :class:`TALBF`'s (search, ADMM,
+    fault models); success and PA-ACC are the model's own decision (``public_decode`` off)."""
+
+    name = "talbf_adaptive"
+    noun = "adaptive TA-LBF attacks"
+    results_dir = "attack_talbf_adaptive"
+    PARAMS = {"loss": LOSSES, "scores": SCORES, "kappa": ()}
+
+    def __init__(self, layer: FinalLayer, output: nn.Module, features: torch.Tensor,
+                 labels: torch.Tensor, config: TALBFConfig | None = None, seed: int = 0,
+                 faults: FinalLayerFaults | None = None, loss: str = "ce",
+                 scores: str = "tanh", kappa: float = 1.0):
+        check_params(self.name, {"loss": loss, "scores": scores}, self.PARAMS)
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or \
+                not math.isfinite(kappa) or kappa < 0:
+            raise ValueError(f"attack {self.name!r}: kappa must be a number >= 0, got {kappa!r}")
+        self.loss, self.scores, self.kappa = loss, scores, float(kappa)
+        config = replace(config or TALBFConfig(), public_decode=False)
+        super().__init__(layer, output, features, labels, config, seed, faults)
+
+    def settings(self) -> dict:
+        return {"loss": self.loss, "scores": self.scores, "kappa": self.kappa}
+
+    def problem(self, index: int, target: int, aux: torch.Tensor) -> _ScoreProblem:
+        return _ScoreProblem(self, index, target, aux)
+
+    def predict(self, features: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's own decision (``output.predict`` of the activated outputs), whatever
+        the config says."""
+        with torch.no_grad():
+            return self.output.predict(self.layer.outputs(features, codes))
 
 
 # ---------------------------------------------------------------------------------------------
