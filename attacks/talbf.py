@@ -62,7 +62,9 @@ import torch.nn.functional as F
 from models import bits as bitlib
 from utils.faults import FaultModel, FaultState
 
-from .base import Attack, AttackResult, Protocol, check_params, register_attack
+from .base import (Attack, AttackResult, NotApplicable, Protocol, check_params,
+                   register_attack)
+from .objectives import LOSSES, SCORES
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +457,6 @@ class TALBF(Attack):
     columns = (("asr", "ASR %"), ("pa_acc", "PA-ACC %"),
                ("bits_changed", "# bit-flips (bits changed)"))
 
-    #: the spec parameters (``NAME:key=value``) and their allowed values (() = any)
-    PARAMS: dict[str, tuple] = {}
-
     def __init__(self, layer: FinalLayer, output: nn.Module, features: torch.Tensor,
                  labels: torch.Tensor, config: TALBFConfig | None = None, seed: int = 0,
                  faults: FinalLayerFaults | None = None):
@@ -503,12 +502,12 @@ class TALBF(Attack):
     def from_target(cls, target, data, protocol: Protocol, **params) -> "TALBF":
         """The attack on an :class:`attacks.target.AttackTarget` (its fault model) measured on
         ``data``, D_aux drawn from ``protocol.seed`` as ``attack_talbf.py --seed`` draws it
-        (:class:`attacks.base.Protocol`, docs/algorithms.md sections 8 and 13)."""
-        check_params(cls.name, params, cls.PARAMS)
+        (:class:`attacks.base.Protocol`, docs/algorithms.md sections 8 and 14)."""
+        cls.check_params(params)
         if target.deployment_record():
-            raise ValueError(f"attack {cls.name!r} works on the final layer on cached features, "
-                             f"which no deployment-time defense checks: attack a model with a "
-                             f"deployment-time defense with bfa or tbfa")
+            raise NotApplicable(f"attack {cls.name!r} works on the final layer on cached "
+                                f"features, which no deployment-time defense checks: attack "
+                                f"a model with a deployment-time defense with bfa or tbfa")
         return cls.from_model(target.model, target.output, data, seed=protocol.seed,
                               fault=target.fault, **params)
 
@@ -517,10 +516,6 @@ class TALBF(Attack):
         (attack i targets class i mod C), as ``attack_talbf.py --n-attacks N --seed S``."""
         return generate_attack_list(self.labels, self.num_classes, protocol.samples,
                                     protocol.seed)
-
-    def settings(self) -> dict:
-        """The spec parameters (none for the paper's attack)."""
-        return {}
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -854,10 +849,6 @@ class _Problem:
 # ---------------------------------------------------------------------------------------------
 # Adaptive TA-LBF: the loss on the decoded class scores (docs/algorithms.md section 8b)
 # ---------------------------------------------------------------------------------------------
-
-LOSSES = ("ce", "margin")
-SCORES = ("tanh", "preact")
-
 
 def score_grad(zt: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, loss: str = "ce",
                codebook: torch.Tensor | None = None, tanh: bool = False,
