@@ -524,3 +524,27 @@ class RandomFlips(_FlipAttack):
         with torch.inference_mode():
             after = float(self.loss(x, y))
         return SearchStep([flip], before, after, True, 1)
+
+
+def flip_campaign(target, data: EvalSet, protocol) -> dict:
+    """The campaign arguments of a flip attack built from a target under a protocol
+    (:meth:`attacks.base.Attack.from_target`): the test split, each run's ``bfa_batch``
+    training images drawn with its seed, :class:`Stopping` at ``bfa_iters`` or ``break_acc``
+    (None: chance + 1 point), the target's evaluation model (behind its deployment-time
+    defenses) and format label."""
+    from utils.data import load_split_tensors
+
+    def attack_batch(item: Repetition) -> AttackBatch:
+        images, _ = load_split_tensors(target.dataset.name, target.data.data_dir, split="train",
+                                       download=target.data.download,
+                                       workers=target.data.workers,
+                                       max_images=protocol.bfa_batch, seed=item.seed)
+        return AttackBatch(images, None, {"seed": item.seed, "augmented": False})
+
+    break_acc = protocol.break_acc
+    if break_acc is None:
+        break_acc = 100.0 / target.config.num_classes + 1.0
+    return dict(data=data, attack_batch=attack_batch,
+                stopping=Stopping(protocol.bfa_iters, break_acc),
+                number_format=target.number_format, eval_model=target.eval_model,
+                fault=target.fault)
