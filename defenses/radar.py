@@ -84,7 +84,8 @@ class Radar(DeploymentDefense):
                 "key_file": self.key_file}
 
     def label(self) -> str:
-        return (f"{self.name}:group_size={self.group_size},key={self.key}"
+        return (f"{self.name}:group_size={self.group_size}"
+                f"{f',key={self.key}' if self.key is not None else ''}"
                 f"{f',key_file={self.key_file}' if self.key_file else ''}")
 
     def validate(self) -> None:
