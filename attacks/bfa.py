@@ -267,10 +267,13 @@ class _FlipAttack(Attack):
         labels = labels.to(self.device)
         if self.on_batch is not None:
             self.on_batch(item, batch, labels)
+        flagged = getattr(self.eval_model, "detections", None)  # a deployment-time defense's
         result = self.run(batch.images, self.data, self.stopping.n_iter,
                           break_acc=self.stopping.break_acc, on_flip=self.on_flip,
                           labels=labels)
         d = result.to_dict()
+        if flagged is not None:  # units its checks flagged during the run (groups, words)
+            d["detections"] = self.eval_model.detections - flagged
         d["number_format"] = self.number_format or d["number_format"]
         return {"rep": item.rep, "seed": item.seed, "clean_acc": d.pop("clean_accuracy"),
                 "final_acc": d.pop("final_accuracy"), **{k: v for k, v in d.items()

@@ -80,8 +80,12 @@ class Radar(DeploymentDefense):
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "group_size": self.group_size, "key": self.key,
-                "key_file": self.key_file}
+        d = {"name": self.name, "group_size": self.group_size}
+        if self.key is not None:
+            d["key"] = self.key
+        if self.key_file:
+            d["key_file"] = self.key_file
+        return d
 
     def label(self) -> str:
         return (f"{self.name}:group_size={self.group_size}"

@@ -183,9 +183,9 @@ class QuantLayer:
         """Leave integer mode: the weight becomes ``q * step`` again (a training-mode weight)."""
         if not self.integer_mode:
             return
-        if self.stored_encoding is not None:
-            raise RuntimeError("the layer stores encoded words (a deployment-time defense): it "
-                               "cannot leave integer mode")
+        if self.stored_encoding is not None:  # the codes the words are read as, unencoded
+            self.weight.copy_(self.int_weight().to(self.weight.dtype))
+            self.stored_encoding = self._encode = self._decode = None
         self.weight.mul_(self.step_size)
         self.integer_mode = False
 
