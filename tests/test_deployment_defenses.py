@@ -274,3 +274,24 @@ def test_aware_attacks_from_a_target(checkpoint_and_data, tmp_path):
         assert target.defenses[-1].check_and_repair(target.model) == 0
     with pytest.raises(ValueError, match="needs a model defended by radar"):
         create_attack("radar_pairs", target, data, protocol)
+
+
+@pytest.mark.parametrize("spec,extra", [("radar:group_size=64,key=1", []),
+                                        ("deepncode:code=C13_4", ["--random_bfa"])])
+def test_a_defended_campaign_rebuilds_with_its_repairs(checkpoint_and_data, tmp_path, spec,
+                                                        extra):
+    """The replay checks (and repairs) after each iteration as the attack's evaluation did, so
+    the rebuilt model is the attacked one (its recorded Hamming distance, repairs included)."""
+    import rebuild_attacked
+    from campaigns.attacked import rebuild_attacked as rebuild
+
+    path, data_dir = checkpoint_and_data
+    results = tmp_path / "r"
+    argv = ["--checkpoint", path, "--data_dir", data_dir, "--n_iter", "2", "--break_acc", "-1",
+            "--no-progress", "--device", "cpu", "--attack_sample_size", "8", "--results",
+            str(results), "--defense", spec, *extra]
+    assert run(attack_bfa.main, argv) == 0
+    target, record = rebuild(str(results), "r0")
+    assert record["detections"] >= 1
+    assert run(rebuild_attacked.main, ["--results", str(results), "--key", "r0", "--out",
+                                       str(tmp_path / "a.pth.tar")]) == 0
