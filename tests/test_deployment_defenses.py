@@ -295,3 +295,11 @@ def test_a_defended_campaign_rebuilds_with_its_repairs(checkpoint_and_data, tmp_
     assert record["detections"] >= 1
     assert run(rebuild_attacked.main, ["--results", str(results), "--key", "r0", "--out",
                                        str(tmp_path / "a.pth.tar")]) == 0
+
+
+def test_bench_deployment_runs(capsys):
+    from bench import bench_deployment
+
+    assert bench_deployment.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "deepncode:code=C14_4" in out and "1.750x" in out and "1.00x" in out
