@@ -19,7 +19,7 @@ that of zeros, so a repaired group is flagged again only if it is attacked again
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -77,7 +77,10 @@ class Radar(DeploymentDefense):
     group_size: int = 512
     key: int | None = None
     key_file: str = ""
-    _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._state: dict = {}  # layer name -> (groups, number of groups, golden signatures)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "group_size": self.group_size}

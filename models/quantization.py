@@ -159,6 +159,8 @@ class QuantLayer:
             if self.stored_encoding is not None:  # the codes the words are read as, with
                 # dLoss/d(code) as the words' gradient (straight through the table)
                 codes = self._decode(self.weight.detach()).to(self.weight.dtype)
+                if not torch.is_grad_enabled():
+                    return codes * self.step_size
                 return (self.weight + (codes - self.weight).detach()) * self.step_size
             return self.weight * self.step_size
         step = self.compute_step()
