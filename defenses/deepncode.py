@@ -167,11 +167,12 @@ class DeepNcode(DeploymentDefense):
                              f"{self.repair!r}")
 
     def code_for(self, value_bits: int) -> Code:
+        """The code of layers of ``value_bits``-bit codes (ValueError if it has none)."""
         name = AUTO_CODES.get(value_bits) if self.code == "auto" else self.code
         if name is None or CODES[name][0] != value_bits:
+            fitting = [c for c, v in CODES.items() if v[0] == value_bits]
             raise ValueError(f"deepncode: code {self.code} does not encode {value_bits}-bit "
-                             f"weights (codes: "
-                             f"{', '.join(c for c, v in CODES.items() if v[0] == value_bits) or 'none'})")
+                             f"weights (codes for them: {', '.join(fitting) or 'none'})")
         return get_code(name)
 
     def protect(self, model) -> None:
