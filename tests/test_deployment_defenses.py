@@ -303,3 +303,16 @@ def test_bench_deployment_runs(capsys):
     assert bench_deployment.main(["--quick", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "deepncode:code=C14_4" in out and "1.750x" in out and "1.00x" in out
+
+
+def test_layers_a_defense_cannot_protect_are_refused():
+    binary, _ = tiny_model(n_bits=1)
+    with pytest.raises(ValueError, match="does not encode 1-bit weights"):
+        create_defense("deepncode").protect(binary)
+    with pytest.raises(ValueError, match="N >= 2"):
+        create_defense("radar").protect(binary)
+    four, _ = tiny_model(n_bits=4)
+    with pytest.raises(ValueError, match="codes for them: C7_3, C8_4, C9_4"):
+        create_defense("deepncode", code="C12_3").protect(four)
+    create_defense("deepncode").protect(four)  # auto: C9_4
+    assert {layer.bit_format.name for _, layer in bit_layers(four)} == {"deepncode-C9_4"}
