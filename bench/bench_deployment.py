@@ -7,7 +7,9 @@ check and repair, as every evaluation of an attacked model does) and is timed on
 ``--batch`` inputs in the same process: ``none`` (the plain model: the baseline of the
 ratios), RADAR with groups of 512 (the paper's ResNet-18 setting) and 64, DeepNcode with its
 shortest 8-bit code (C12_3) and its default (C14_4). Rounds are interleaved and the median
-seconds per forward reported, with the stored bits per weight (``memory_per_weight``).
+seconds per forward reported, with the check alone (its share of the undefended forward, less
+noisy than the difference of two forwards on a shared machine) and the stored bits per
+weight (``memory_per_weight``).
 
 What is timed is this tool's simulation: the check scans every stored weight on each forward
 (RADAR: one group sum per group; DeepNcode: one table look-up per word) and DeepNcode's layers
@@ -58,7 +60,8 @@ def build(device, checkpoint: str | None, seed: int = 0):
 
 
 def variant(spec: str, device, checkpoint):
-    """``(model to time, stored bits per weight, bits per weight undefended)``."""
+    """``(model to time, its defense or None, stored bits per weight, bits per weight
+    undefended)``."""
     model = build(device, checkpoint)
     if spec == "none":
         from models.bits import bit_layers
@@ -66,11 +69,20 @@ def variant(spec: str, device, checkpoint):
         bits = [layer.bit_format.n_bits for _, layer in bit_layers(model)]
         numel = [layer.weight.numel() for _, layer in bit_layers(model)]
         plain = sum(b * n for b, n in zip(bits, numel)) / sum(numel)
-        return model, plain, plain
+        return model, None, plain, plain
     defense = parse_defense(spec)
     stored, plain = defense.memory_per_weight(model)
     defense.protect(model)
-    return DefendedModel(model, model, [defense]), stored, plain
+    return DefendedModel(model, model, [defense]), defense, stored, plain
+
+
+@torch.inference_mode()
+def seconds_per_check(defense, model, iters: int, device) -> float:
+    """Seconds of one check and repair of the stored weights alone (nothing to repair)."""
+    if defense is None:
+        return 0.0
+    return seconds_per_forward(lambda _: defense.check_and_repair(model.evaluated), None,
+                               iters, device)
 
 
 @torch.inference_mode()
@@ -107,16 +119,19 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     x = x.to(device)
     times = {spec: [] for spec in VARIANTS}
+    checks = {spec: [] for spec in VARIANTS}
     for _ in range(args.rounds):
-        for spec, (model, _, _) in models.items():
+        for spec, (model, defense, _, _) in models.items():
             times[spec].append(seconds_per_forward(model, x, args.iters, device))
+            checks[spec].append(seconds_per_check(defense, model, args.iters, device))
     base = statistics.median(times["none"])
     rows = []
-    for spec, (model, stored, plain) in models.items():
-        t = statistics.median(times[spec])
+    for spec, (model, _, stored, plain) in models.items():
+        t, check = statistics.median(times[spec]), statistics.median(checks[spec])
         rows.append({"defense": spec, "s / forward": f"{t:.4f}",
-                     "time vs none": f"{t / base:.2f}x", "bits / weight": f"{stored:.3f}",
-                     "memory vs none": f"{stored / plain:.3f}x"})
+                     "time vs none": f"{t / base:.2f}x", "check alone": f"{check:.4f}",
+                     "check vs none": f"{check / base:.3f}x",
+                     "bits / weight": f"{stored:.3f}", "memory vs none": f"{stored / plain:.3f}x"})
     print(f"Deployment-time defenses, {args.checkpoint or 'ResNet-20 8-bit'}, batch "
           f"{args.batch}, {device}, {torch.get_num_threads()} threads, median of "
           f"{args.rounds} rounds of {args.iters} forwards (check and repair before each)")
