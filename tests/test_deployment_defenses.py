@@ -200,6 +200,18 @@ def test_deepncode_aware_moves_between_codewords_and_counts_their_bits(tiny_data
     assert result.bits_flipped >= 9 * attack.weight_bits and attack.weight_bits >= 3
     for row in result.profile:  # the recorded flips rebuild the stored words
         assert popcount(row.before ^ row.after) == 1
+    # the cost-aware attacker: moves of at most the code's distance (4 bits), never detected
+    model, output, dnc, evaluated = defended("deepncode")
+    clean_codes = [layer.int_weight().clone() for _, layer in bit_layers(model)]
+    attack = DeepNcodeAware(model, output, max_cost=4, eval_model=evaluated)
+    result = attack.run(x, data, n_iter=3)
+    assert evaluated.detections == 0 and dnc.check_and_repair(model) == 0
+    costs = torch.cat([code.cost(c, layer.int_weight()).view(-1)
+                       for c, (_, layer) in zip(clean_codes, bit_layers(model))])
+    assert result.bits_flipped == int(costs.sum()) and result.bits_flipped >= 4
+    assert set(costs[costs > 0].tolist()) <= {4}
+    with pytest.raises(ValueError, match="max_cost must be a positive integer"):
+        DeepNcodeAware(model, output, max_cost=0)
     # random flips of stored words are detected, one word each
     model, output, dnc, evaluated = defended("deepncode:repair=correct")
     result = RandomFlips(model, output, seed=1, eval_model=evaluated).run(x, data, n_iter=3)
