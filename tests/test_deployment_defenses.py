@@ -328,3 +328,21 @@ def test_layers_a_defense_cannot_protect_are_refused():
         create_defense("deepncode", code="C12_3").protect(four)
     create_defense("deepncode").protect(four)  # auto: C9_4
     assert {layer.bit_format.name for _, layer in bit_layers(four)} == {"deepncode-C9_4"}
+
+
+@pytest.mark.parametrize("max_cost", [None, 4])
+def test_deepncode_aware_on_4_bit_weights(tiny_data, max_cost):
+    x, data = tiny_data
+    model, output = tiny_model(n_bits=4)
+    dnc = parse_defense("deepncode")  # C9_4
+    dnc.protect(model)
+    evaluated = DefendedModel(model, model, [dnc])
+    clean_codes = [layer.int_weight().clone() for _, layer in bit_layers(model)]
+    result = DeepNcodeAware(model, output, max_cost=max_cost, eval_model=evaluated).run(
+        x, data, n_iter=2)
+    assert evaluated.detections == 0 and dnc.check_and_repair(model) == 0
+    costs = torch.cat([get_code("C9_4").cost(c, layer.int_weight()).view(-1)
+                       for c, (_, layer) in zip(clean_codes, bit_layers(model))])
+    assert result.bits_flipped == int(costs.sum()) > 0
+    moved = set(costs[costs > 0].tolist())
+    assert moved == {4} if max_cost else min(moved) >= 5  # a one-bit change: 5 or 8 bits
