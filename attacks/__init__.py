@@ -7,7 +7,7 @@ Importing this package registers every attack; :func:`list_attacks` / :func:`att
 look them up by name. Nothing here knows of argparse.
 """
 
-from . import bfa, talbf, tbfa  # noqa: F401 (each module registers its attacks)
+from . import bfa, deepncode_aware, radar_pairs, talbf, tbfa  # noqa: F401 (each registers attacks)
 from .base import Attack, AttackResult, attack_class, list_attacks, register_attack
 
 __all__ = ["Attack", "AttackResult", "attack_class", "list_attacks", "register_attack"]

@@ -277,12 +277,7 @@ class _FlipAttack(Attack):
 
     @classmethod
     def _on_target(cls, target, data, protocol: Protocol, output, **options):
-        classes = int(target.config.num_classes)
-        break_acc = protocol.break_acc if protocol.break_acc is not None else 100.0 / classes + 1
-        return cls(target.model, output, fault=target.fault, eval_model=target.eval_model,
-                   data=data, attack_batch=drawn_attack_batches(target, protocol.bfa_batch),
-                   stopping=Stopping(protocol.bfa_iters, break_acc),
-                   number_format=target.number_format, **options)
+        return cls(target.model, output, **flip_campaign(target, data, protocol), **options)
 
     def plan(self, protocol: Protocol) -> list[Repetition]:
         return plan_repetitions(protocol.bfa_reps, protocol.seed)
@@ -303,10 +298,13 @@ class _FlipAttack(Attack):
         labels = labels.to(self.device)
         if self.on_batch is not None:
             self.on_batch(item, batch, labels)
+        flagged = getattr(self.eval_model, "detections", None)  # a deployment-time defense's
         result = self.run(batch.images, self.data, self.stopping.n_iter,
                           break_acc=self.stopping.break_acc, on_flip=self.on_flip,
                           labels=labels)
         d = result.to_dict()
+        if flagged is not None:  # units its checks flagged during the run (groups, words)
+            d["detections"] = self.eval_model.detections - flagged
         d["number_format"] = self.number_format or d["number_format"]
         return {"rep": item.rep, "seed": item.seed, "clean_acc": d.pop("clean_accuracy"),
                 "final_acc": d.pop("final_accuracy"), **{k: v for k, v in d.items()
@@ -600,3 +598,17 @@ class BFAAdaptive(BFA):
 
     def settings(self) -> dict:
         return dict(self.params)
+
+
+def flip_campaign(target, data: EvalSet, protocol: Protocol) -> dict:
+    """The campaign arguments of a flip attack built from a target under a protocol
+    (:meth:`attacks.base.Attack.from_target`): the test split, each run's ``bfa_batch``
+    training images drawn with its seed, :class:`Stopping` at ``bfa_iters`` or ``break_acc``
+    (None: chance + 1 point), the target's fault model, evaluation model (behind its
+    deployment-time defenses) and format label."""
+    classes = int(target.config.num_classes)
+    break_acc = protocol.break_acc if protocol.break_acc is not None else 100.0 / classes + 1
+    return dict(data=data, attack_batch=drawn_attack_batches(target, protocol.bfa_batch),
+                stopping=Stopping(protocol.bfa_iters, break_acc),
+                number_format=target.number_format, eval_model=target.eval_model,
+                fault=target.fault)

@@ -252,6 +252,10 @@ class FinalLayer:
         if not getattr(layer, "integer_mode", False):
             raise ValueError("TA-LBF needs the model in integer mode: call "
                              "models.to_integer(model) first")
+        if getattr(layer, "stored_encoding", None) is not None:
+            raise ValueError("TA-LBF flips the final layer's codes, which a deployment-time "
+                             "defense stores encoded (deepncode): attack it with "
+                             "attack_bfa.py or attack_tbfa.py")
         w = layer.weight.detach()
         bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(
             w.shape[0], device=w.device)

@@ -166,7 +166,10 @@ def build_target(spec: TargetSpec, device) -> AttackTarget:
         from defenses.deployment import DefendedModel
 
         for d in deployed:
-            d.protect(model)
+            try:
+                d.protect(model)
+            except ValueError as e:  # e.g. a code for another bit width, a float format
+                raise UserError(f"--defense {d.label()}: {e}") from None
         eval_model = DefendedModel(eval_model if eval_model is not None else model, model,
                                    deployed)
     return AttackTarget(model, output, config, dataset, source, mean, std, label, eval_model,

@@ -91,7 +91,18 @@ def rebuild_attacked(results_dir: str, key: str, device="cpu") -> tuple[AttackTa
         flips = attack_class(record_attack(record) or "").recorded_flips(record)
     except (KeyError, ValueError, NotImplementedError) as e:
         raise UserError(f"{key}: {e.args[0] if e.args else e}") from None
-    for layer_name, index, bit, before in flips:
+    # A deployment-time defense checked (and repaired) the model after every iteration, when
+    # the accuracy was measured: the replay does the same at each iteration's last flip.
+    deployed = [d for d in target.defenses if d.stage == "deployment"]
+    rows = record.get("profile") or []
+    ends = [i + 1 == len(rows) or rows[i + 1].get("iteration") != rows[i].get("iteration")
+            for i in range(len(rows))] if deployed and len(rows) == len(flips) else []
+    if deployed and not ends and flips:
+        raise UserError(f"{key}: a model behind {', '.join(d.name for d in deployed)} is "
+                        f"rebuilt from a profile of iterations, which this record lacks")
+    for d in deployed:
+        d.check_and_repair(model)  # as before the clean accuracy
+    for i, (layer_name, index, bit, before) in enumerate(flips):
         name = layer_name or final
         layer = modules[name]
         if isinstance(index, (list, tuple)):  # (row, column) of the final layer
@@ -101,6 +112,9 @@ def rebuild_attacked(results_dir: str, key: str, device="cpu") -> tuple[AttackTa
                             f"says {before}: {campaign['source']} is not the checkpoint this "
                             f"campaign attacked")
         flip_and_record(name, layer, index, bit)
+        if ends and ends[i]:
+            for d in deployed:
+                d.check_and_repair(model)
     expected = record.get("bits_changed")
     if expected is not None and changed_bits(model, clean) != expected:
         raise UserError(f"{key}: the rebuilt model differs from the clean one in "

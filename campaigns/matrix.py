@@ -283,14 +283,19 @@ class MatrixRunner:
 
 
 def stored_bits_per_weight(target: AttackTarget) -> float:
-    """Bits stored per weight of the attacked layers: the format's, or what a deployment-time
-    defense stores (its ``stored_bits_per_weight(model)``, e.g. a codeword per weight)."""
-    for d in target.defenses:
-        if d.stage == "deployment" and hasattr(d, "stored_bits_per_weight"):
-            return float(d.stored_bits_per_weight(target.model))
+    """Bits stored per weight of the attacked layers: the format's, or with deployment-time
+    defenses what they store (:meth:`defenses.base.DeploymentDefense.memory_per_weight`:
+    codewords, signatures)."""
     layers = bit_layers(target.model)
     total = sum(l.weight.numel() for _, l in layers)
-    return sum(l.weight.numel() * l.bit_format.n_bits for _, l in layers) / max(total, 1)
+    plain = sum(l.weight.numel() * getattr(l, "n_bits", l.bit_format.n_bits)
+                for _, l in layers) / max(total, 1)
+    extra = 0.0
+    for d in target.defenses:
+        if d.stage == "deployment":
+            defended, undefended = d.memory_per_weight(target.model)
+            extra += defended - undefended
+    return plain + extra
 
 
 @torch.inference_mode()

@@ -44,7 +44,8 @@ ATTACK = "attack"  # every record: the registered name of the attack that wrote 
 COUNTS = {
     "iterations": "attack iterations (T-BFA: one bit each, the papers' '# bit-flips'; BFA: "
                   "one or more bits each)",
-    "bits_flipped": "bits the attack flipped, a bit flipped twice counted twice (BFA)",
+    "bits_flipped": "bits the attack flipped in the stored weights (codeword bits under "
+                    "DeepNcode), a bit flipped twice counted twice (BFA)",
     "bits_changed": "bits that differ from the clean model at the end (the Hamming distance; "
                     "TA-LBF's '# bit-flips')",
 }

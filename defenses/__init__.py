@@ -11,7 +11,7 @@ dataclass) plus one import line below.
 
 from .base import (Defense, DeploymentDefense, TrainingDefense, check_defenses, create_defense,
                    defense_from_dict, list_defenses, parse_defense, register_defense)
-from . import clustering, mixup, ocm  # noqa: F401 (each registers its defenses)
+from . import clustering, deepncode, mixup, ocm, radar  # noqa: F401 (each registers its defenses)
 from .flags import config_defenses, switch_defenses
 
 __all__ = ["Defense", "DeploymentDefense", "TrainingDefense", "check_defenses",

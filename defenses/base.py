@@ -174,3 +174,8 @@ class DeploymentDefense(Defense):
 
     def check_and_repair(self, model) -> int:
         raise NotImplementedError
+
+    def memory_per_weight(self, model) -> tuple[float, float]:
+        """``(stored bits per weight with the defense, bits per weight without it)`` over the
+        model's attacked layers: the defense's memory overhead (its stored words, signatures)."""
+        raise NotImplementedError

@@ -99,6 +99,11 @@ class QuantLayer:
     # Binarized layers only: code of an exactly-zero weight 0 (torch.sign, the public code)
     # instead of +1. Set with use_public_sign(); see the module docstring.
     public_sign: bool = False
+    # A deployment-time encoding of the stored codes (DeepNcode, defenses/deepncode.py): its
+    # NumberFormat, and the maps code -> stored word and stored word -> code. None: the weight
+    # holds the codes themselves.
+    stored_encoding: "bitlib.NumberFormat | None" = None
+    _encode = _decode = None
 
     def _init_quant(self, n_bits: int) -> None:
         self.n_bits = bitlib.check_bits(n_bits)
@@ -108,8 +113,21 @@ class QuantLayer:
 
     @property
     def bit_format(self) -> bitlib.IntFormat:
-        """The stored format of the codes (:mod:`models.bits`): N-bit two's complement."""
+        """The stored format of the codes (:mod:`models.bits`): N-bit two's complement, or the
+        stored words of an encoding (:meth:`set_stored_encoding`)."""
+        if self.stored_encoding is not None:
+            return self.stored_encoding
         return bitlib.IntFormat(self.n_bits)
+
+    @torch.no_grad()
+    def set_stored_encoding(self, fmt, encode, decode) -> None:
+        """Store the codes as words of an encoding (integer mode only): ``weight`` then holds
+        ``encode(codes)`` in ``fmt`` (what the attacks flip), and the forward reads
+        ``decode(words)`` (docs/algorithms.md section 15)."""
+        self._require_integer_mode()
+        codes = self.int_weight()
+        self.stored_encoding, self._encode, self._decode = fmt, encode, decode
+        self.weight.copy_(encode(codes).to(self.weight.dtype))
 
     # -- step size -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -138,6 +156,12 @@ class QuantLayer:
 
     def _quantized_weight(self) -> torch.Tensor:
         if self.integer_mode:
+            if self.stored_encoding is not None:  # the codes the words are read as, with
+                # dLoss/d(code) as the words' gradient (straight through the table)
+                codes = self._decode(self.weight.detach()).to(self.weight.dtype)
+                if not torch.is_grad_enabled():
+                    return codes * self.step_size
+                return (self.weight + (codes - self.weight).detach()) * self.step_size
             return self.weight * self.step_size
         step = self.compute_step()
         self.step_size.copy_(step)
@@ -161,6 +185,9 @@ class QuantLayer:
         """Leave integer mode: the weight becomes ``q * step`` again (a training-mode weight)."""
         if not self.integer_mode:
             return
+        if self.stored_encoding is not None:  # the codes the words are read as, unencoded
+            self.weight.copy_(self.int_weight().to(self.weight.dtype))
+            self.stored_encoding = self._encode = self._decode = None
         self.weight.mul_(self.step_size)
         self.integer_mode = False
 
@@ -168,6 +195,8 @@ class QuantLayer:
     def int_weight(self) -> torch.Tensor:
         """The integer codes as an int64 tensor (computed on the fly outside integer mode)."""
         if self.integer_mode:
+            if self.stored_encoding is not None:
+                return self._decode(self.weight.detach()).to(torch.int64)
             return self.weight.detach().round().to(torch.int64)
         return _integer_codes(self.weight, self.compute_step(), self.n_bits,
                               self.public_sign).to(torch.int64)
@@ -188,11 +217,16 @@ class QuantLayer:
                              f"{tuple(self.weight.shape)}")
         if int(codes.min()) < lo or int(codes.max()) > hi:
             raise ValueError(f"codes outside the {self.n_bits}-bit range [{lo}, {hi}]")
+        if self.stored_encoding is not None:
+            codes = self._encode(codes)
         self.weight.copy_(codes.to(self.weight.dtype))
 
     def read_bit(self, index: int, bit: int) -> int:
         """Bit ``bit`` (0 = MSB) of the weight at flat index ``index``."""
         self._require_integer_mode()
+        if self.stored_encoding is not None:
+            value = self.weight.detach().reshape(-1)[index]
+            return int(self.stored_encoding.to_bits(value)[bit])
         code = self._bit_codes(self.weight.detach().reshape(-1)[index])
         return int(bitlib.int_to_bits(code, self.n_bits)[bit])
 
@@ -210,6 +244,9 @@ class QuantLayer:
         self._require_integer_mode()
         flat = self.weight.view(-1)
         index = torch.as_tensor(index, device=flat.device, dtype=torch.int64)
+        if self.stored_encoding is not None:
+            flat[index] = self.stored_encoding.flip(flat[index], bit)
+            return
         codes = self._bit_codes(flat[index])
         flat[index] = bitlib.flip_bits(codes, bit, self.n_bits).to(flat.dtype)
 
