@@ -355,3 +355,15 @@ def test_script_fault_flags(digits_checkpoints, tmp_path, capsys):
     assert "fault differ" in capsys.readouterr().err
     assert run(attack_talbf.main, args[:2] + ["--page-bytes", "64"]) == 2
     assert "error: --page-bytes is the page of --one-flip-per-page" in capsys.readouterr().err
+
+
+def test_campaign_written_before_the_fault_key_resumes(digits_checkpoints, tmp_path, capsys):
+    """A campaign.json without ``fault`` (written before it existed) is the same campaign as one
+    without a fault model: the run resumes, and a longer list runs only the new attack."""
+    ckpt = digits_checkpoints["vanilla"]
+    folder = tmp_path / "old"
+    recs, campaign = script_records(ckpt, folder, "--n-attacks", "1", "--max-search-k", "1")
+    del campaign["fault"]
+    (folder / "campaign.json").write_text(json.dumps(campaign))
+    again, _ = script_records(ckpt, folder, "--n-attacks", "2", "--max-search-k", "1")
+    assert len(again) == 2 and again[0] == recs[0]
