@@ -172,8 +172,8 @@ CASES = {
     "tbfa avgs missing value": ("flag", "tbfa", lambda w: tbfa(w, "--avgs"), "expected one"),
     "talbf numerics choice": ("flag", "talbf", lambda w: talbf(w, "--numerics", "fast"),
                               "invalid choice"),
-    "talbf fault flag it lacks": ("flag", "talbf", lambda w: talbf(w, "--fault-bits", "0"),
-                                  "unrecognized"),
+    "talbf format flag it lacks": ("flag", "talbf", lambda w: talbf(w, "--format", "fp16"),
+                                   "unrecognized"),
     "talbf init-k not a number": ("flag", "talbf", lambda w: talbf(w, "--init-k", "big"),
                                   "invalid float"),
     "bfa n_iter missing value": ("flag", "bfa", lambda w: bfa(w, "--n_iter"), "expected one"),
@@ -294,6 +294,10 @@ CASES = {
         "setting", "bfa", lambda w: bfa(w, "--fault-bits", "8"), "int8 values have bits 0-7"),
     "tbfa fault bits 4-9 of int8 codes": (
         "setting", "tbfa", lambda w: tbfa(w, "--fault-bits", "4-9"), "bit position(s) 8-9"),
+    "talbf fault bits outside int8": (
+        "setting", "talbf", lambda w: talbf(w, "--fault-bits", "8"), "int8 values have bits 0-7"),
+    "talbf page bytes without one flip per page": (
+        "setting", "talbf", lambda w: talbf(w, "--page-bytes", "64"), "--page-bytes is the page"),
     "bfa fault bit 16 of fp16 values": (
         "setting", "bfa", lambda w: bfa(w, "--format", "fp16", "--fault-bits", "0,16"),
         "fp16 values have bits 0-15"),

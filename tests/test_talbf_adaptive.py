@@ -17,7 +17,7 @@ from attacks.target import DataSpec, TargetSpec, build_target
 from cli.args import run
 from conftest import attacked_model
 from models import bits as bitlib
-from models.ocm import OutputCodeMatching, SoftmaxOutput
+from models.ocm import SoftmaxOutput
 from utils.faults import FaultModel, FaultState
 
 FAST = {"ext_max_iters": 300, "rho_fact": 1.05}
@@ -139,13 +139,10 @@ def test_adaptive_attack_records_and_model_decision(vanilla, digits_test):
     rec = a.run_item(T.AttackItem(0, 0, 1))  # a clear attack: digit 1 into class 0
     assert rec["success"] and rec["loss"] == "ce" and rec["scores"] == "tanh"
     assert rec["fault_model"] is None and rec["fault_violations"] == 0
-    codes = a.layer.codes.clone()
+    bits = a.layer.bits()
     for row, col, bit in rec["flips"]:
-        codes[row, col] = bitlib.bits_to_int(
-            bitlib.int_to_bits(codes[row, col].view(1), 8).index_put_(
-                (torch.tensor([0]), torch.tensor([bit])),
-                1 - bitlib.int_to_bits(codes[row, col].view(1), 8)[0, bit].view(1)), 8)[0]
-    z = a.layer.outputs(a.features[1:2], codes)
+        bits[row, col, bit] ^= 1
+    z = a.layer.outputs(a.features[1:2], a.layer.codes_from_bits(bits))
     assert int(a.output.predict(z)[0]) == 0  # the model's own decision says target
 
 
@@ -358,3 +355,15 @@ def test_script_fault_flags(digits_checkpoints, tmp_path, capsys):
     assert "fault differ" in capsys.readouterr().err
     assert run(attack_talbf.main, args[:2] + ["--page-bytes", "64"]) == 2
     assert "error: --page-bytes is the page of --one-flip-per-page" in capsys.readouterr().err
+
+
+def test_campaign_written_before_the_fault_key_resumes(digits_checkpoints, tmp_path, capsys):
+    """A campaign.json without ``fault`` (written before it existed) is the same campaign as one
+    without a fault model: the run resumes, and a longer list runs only the new attack."""
+    ckpt = digits_checkpoints["vanilla"]
+    folder = tmp_path / "old"
+    recs, campaign = script_records(ckpt, folder, "--n-attacks", "1", "--max-search-k", "1")
+    del campaign["fault"]
+    (folder / "campaign.json").write_text(json.dumps(campaign))
+    again, _ = script_records(ckpt, folder, "--n-attacks", "2", "--max-search-k", "1")
+    assert len(again) == 2 and again[0] == recs[0]
