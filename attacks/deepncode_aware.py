@@ -134,8 +134,8 @@ class DeepNcodeAware(BFA):
                  max_bits_per_layer: int | None = MAX_BITS_PER_LAYER,
                  max_cost: int | None = None, fault=None, eval_model=None, **campaign):
         if fault is not None and not fault.unconstrained:
-            raise ValueError("attack 'deepncode_aware' moves whole codewords: it takes no "
-                             "fault model")
+            raise NotApplicable("attack 'deepncode_aware' moves whole codewords: it takes no "
+                                "fault model")
         if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, int)
                                      or max_cost < 1):
             raise ValueError(f"attack 'deepncode_aware': max_cost must be a positive integer "

@@ -55,8 +55,8 @@ class RadarPairs(BFA):
                  max_bits_per_layer: int | None = MAX_BITS_PER_LAYER, fault=None,
                  eval_model=None, **campaign):
         if fault is not None and not fault.unconstrained:
-            raise ValueError("attack 'radar_pairs' chooses its paired flips itself: it takes no "
-                             "fault model")
+            raise NotApplicable("attack 'radar_pairs' chooses its paired flips itself: it takes no "
+                                "fault model")
         super().__init__(model, output, k_top=k_top, max_bits_per_layer=max_bits_per_layer,
                          eval_model=eval_model, **campaign)
         from defenses.radar import group_ids

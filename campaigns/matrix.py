@@ -342,8 +342,9 @@ def cell_outcome(out_dir: str, cell: Cell) -> dict | None:
 def worst_case(outcomes: list[tuple[Cell, dict]], success_asr: float) -> dict:
     """Fewest flips among the cells whose ASR reaches ``success_asr`` and the highest PA-ACC
     among them (None when no attack succeeds)."""
-    ok = [(c, o) for c, o in outcomes if o and o.get("applicable") and _num(o.get("asr")) is not None
-          and o["asr"] >= success_asr and _num(o.get("flips")) is not None]
+    ok = [(c, o) for c, o in outcomes if o and o.get("applicable")
+          and _num(o.get("asr")) is not None and o["asr"] >= success_asr
+          and _num(o.get("flips")) is not None]
     out = {"worst_flips": None, "worst_flips_cell": None, "worst_pa_acc": None,
            "worst_pa_acc_cell": None, "successful_cells": len(ok)}
     if ok:

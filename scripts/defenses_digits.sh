@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The defenses x attacks matrix in miniature, on the CPU, no download (docs/algorithms.md
 # section 14): five 8-bit ResNet-20 models of the quick-start recipes trained on scikit-learn's
-# digits (vanilla, OCM16, piecewise clustering, OCM16 + clustering, binarized), each attacked by
-# the papers' attacks and by the attacks that know the output head, under three fault models
+# digits (vanilla, OCM16, piecewise clustering, OCM16 + clustering, binarized) and the vanilla
+# model behind two deployment-time defenses (RADAR checksums, DeepNcode codewords), each
+# attacked by the papers' attacks and by the attacks that know the defense, under three fault
+# models
 # (every flip, one flip per 4 KiB page, 0 -> 1 only), on one protocol; the matrix is printed
 # (also in $OUT/matrix/matrix.md, with matrix.csv, defenses.csv, matrix.png and
 # success_vs_flips.png).
@@ -10,7 +12,8 @@
 # Usage: bash scripts/defenses_digits.sh        (from any directory)
 # Environment: OUT (runs/defenses_digits), DEVICE (auto), THREADS (2), SEED (0), PAIRS (T-BFA
 #   pairs, default 0:1,2:3,4:5,6:7,8:9; "all" = the 20 of the protocol), TALBF_ATTACKS (5),
-#   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), TRAIN_ONLY=1 (stop
+#   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), RADAR and DEEPNCODE
+#   (the two deployment-time rows' defense specs; "none" drops the row), TRAIN_ONLY=1 (stop
 #   after training), PYTHON, DRY_RUN=1 (print the commands). A trained model is kept (delete <model>/train.done to retrain); the
 #   matrix continues where it stopped.
 set -euo pipefail
@@ -21,7 +24,9 @@ THREADS="${THREADS:-2}"
 SEED="${SEED:-0}"
 PAIRS="${PAIRS:-0:1,2:3,4:5,6:7,8:9}"
 TALBF_ATTACKS="${TALBF_ATTACKS:-5}"
-ATTACKS="${ATTACKS:-tbfa tbfa_adaptive:loss=margin,scores=preact talbf talbf_adaptive:loss=margin,scores=preact bfa bfa_adaptive:loss=margin,scores=preact}"
+ATTACKS="${ATTACKS:-tbfa tbfa_adaptive:scores=preact talbf talbf_adaptive:scores=preact bfa bfa_adaptive:scores=preact radar_pairs deepncode_aware:max_cost=4}"
+RADAR="${RADAR:-radar:group_size=16,key=1}"
+DEEPNCODE="${DEEPNCODE:-deepncode}"
 FAULTS="${FAULTS:-none page 0to1}"
 DATA_DIR="$OUT"   # digits needs no data folder
 out_dir "$OUT"
@@ -46,9 +51,14 @@ echo "   ($(( $(date +%s) - start )) s so far)"
 
 ROWS=()
 for label in "${MODELS[@]}"; do ROWS+=(--model "$label=$OUT/$label/model_best.pth.tar"); done
+for spec in "$RADAR" "$DEEPNCODE"; do
+  [ "$spec" = "none" ] && continue
+  name="${spec%%:*}"
+  ROWS+=(--model "$name=$OUT/vanilla/model_best.pth.tar" --deploy "$name=$spec")
+done
 PAIR_FLAGS=(--pairs "$PAIRS")
 [ "$PAIRS" = "all" ] && PAIR_FLAGS=(--all-pairs)
-echo "== the matrix: ${#MODELS[@]} models x attacks ($ATTACKS) x faults ($FAULTS) =="
+echo "== the matrix: $(( ${#ROWS[@]} / 2 - $(grep -o -- --deploy <<< "${ROWS[*]}" | wc -l) )) models x attacks ($ATTACKS) x faults ($FAULTS) =="
 # shellcheck disable=SC2206
 STEP="matrix" run_cmd "$PY" evaluate_defenses.py --dataset digits "${ROWS[@]}" \
   --attacks $ATTACKS --faults $FAULTS "${PAIR_FLAGS[@]}" --talbf-samples "$TALBF_ATTACKS" \
