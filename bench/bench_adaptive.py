@@ -9,7 +9,10 @@ codeword: the baseline of the ratios) and with each decoded-score objective of
 the pre-activations). Every variant starts from the same clean codes and runs ``--iters``
 iterations; rounds are interleaved and the median seconds per iteration is reported. The
 objective adds one ``[batch, L] x [L, classes]`` product to each loss evaluation; the trial
-forwards, which dominate, are the paper attack's.
+forwards, which dominate, are the paper attack's. TA-LBF: ``--talbf-iters`` outer ADMM
+iterations of the first batch of its (k, gamma) search on the same model's final layer (64
+features, ``--n`` D_aux samples), the paper's BCE gradient against the decoded-score one
+(:class:`attacks.talbf.TALBFAdaptive`).
 
 Examples:
   python -m bench.bench_adaptive                 # 500 + 500 images, 5 iterations, 3 rounds
@@ -99,6 +102,37 @@ def time_variant(kind, variant, model, head, clean, data, iters, device) -> floa
     return (time.perf_counter() - t0) / iters
 
 
+def time_talbf(variant: str, model, head, data, iters: int, device) -> float:
+    """Seconds per outer ADMM iteration of TA-LBF (``variant``: paper or an adaptive loss)."""
+    from attacks.talbf import TALBF, FinalLayer, TALBFAdaptive, TALBFConfig
+
+    x_src, x_aux, y_aux = data
+    with torch.no_grad():
+        features = model.forward_features(x_aux)
+    model.output_act = "tanh"
+    layer = FinalLayer.from_model(model)
+    config = TALBFConfig(ext_max_iters=iters, min_ext_iters=iters, max_search_k=1)
+    labels = y_aux
+    if variant == "paper (L1)":
+        attack = TALBF(layer, head, features, labels, config)
+    else:
+        loss, _, scores = variant.partition(", ")
+        attack = TALBFAdaptive(layer, head, features, labels, config, loss=loss,
+                               scores=scores or "tanh")
+    aux = torch.arange(1, min(len(labels), 65), device=device)
+    target = (int(labels[0]) + 1) % 10
+    problem = attack.problem(0, target, aux)
+    runs = attack.config.search_order()[:8]
+    attack.admm(problem, runs[:1])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    attack.admm(problem, runs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,11 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=500, help="images per set (default 500)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--talbf-iters", type=int, default=50,
+                   help="TA-LBF outer ADMM iterations timed (default 50)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="16 images, 2 iterations, 1 round")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.iters, args.rounds = 16, 2, 1
+        args.n, args.iters, args.rounds, args.talbf_iters = 16, 2, 1, 5
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -128,6 +164,16 @@ def main(argv=None) -> int:
             t = statistics.median(times[v])
             rows.append({"search": "T-BFA" if kind == "tbfa" else "BFA", "loss": v,
                          "s / iteration": f"{t:.4f}", "cost vs paper": f"{t / base:.2f}x"})
+    times = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for v in VARIANTS:
+            restore(model, clean)
+            times[v].append(time_talbf(v, model, head, data, args.talbf_iters, device))
+    base = statistics.median(times[VARIANTS[0]])
+    for v in VARIANTS:
+        t = statistics.median(times[v])
+        rows.append({"search": "TA-LBF", "loss": v if v != VARIANTS[0] else "paper (BCE)",
+                     "s / iteration": f"{t:.4f}", "cost vs paper": f"{t / base:.2f}x"})
     restore(model, clean)
     model.output_act = "tanh"
     print(f"Adaptive objectives, OCM16 ResNet-20 8-bit, {args.n} + {args.n} images, {device}, "
