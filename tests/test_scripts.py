@@ -13,9 +13,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["paper_cifar10.sh", "ocm_train_cifar10.sh", "ocm_train_cifar100.sh",
            "ocm_train_imagenet.sh", "bfa_cifar10.sh", "train_cifar10_defenses.sh",
-           "paper_smoke.sh"]
+           "paper_smoke.sh", "defenses_cifar10.sh"]
 PY_SCRIPTS = {"main.py": "main", "attack_tbfa.py": "attack_tbfa", "attack_talbf.py": "attack_talbf",
-              "attack_bfa.py": "attack_bfa", "report.py": "report"}
+              "attack_bfa.py": "attack_bfa", "report.py": "report",
+              "evaluate_defenses.py": "evaluate_defenses"}
 
 
 def dry_run(script, cwd, **env):
@@ -240,6 +241,27 @@ def test_paper_cifar10_runs_every_row_of_the_table(tmp_path):
             assert flag(argv, "--n-attacks") == "1000"
     report = [a for n, a, _ in commands if n == "report.py"][0]
     assert flag(report, "--out") == str(tmp_path / "o" / "cifar10" / "report")
+
+
+def test_defense_matrices_attack_every_trained_model(tmp_path):
+    """The CIFAR-10 and the digits matrix scripts: the five trained models plus the vanilla
+    model behind RADAR and DeepNcode, the papers' and the aware attacks, three fault models."""
+    for script in ("defenses_cifar10.sh", "defenses_digits.sh"):
+        commands = dry_run(script, tmp_path, OUT_ROOT=str(tmp_path / "o"),
+                           OUT=str(tmp_path / "d"))
+        trained = {os.path.join(flag(a, "--outdir"), "model_best.pth.tar")
+                   for n, a, _ in commands if n == "main.py"}
+        matrix = [a for n, a, _ in commands if n == "evaluate_defenses.py"]
+        assert len(trained) == 5 and len(matrix) == 1
+        args = parse("evaluate_defenses.py", matrix[0])
+        rows = dict(m.split("=", 1) for m in args.models)
+        assert list(rows) == ["vanilla", "ocm16", "pc", "ocm16_pc", "binarized", "radar",
+                              "deepncode"]
+        assert set(rows.values()) == trained
+        assert [d.split("=")[0] for d in args.deploy] == ["radar", "deepncode"]
+        assert {"tbfa", "talbf", "bfa", "radar_pairs"} <= set(args.attacks)
+        assert any(a.startswith("tbfa_adaptive") for a in args.attacks)
+        assert args.faults == ["none", "page", "0to1"]
 
 
 def test_imagenet_finetunes_ocm_from_the_vanilla_model(tmp_path):
