@@ -10,7 +10,10 @@
 # success_vs_flips.png).
 #
 # Usage: bash scripts/defenses_digits.sh        (from any directory)
-# Environment: OUT (runs/defenses_digits), DEVICE (auto), THREADS (2), SEED (0), PAIRS (T-BFA
+# Environment: OUT (runs/defenses_digits), DEVICE (auto), THREADS (2: the trainings' CPU
+#   threads; results depend on it), MATRIX_THREADS (THREADS: each matrix process's), NPROC (1:
+#   matrix processes under torchrun, each cell's items shared; 2 with MATRIX_THREADS=1 is
+#   faster on 2 cores than 1 process of 2 threads), SEED (0), PAIRS (T-BFA
 #   pairs, default 0:1,2:3,4:5,6:7,8:9; "all" = the 20 of the protocol), TALBF_ATTACKS (5),
 #   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), RADAR and DEEPNCODE
 #   (the two deployment-time rows' defense specs; "none" drops the row), TRAIN_ONLY=1 (stop
@@ -60,8 +63,9 @@ PAIR_FLAGS=(--pairs "$PAIRS")
 [ "$PAIRS" = "all" ] && PAIR_FLAGS=(--all-pairs)
 echo "== the matrix: $(( ${#ROWS[@]} / 2 - $(grep -o -- --deploy <<< "${ROWS[*]}" | wc -l) )) models x attacks ($ATTACKS) x faults ($FAULTS) =="
 # shellcheck disable=SC2206
-STEP="matrix" run_cmd "$PY" evaluate_defenses.py --dataset digits "${ROWS[@]}" \
+STEP="matrix" run_py evaluate_defenses.py --dataset digits "${ROWS[@]}" \
   --attacks $ATTACKS --faults $FAULTS "${PAIR_FLAGS[@]}" --talbf-samples "$TALBF_ATTACKS" \
-  --bfa-batch 64 --bfa-iters 50 --device "$DEVICE" --threads "$THREADS" --seed "$SEED" \
+  --bfa-batch 64 --bfa-iters 50 --device "$DEVICE" --threads "${MATRIX_THREADS:-$THREADS}" \
+  --seed "$SEED" \
   --no-progress --out "$OUT/matrix"
 echo "total $(( $(date +%s) - start )) s"
