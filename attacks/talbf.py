@@ -869,15 +869,14 @@ def score_grad(zt: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, lo
     a = torch.tanh(zt) if tanh else zt
     s = torch.matmul(codebook, a) if codebook is not None else a
     G, C, B = s.shape
-    y = labels.view(1, 1, B).expand(G, 1, B)
+    onehot = F.one_hot(labels, C).t().to(s.dtype)                            # [C, B]
     if loss == "ce":
-        gs = torch.softmax(s, dim=1).scatter_add_(1, y, torch.full_like(s[:, :1], -1.0))
-        gs.mul_(weights)
+        gs = torch.softmax(s, dim=1).sub_(onehot).mul_(weights)
     elif loss == "margin":
-        s_y = s.gather(1, y)
-        top, other = s.scatter(1, y, float("-inf")).max(dim=1, keepdim=True)
+        s_y = (s * onehot).sum(dim=1, keepdim=True)                           # [G, 1, B]
+        top, other = s.masked_fill(onehot.bool(), float("-inf")).max(dim=1, keepdim=True)
         on = (kappa - (s_y - top) > 0).to(s.dtype) * weights                  # [G, 1, B]
-        gs = torch.zeros_like(s).scatter_(1, y, -on).scatter_add_(1, other, on)
+        gs = torch.zeros_like(s).scatter_(1, other, 1.0).sub_(onehot).mul_(on)
     else:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     gz = torch.matmul(codebook.t(), gs) if codebook is not None else gs
