@@ -448,6 +448,9 @@ def clear_campaign(results_dir: str) -> None:
 
 
 def write_campaign(path: str, campaign: dict) -> None:
+    """Write ``campaign.json`` atomically (another process may be reading it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(campaign, f, indent=1)
+    os.replace(tmp, path)

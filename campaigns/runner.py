@@ -118,6 +118,7 @@ def open_campaign(results_dir: str, campaign: dict, keys, overwrite: bool = Fals
     from .results import check_campaign
 
     campaign_file = check_campaign(results_dir, campaign, keys, overwrite)
+    dist.barrier()  # every rank has read the folder before rank 0 writes its campaign.json
     start_campaign_folder(results_dir, campaign_file, campaign, overwrite)
     return CampaignResults(results_dir)
 
