@@ -499,12 +499,7 @@ def heatmap(cells: list[dict], rows: list[dict], spec: MatrixSpec, path: str) ->
     ax.set_yticklabels([r["model"] for r in rows], fontsize=8)
     fig.colorbar(image, ax=ax, label="log10 flips", shrink=0.8)
     ax.set_title("flips per cell (ASR below; more flips = harder to attack)", fontsize=9)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def success_curves(out_dir: str, spec: MatrixSpec, row: DefenseRow, fault: str = "none"
@@ -547,6 +542,11 @@ def success_figure(out_dir: str, spec: MatrixSpec, path: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("succeeded within k flips (%)", fontsize=8)
     axes[0][-1].legend(fontsize=6, loc="lower right")
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt, fig, path: str) -> str:
+    """``fig`` as a PNG at ``path``, written atomically; returns the path."""
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=130)
