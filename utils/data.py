@@ -235,16 +235,35 @@ def _load_cifar(info: DatasetInfo, data_dir: str, download: bool):
     return (*read(train_files), *read(test_files))
 
 
+# What a CIFAR pickle may name: numpy's array reconstruction (the official files are Python 2
+# pickles of dicts of bytes, lists and arrays); anything else is refused, so that reading a
+# data file never runs code from it.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"),
+                  ("_codecs", "encode")}  # bytes in protocol-2 pickles written by Python 3
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never "
+                                         f"holds (refused: loading runs no code of a file)")
+        return super().find_class(module, name)
+
+
 def _read_cifar_pickle(path: str, label_key: bytes, num_classes: int, pretty: str):
     """Read and validate one CIFAR pickle: returns (uint8 [n, 3072], int64 [n]).
 
-    The files are pickles (trusted input, as in the official loaders); any failure to decode
-    them or unexpected content becomes a DataError naming the file.
+    The files are pickles, read with an unpickler that allows only numpy's array types (no
+    code of the file runs); any failure to decode them or unexpected content becomes a
+    DataError naming the file.
     """
     fix = f"delete it and re-download (--download) or re-extract the archive from {_CIFAR_URL}"
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # EOFError, UnpicklingError, OSError, ...
         raise DataError(f"{pretty} file {path} is unreadable or truncated "
                         f"({type(e).__name__}: {_one_line(e)}); {fix}") from e
