@@ -504,3 +504,26 @@ def test_explicit_indices_and_the_seeded_draw_agree(tmp_path):
     assert torch.equal(drawn, picked) and torch.equal(drawn_labels, picked_labels)
     with pytest.raises(DataError, match="outside"):
         load_split_tensors("cifar10", str(tmp_path), "train", indices=[0, 100])
+
+
+def test_a_cifar_pickle_that_names_code_is_refused(tmp_path):
+    """Reading a data file runs none of its code: a pickle naming os.system is a DataError and
+    its command never runs."""
+    import os
+    import pickle
+
+    import pytest
+
+    from utils.data import DataError, _read_cifar_pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match="posix.system|os.system|refused"):
+        _read_cifar_pickle(str(path), b"labels", 10, "CIFAR-10")
+    assert not marker.exists()
