@@ -190,6 +190,12 @@ class Attack:
     #: the spec parameters :meth:`from_target` takes: name -> allowed values (empty: any)
     PARAMS: ClassVar[dict[str, tuple]] = {}
 
+    #: the spec of another attack this one *is* on its target (the same objective and search:
+    #: e.g. an adaptive attack on a model without the defense it adapts to); set by
+    #: :meth:`from_target`. A comparison shows that attack's campaign for it instead of
+    #: running the same thing twice (:mod:`campaigns.matrix`).
+    same_as: str | None = None
+
     #: called by the attack with ``(step, info: dict)`` while an item runs (progress postfix)
     on_step: Callable[[int, dict], None] | None = None
 

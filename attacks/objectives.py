@@ -85,6 +85,12 @@ class DecodedObjective(nn.Module):
         return bool(getattr(self.head, "is_ocm", False))
 
     @property
+    def is_head_loss(self) -> bool:
+        """Whether this objective is the head's own training loss: cross-entropy over the
+        logits of a softmax model (nothing decoded, nothing saturated), the papers' loss."""
+        return not self.is_ocm and self.loss_name == "ce"
+
+    @property
     def codebook(self) -> torch.Tensor:
         return self.head.codebook
 

@@ -440,8 +440,14 @@ class TBFAAdaptive(TBFA):
         cls.check_params(params)
         full_gradient = params.pop("full_gradient", False)
         objective = adaptive_objective(target, **params)
-        attack = cls._on_target(target, data, protocol, objective, full_gradient=full_gradient)
+        # On a softmax model the cross-entropy over the decoded scores is the paper's loss:
+        # the head's own (the same function, so the same flips), and the attack is T-BFA.
+        head_loss = objective.is_head_loss
+        attack = cls._on_target(target, data, protocol,
+                                target.output if head_loss else objective,
+                                full_gradient=full_gradient)
         attack.params = {**objective.to_dict(), "full_gradient": full_gradient}
+        attack.same_as = TBFA.name if head_loss and not full_gradient else None
         return attack
 
     def settings(self) -> dict:

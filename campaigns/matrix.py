@@ -39,7 +39,7 @@ from utils.faults import fault_preset
 from utils.specs import parse_spec
 
 from .results import read_records, write_csv
-from .runner import CampaignRunner, open_campaign
+from .runner import CampaignResults, CampaignRunner, log_to, merge_results, open_campaign
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,15 @@ def cell_target(spec: MatrixSpec, row: DefenseRow, fault: str, device) -> Attack
                                 fault=fault_preset(fault)), device)
 
 
+@dataclass
+class CellPlan:
+    """An opened cell: its campaign folder, every item, and the items not yet done."""
+
+    results: CampaignResults
+    items: list
+    todo: list
+
+
 class MatrixRunner:
     """Runs the cells of ``spec`` into ``out_dir`` (module docstring)."""
 
@@ -195,8 +204,14 @@ class MatrixRunner:
 
     # -- the cells -----------------------------------------------------------------------------
     def run(self) -> int:
-        """Run every cell not yet complete; write the tables. 130 when interrupted (every
-        finished item is kept; the same command continues)."""
+        """Run every item not yet done, of every cell; write the tables. 130 when interrupted
+        (every finished item is kept; the same command continues).
+
+        First every process opens every cell's campaign (:meth:`open_cell`: its folder, what
+        is done); then the items still to run, of all cells in cell order, are dealt
+        round-robin among the processes, so that no process waits at a cell's end for another
+        one (a cell of one BFA run would leave the others idle); each process appends its
+        records to the cells' rank files, and after the last item rank 0 merges them."""
         from tqdm import tqdm
 
         main_rank = dist.is_main()
@@ -204,19 +219,29 @@ class MatrixRunner:
             os.makedirs(self.out_dir, exist_ok=True)
             _write_json(os.path.join(self.out_dir, "matrix.json"), self.describe())
         cells = self.spec.cells()
+        plans = [self.open_cell(cell) for cell in cells]
+        todo = [(i, item) for i, plan in enumerate(plans) if plan for item in plan.todo]
+        mine: dict[int, list] = {}
+        for i, item in todo[dist.rank()::dist.world_size()]:
+            mine.setdefault(i, []).append(item)
         bar = tqdm(cells, desc="cells", dynamic_ncols=True,
                    disable=not (self.progress and main_rank))
         try:
-            for cell in bar:
-                bar.set_postfix_str(f"{cell.row.name}: {cell.column}")
-                self.run_cell(cell)
+            for i, cell in enumerate(bar):
+                if i in mine:
+                    bar.set_postfix_str(f"{cell.row.name}: {cell.column}")
+                    self.run_cell(cell, plans[i], mine[i])
         except KeyboardInterrupt:
             bar.close()
             log.info("interrupted: finished items are kept in %s; run the same command again "
                      "to continue", self.out_dir)
             return 130
         bar.close()
+        dist.barrier()  # every process's items are done
         if main_rank:
+            for plan in plans:
+                if plan:
+                    merge_results(plan.results.results_dir)
             for row in self.spec.rows:
                 self.row_info(row)
             paths = write_matrix(self.out_dir, self.spec)
@@ -226,25 +251,50 @@ class MatrixRunner:
                                          if paths.get(k)))
         return 0
 
-    def run_cell(self, cell: Cell) -> None:
-        """One cell's campaign (skipped when the attack does not apply to the row)."""
-        folder = os.path.join(self.out_dir, cell.folder)
+    def _cell_attack(self, cell: Cell):
+        """``(target, attack)`` of the cell, built afresh (the attack changes its model)."""
         target = cell_target(self.spec, cell.row, cell.fault, self.device)
         images, labels = self._split(cell.row, target)
         data = EvalSet(images, labels, target.mean, target.std, self.device, self.test_batch)
+        return target, create_attack(cell.attack, target, data, self.spec.protocol)
+
+    def open_cell(self, cell: Cell) -> "CellPlan | None":
+        """Open the cell's campaign (every process, in the same order): its items and those not
+        done. None, with a note in the cell's folder, when there is nothing to run: the attack
+        does not apply to the row (``not_applicable.json``), or it is another column's attack
+        on this row (``same_as.json``: :attr:`attacks.base.Attack.same_as`)."""
+        folder = os.path.join(self.out_dir, cell.folder)
         try:
-            attack = create_attack(cell.attack, target, data, self.spec.protocol)
+            target, attack = self._cell_attack(cell)
         except NotApplicable as e:
             if dist.is_main():
                 os.makedirs(folder, exist_ok=True)
                 _write_json(os.path.join(folder, "not_applicable.json"), {"reason": str(e)})
-            return
+            return None
+        same = attack.same_as and attack_label(attack.same_as)
+        if same and same in self.spec.attacks and same != cell.attack:
+            if dist.is_main():
+                os.makedirs(folder, exist_ok=True)
+                _write_json(os.path.join(folder, "same_as.json"), {
+                    "same_as": same, "reason": f"{cell.attack} is {same} on {cell.row.name} "
+                    f"({target.describe()}): the same objective and search"})
+            return None
         items = attack.plan(self.spec.protocol)
         results = open_campaign(folder, self.cell_settings(cell, target, attack), CELL_KEYS)
-        runner = CampaignRunner(results, attack, items, progress=False)
+        done = results.done()
+        return CellPlan(results, items, [it for it in items if it.key not in done])
+
+    def run_cell(self, cell: Cell, plan: "CellPlan", todo: list) -> None:
+        """This process's ``todo`` of the cell, each record appended as it ends."""
+        target, attack = self._cell_attack(cell)
+        log_to(plan.results.results_dir)
+        runner = CampaignRunner(plan.results, attack, plan.items, progress=False, todo=todo)
         runner.announce(f"{cell.column} on {cell.row.name}: {target.describe()}")
-        runner.run_items()
-        results.finish()
+        try:
+            runner.run_items()
+        finally:
+            if runner.writer is not None:
+                runner.writer.close()
 
     def cell_settings(self, cell: Cell, target: AttackTarget, attack) -> dict:
         return {"attack": attack.name, "spec": cell.attack, "row": cell.row.name,
@@ -326,10 +376,17 @@ def inference_ratio(target: AttackTarget, data: EvalSet, images: int = 1000,
 
 def cell_outcome(out_dir: str, cell: Cell) -> dict | None:
     """The cell's outcome (:meth:`attacks.base.Attack.outcome`), ``{"applicable": False}``, or
-    None when it has no records yet."""
+    None when it has no records yet; a cell whose attack is another column's on this row
+    (``same_as.json``) has that cell's outcome, with ``same_as`` naming it."""
     folder = os.path.join(out_dir, cell.folder)
     if os.path.exists(os.path.join(folder, "not_applicable.json")):
         return {"applicable": False}
+    same = os.path.join(folder, "same_as.json")
+    if os.path.exists(same):
+        with open(same, encoding="utf-8") as f:
+            other = json.load(f)["same_as"]
+        o = cell_outcome(out_dir, replace(cell, attack=other))
+        return o and {**o, "same_as": other}
     if not os.path.isdir(folder):
         return None
     records = read_records(folder)
@@ -426,19 +483,27 @@ def format_matrix(cells: list[dict], rows: list[dict], spec: MatrixSpec) -> str:
     lines += ["", "Flips count: " + "; ".join(counts) + " (iterations: one bit each; "
               "bits_changed: Hamming distance to the clean weights; bits_flipped: to chance "
               "accuracy, over the runs that reached it)."]
+    if any(c.get("same_as") for c in cells):
+        lines += ["", "= NAME: on this model the attack is NAME (the same objective and "
+                  "search, nothing of a defense to adapt to): NAME's cell, run once."]
     return "\n".join(lines) + "\n"
 
 
 def _flips_cell(c: dict | None) -> str:
     if c is None or c["status"] != "done":
         return "n/a" if c and c["status"] == "not applicable" else "—"
-    return f"{_fmt(c['flips'], c['flips_std'])} ({_fmt(c['asr'], digits=0)})"
+    return (f"{_fmt(c['flips'], c['flips_std'])} ({_fmt(c['asr'], digits=0)})"
+            + _same_mark(c))
 
 
 def _pa_cell(c: dict | None) -> str:
     if c is None or c["status"] != "done":
         return "n/a" if c and c["status"] == "not applicable" else "—"
-    return _fmt(c.get("pa_acc"), c.get("pa_acc_std"), digits=2)
+    return _fmt(c.get("pa_acc"), c.get("pa_acc_std"), digits=2) + _same_mark(c)
+
+
+def _same_mark(c: dict) -> str:
+    return f" = {c['same_as'].split(':')[0]}" if c.get("same_as") else ""
 
 
 def write_matrix(out_dir: str, spec: MatrixSpec) -> dict:
@@ -459,7 +524,7 @@ def write_matrix(out_dir: str, spec: MatrixSpec) -> dict:
 
 
 _CELL_FIELDS = ("model", "attack", "fault", "status", "n", "asr", "asr_std", "pa_acc",
-                "pa_acc_std", "count", "flips", "flips_std")
+                "pa_acc_std", "count", "flips", "flips_std", "same_as")
 
 
 def _flat(c: dict) -> dict:

@@ -53,7 +53,6 @@ def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
     """Create the folder (``overwrite``: first remove what a campaign wrote there), log to
     ``attack.log`` (rank r > 0: ``attack.rank<r>.log``) and, on rank 0, record the campaign's
     settings. Returns True on rank 0 (the one that reports)."""
-    from utils.logs import setup_logging
     from .results import clear_campaign, write_campaign
 
     main_rank = dist.is_main()
@@ -61,12 +60,19 @@ def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
         if main_rank:
             clear_campaign(results_dir)
         dist.barrier()
-    os.makedirs(results_dir, exist_ok=True)
-    setup_logging(os.path.join(results_dir, "attack.log" if main_rank
-                               else f"attack.rank{dist.rank()}.log"))
+    log_to(results_dir)
     if main_rank:
         write_campaign(campaign_file, campaign)
     return main_rank
+
+
+def log_to(results_dir: str) -> None:
+    """Log (also) to the campaign's ``attack.log`` (rank r > 0: ``attack.rank<r>.log``), appending."""
+    from utils.logs import setup_logging
+
+    os.makedirs(results_dir, exist_ok=True)
+    setup_logging(os.path.join(results_dir, "attack.log" if dist.is_main()
+                               else f"attack.rank{dist.rank()}.log"))
 
 
 class CampaignResults:
@@ -139,14 +145,18 @@ class CampaignRunner:
         attack: the attack, built on its target.
         items: the whole campaign, in order; each has a ``key``.
         progress: show the bar (rank 0 only).
+        todo: the items this process runs (default: its round-robin share of those not done,
+            :meth:`CampaignResults.share`); a caller that shares work over several campaigns
+            (the defenses x attacks matrix) gives them.
     """
 
-    def __init__(self, results: CampaignResults, attack, items: list, progress: bool = True):
+    def __init__(self, results: CampaignResults, attack, items: list, progress: bool = True,
+                 todo: list | None = None):
         from tqdm import tqdm
 
         self.results, self.attack = results, attack
         self.keys = [it.key for it in items]
-        self.todo = results.share(items)
+        self.todo = results.share(items) if todo is None else list(todo)
         self.main_rank = dist.is_main()
         self.bar = tqdm(total=len(self.todo), desc=attack.noun, dynamic_ncols=True,
                         disable=not (progress and self.main_rank))

@@ -169,7 +169,8 @@ def test_flip_counts_against_the_brute_force_minimum(spec, one_thread):
 
 def _argv(ckpts, out, *extra):
     return ["--dataset", "digits", "--model", f"vanilla={ckpts['vanilla']}",
-            "--attacks", "tbfa", "bfa_adaptive:loss=margin", "--faults", "none", "0to1",
+            "--attacks", "tbfa", "bfa_adaptive:loss=margin", "tbfa_adaptive", "--faults",
+            "none", "0to1",
             "--pairs", "0:1,2:3", "--iters", "30", "--bfa-iters", "2", "--bfa-batch", "16",
             "--device", "cpu", "--no-progress", "--out", str(out), *extra]
 
@@ -207,15 +208,39 @@ def test_matrix_outputs(whole_matrix):
     assert "| vanilla |" in md and "tbfa @ 0to1" in md
     csv = (whole / "matrix.csv").read_text().splitlines()
     assert csv[0].startswith("model,attack,fault,status,n,asr")
-    assert len(csv) == 5 and all(",done," in line for line in csv[1:])
+    assert len(csv) == 7 and all(",done," in line for line in csv[1:])
     assert all("iterations" in line for line in csv[1:3])       # T-BFA's count
-    assert all("bits_flipped" in line for line in csv[3:])      # BFA's count
+    assert all("bits_flipped" in line for line in csv[3:5])     # BFA's count
+    # the adaptive T-BFA on a softmax model is T-BFA: not run again, T-BFA's cells shown
+    for paper, adaptive in zip(csv[1:3], csv[5:7]):
+        assert adaptive.endswith(",tbfa")
+        assert adaptive.split(",")[3:-1] == paper.split(",")[3:-1]
+    assert (whole / "cells" / "vanilla" / "tbfa_adaptive@0to1" / "same_as.json").exists()
+    assert "= tbfa" in md
     # every cell is a campaign of the runner: its settings and its records
     cell = whole / "cells" / "vanilla" / "tbfa@0to1"
     settings = json.loads((cell / "campaign.json").read_text())
     assert settings["fault"] == "0to1" and settings["protocol"]["pairs"] == [[0, 1], [2, 3]]
     for record in _cells(whole)["cells/vanilla/tbfa@0to1"]:
         assert record["fault_model"]["direction"] == "0to1" and record["fault_violations"] == 0
+
+
+def test_adaptive_tbfa_on_a_softmax_model_is_tbfa(digits_checkpoints, digits_test, one_thread):
+    """What lets the matrix show T-BFA's cell for it: run directly, the adaptive attack with
+    the cross-entropy loss on a softmax model makes T-BFA's flips and records."""
+    from attacks.target import DataSpec, TargetSpec, build_target
+
+    protocol, records, same = Protocol(pairs=((3, 5),), iters=6), {}, {}
+    for spec in ("tbfa", "tbfa_adaptive", "tbfa_adaptive:loss=margin"):
+        target = build_target(TargetSpec(checkpoint=digits_checkpoints["vanilla"],
+                                         data=DataSpec(None)), "cpu")
+        data = EvalSet(digits_test.images, digits_test.labels, target.mean, target.std, "cpu")
+        attack = create_attack(spec, target, data, protocol)
+        attack.reset()
+        records[spec], same[spec] = attack.run_item(attack.plan(protocol)[0]), attack.same_as
+    assert same == {"tbfa": None, "tbfa_adaptive": "tbfa", "tbfa_adaptive:loss=margin": None}
+    assert records["tbfa_adaptive"] == records["tbfa"]
+    assert records["tbfa_adaptive:loss=margin"]["flips"] != records["tbfa"]["flips"]
 
 
 def test_matrix_killed_and_resumed_equals_an_uninterrupted_one(whole_matrix, digits_checkpoints,
