@@ -133,7 +133,10 @@ def main(argv=None) -> int:
     spec = build_spec(args)
     check_paths([(f"--model {r.name}", r.checkpoint, "file") for r in spec.rows],
                 [("--out", args.out, "folder")])
-    return in_process_group(args, lambda a, device: _main(a, spec, device))
+    # the processes share the items of all cells and meet once, at the end: one may finish its
+    # share hours before another on a large matrix
+    return in_process_group(args, lambda a, device: _main(a, spec, device),
+                            timeout_s=7 * 24 * 3600.0)
 
 
 def _main(args, spec: MatrixSpec, device) -> int:

@@ -173,6 +173,8 @@ class CellPlan:
 class MatrixRunner:
     """Runs the cells of ``spec`` into ``out_dir`` (module docstring)."""
 
+    _runs = 0  # matrices run in this process: each shares out its items with its own counter
+
     def __init__(self, spec: MatrixSpec, out_dir: str, device, progress: bool = True,
                  test_batch: int = 500):
         self.spec, self.out_dir, self.device = spec, out_dir, torch.device(device)
@@ -208,10 +210,12 @@ class MatrixRunner:
         (every finished item is kept; the same command continues).
 
         First every process opens every cell's campaign (:meth:`open_cell`: its folder, what
-        is done); then the items still to run, of all cells in cell order, are dealt
-        round-robin among the processes, so that no process waits at a cell's end for another
-        one (a cell of one BFA run would leave the others idle); each process appends its
-        records to the cells' rank files, and after the last item rank 0 merges them."""
+        is done); then the items still to run, of all cells in cell order, go one at a time
+        to whichever process is free (:class:`utils.distributed.WorkCounter`), so that no
+        process waits at a cell's end for another one; each process appends its records to
+        the cells' rank files, and after the last item rank 0 merges them, in the campaign's
+        order. A record does not depend on the process that ran it (each item's draws are
+        seeded by its key)."""
         from tqdm import tqdm
 
         main_rank = dist.is_main()
@@ -221,27 +225,36 @@ class MatrixRunner:
         cells = self.spec.cells()
         plans = [self.open_cell(cell) for cell in cells]
         todo = [(i, item) for i, plan in enumerate(plans) if plan for item in plan.todo]
-        mine: dict[int, list] = {}
-        for i, item in todo[dist.rank()::dist.world_size()]:
-            mine.setdefault(i, []).append(item)
-        bar = tqdm(cells, desc="cells", dynamic_ncols=True,
+        counter = dist.WorkCounter(f"matrix-{MatrixRunner._runs}")
+        MatrixRunner._runs += 1
+        bar = tqdm(total=len(cells), desc="cells", dynamic_ncols=True,
                    disable=not (self.progress and main_rank))
+        running: tuple[int, CampaignRunner] | None = None
         try:
-            for i, cell in enumerate(bar):
-                if i in mine:
-                    bar.set_postfix_str(f"{cell.row.name}: {cell.column}")
-                    self.run_cell(cell, plans[i], mine[i])
+            while (n := counter.next()) < len(todo):
+                i, item = todo[n]
+                if running is None or running[0] != i:
+                    if running is not None:
+                        running[1].close()
+                    running = (i, self.cell_runner(cells[i], plans[i]))
+                    bar.update(i - bar.n)
+                    bar.set_postfix_str(f"{cells[i].row.name}: {cells[i].column}")
+                running[1].run_item(item)
         except KeyboardInterrupt:
             bar.close()
             log.info("interrupted: finished items are kept in %s; run the same command again "
                      "to continue", self.out_dir)
             return 130
+        finally:
+            if running is not None:
+                running[1].close()
+        bar.update(len(cells) - bar.n)
         bar.close()
         dist.barrier()  # every process's items are done
         if main_rank:
             for plan in plans:
                 if plan:
-                    merge_results(plan.results.results_dir)
+                    merge_results(plan.results.results_dir, [it.key for it in plan.items])
             for row in self.spec.rows:
                 self.row_info(row)
             paths = write_matrix(self.out_dir, self.spec)
@@ -284,17 +297,15 @@ class MatrixRunner:
         done = results.done()
         return CellPlan(results, items, [it for it in items if it.key not in done])
 
-    def run_cell(self, cell: Cell, plan: "CellPlan", todo: list) -> None:
-        """This process's ``todo`` of the cell, each record appended as it ends."""
+    def cell_runner(self, cell: Cell, plan: "CellPlan") -> CampaignRunner:
+        """The cell's attack, built afresh, in a runner appending to the cell's folder (and
+        logging to its ``attack.log``)."""
         target, attack = self._cell_attack(cell)
         log_to(plan.results.results_dir)
-        runner = CampaignRunner(plan.results, attack, plan.items, progress=False, todo=todo)
-        runner.announce(f"{cell.column} on {cell.row.name}: {target.describe()}")
-        try:
-            runner.run_items()
-        finally:
-            if runner.writer is not None:
-                runner.writer.close()
+        log.info("%s on %s: %s; %d %s, %d done; results in %s", cell.column, cell.row.name,
+                 target.describe(), len(plan.items), attack.noun.split()[-1],
+                 len(plan.items) - len(plan.todo), plan.results.results_dir)
+        return CampaignRunner(plan.results, attack, plan.items, progress=False, todo=[])
 
     def cell_settings(self, cell: Cell, target: AttackTarget, attack) -> dict:
         return {"attack": attack.name, "spec": cell.attack, "row": cell.row.name,

@@ -34,10 +34,15 @@ log = logging.getLogger(__name__)
 # campaigns/results.py, shared with the report; they are imported here for the campaign's callers.
 
 
-def merge_results(results_dir: str) -> list[dict]:
+def merge_results(results_dir: str, order: list[str] | None = None) -> list[dict]:
     """Fold the rank files into ``results.jsonl`` (atomic replace, then the rank files go);
-    returns every record. Call from one process only, when no other one writes."""
+    returns every record, those whose key is in ``order`` in that order (the campaign's), so
+    that the file does not depend on which process ran what. Call from one process only, when
+    no other one writes."""
     records = read_records(results_dir)
+    if order is not None:
+        rank = {key: i for i, key in enumerate(order)}
+        records = sorted(records, key=lambda r: rank.get(r[KEY], len(rank)))
     files = results_files(results_dir)
     merged = os.path.join(results_dir, MERGED)
     if any(p != merged for p in files):
@@ -180,22 +185,32 @@ class CampaignRunner:
     def run_items(self) -> list[dict]:
         """Run this process's share, appending each record as it ends; returns the new ones.
         The attacked model is back to its clean weights afterwards (also after an error)."""
-        attack, new = self.attack, []
-        attack.on_step = lambda step, info: self.bar.set_postfix(step=step, **info)
         try:
-            for item in self.todo:
-                attack.reset()
-                t0 = time.time()
-                fields = attack.run_item(item)
-                record = {KEY: item.key, ATTACK: attack.name, **fields,
-                          "seconds": round(time.time() - t0, 3)}
-                self.results.append(record)
-                new.append(record)
-                self._log(record)
+            return [self.run_item(item) for item in self.todo]
         finally:
-            attack.reset()
-            attack.on_step = None
-        return new
+            self.attack.reset()
+            self.attack.on_step = None
+
+    def run_item(self, item) -> dict:
+        """Attack one item from the clean model; its record is appended before returning."""
+        attack = self.attack
+        attack.on_step = lambda step, info: self.bar.set_postfix(step=step, **info)
+        attack.reset()
+        t0 = time.time()
+        fields = attack.run_item(item)
+        record = {KEY: item.key, ATTACK: attack.name, **fields,
+                  "seconds": round(time.time() - t0, 3)}
+        self.results.append(record)
+        self._log(record)
+        return record
+
+    def close(self) -> None:
+        """The attacked model back to its clean weights; the TensorBoard log closed."""
+        self.attack.reset()
+        self.attack.on_step = None
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def _log(self, record: dict) -> None:
         if self.writer is not None:

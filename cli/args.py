@@ -116,13 +116,14 @@ def runtime_device(args):
     return resolve_device(device_spec(args))
 
 
-def in_process_group(args, body) -> int:
+def in_process_group(args, body, timeout_s: float = 1800.0) -> int:
     """``body(args, device)`` on the device of ``--device`` / ``--gpu``; under torchrun in the
-    process group (one GPU per rank), which it leaves afterwards, also after an error."""
+    process group (one GPU per rank; a collective waits at most ``timeout_s``), which it leaves
+    afterwards, also after an error."""
     from utils.distributed import cleanup, init_distributed
 
     try:
-        return body(args, init_distributed(runtime_device(args)))
+        return body(args, init_distributed(runtime_device(args), timeout_s))
     finally:
         cleanup()
 

@@ -145,6 +145,36 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+class WorkCounter:
+    """Hands out 0, 1, 2, ... across the processes, each number once: whoever is free takes
+    the next item of a list every process holds the same (the process group's key-value
+    store's atomic add). One process counts alone; without a store, each process takes every
+    world-size-th number (round-robin). ``name`` tells two counters of one run apart."""
+
+    def __init__(self, name: str):
+        self.key = f"work-counter/{name}"
+        self._store = _default_store() if is_distributed() else None
+        self._next, self._stride = (0, 1) if self._store is not None else (rank(),
+                                                                            world_size())
+
+    def next(self) -> int:
+        if self._store is not None:
+            return int(self._store.add(self.key, 1)) - 1
+        n, self._next = self._next, self._next + self._stride
+        return n
+
+
+def _default_store():
+    """The process group's store (torchrun's rendezvous store), or None where this PyTorch
+    does not expose it."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return None
+
+
 def cleanup() -> None:
     """Leave the process group (safe to call when none was joined)."""
     if dist.is_available() and dist.is_initialized():
