@@ -592,8 +592,12 @@ class BFAAdaptive(BFA):
     def from_target(cls, target, data: EvalSet, protocol: Protocol, **params) -> "BFA":
         cls.check_params(params)
         objective = adaptive_objective(target, untargeted=True, **params)
-        attack = cls._on_target(target, data, protocol, objective)
+        # on a softmax model the cross-entropy over the decoded scores is BFA's own loss
+        head_loss = objective.is_head_loss
+        attack = cls._on_target(target, data, protocol,
+                                target.output if head_loss else objective)
         attack.params = objective.to_dict()
+        attack.same_as = BFA.name if head_loss else None
         return attack
 
     def settings(self) -> dict:

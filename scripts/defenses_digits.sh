@@ -4,21 +4,22 @@
 # digits (vanilla, OCM16, piecewise clustering, OCM16 + clustering, binarized) and the vanilla
 # model behind two deployment-time defenses (RADAR checksums, DeepNcode codewords), each
 # attacked by the papers' attacks and by the attacks that know the defense, under three fault
-# models
-# (every flip, one flip per 4 KiB page, 0 -> 1 only), on one protocol; the matrix is printed
+# models (every flip, one flip per 4 KiB page; FAULTS adds 0 -> 1 only), on one protocol; the
+# matrix is printed
 # (also in $OUT/matrix/matrix.md, with matrix.csv, defenses.csv, matrix.png and
 # success_vs_flips.png).
 #
 # Usage: bash scripts/defenses_digits.sh        (from any directory)
 # Environment: OUT (runs/defenses_digits), DEVICE (auto), THREADS (2: the trainings' CPU
-#   threads; results depend on it), MATRIX_THREADS (THREADS: each matrix process's), NPROC (1:
-#   matrix processes under torchrun, each cell's items shared; 2 with MATRIX_THREADS=1 is
-#   faster on 2 cores than 1 process of 2 threads), SEED (0), PAIRS (T-BFA
-#   pairs, default 0:1,2:3,4:5,6:7,8:9; "all" = the 20 of the protocol), TALBF_ATTACKS (5),
-#   ATTACKS (the attack specs, space-separated), FAULTS (none page 0to1), RADAR and DEEPNCODE
-#   (the two deployment-time rows' defense specs; "none" drops the row), TRAIN_ONLY=1 (stop
-#   after training), PYTHON, DRY_RUN=1 (print the commands). A trained model is kept (delete <model>/train.done to retrain); the
-#   matrix continues where it stopped.
+#   threads; results depend on it; the trainings run in one process), MATRIX_NPROC (matrix
+#   processes under torchrun, sharing the items of all cells: on the CPU 2 with 2 cores or more,
+#   else 1), MATRIX_THREADS (each matrix process's threads: 1 with several processes, else
+#   THREADS), SEED (0), PAIRS (T-BFA pairs, default 0:1,2:3,4:5,6:7,8:9; "all" = the 20 of the
+#   protocol), TALBF_ATTACKS (5), ATTACKS (the attack specs, space-separated), FAULTS (the fault
+#   models: none page; "none page 0to1" adds 0 -> 1 only flips, about half as long again),
+#   RADAR and DEEPNCODE (the two deployment-time rows' defense specs; "none" drops the row),
+#   TRAIN_ONLY=1 (stop after training), PYTHON, DRY_RUN=1 (print the commands). A trained model
+#   is kept (delete <model>/train.done to retrain); the matrix continues where it stopped.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 OUT="$(abspath "${OUT:-$ROOT/runs/defenses_digits}")"
@@ -27,10 +28,10 @@ THREADS="${THREADS:-2}"
 SEED="${SEED:-0}"
 PAIRS="${PAIRS:-0:1,2:3,4:5,6:7,8:9}"
 TALBF_ATTACKS="${TALBF_ATTACKS:-5}"
-ATTACKS="${ATTACKS:-tbfa tbfa_adaptive:scores=preact talbf bfa radar_pairs deepncode_aware:max_cost=4}"
+ATTACKS="${ATTACKS:-tbfa tbfa_adaptive:scores=preact talbf bfa bfa_adaptive:scores=preact radar_pairs deepncode_aware:max_cost=4}"
 RADAR="${RADAR:-radar:group_size=16,key=1}"
 DEEPNCODE="${DEEPNCODE:-deepncode}"
-FAULTS="${FAULTS:-none page 0to1}"
+FAULTS="${FAULTS:-none page}"
 DATA_DIR="$OUT"   # digits needs no data folder
 out_dir "$OUT"
 start=$(date +%s)
@@ -47,7 +48,7 @@ for label in "${MODELS[@]}"; do
   flags=($(model_flags "$label"))
   case "$label" in ocm*) recipe=("${OCM_RECIPE[@]}") ;; *) recipe=("${CE_RECIPE[@]}") ;; esac
   echo "== train $label =="
-  STEP="train $label" train "$OUT/$label" "${COMMON[@]}" "${recipe[@]}" "${flags[@]}"
+  NPROC=1 STEP="train $label" train "$OUT/$label" "${COMMON[@]}" "${recipe[@]}" "${flags[@]}"
 done
 echo "   ($(( $(date +%s) - start )) s so far)"
 [ "${TRAIN_ONLY:-0}" = "1" ] && exit 0
@@ -61,11 +62,18 @@ for spec in "$RADAR" "$DEEPNCODE"; do
 done
 PAIR_FLAGS=(--pairs "$PAIRS")
 [ "$PAIRS" = "all" ] && PAIR_FLAGS=(--all-pairs)
+if [ -z "${MATRIX_NPROC:-}" ]; then
+  MATRIX_NPROC=$(DEVICE="$DEVICE" "$PY" -c 'import os, torch
+d = os.environ["DEVICE"]
+gpu = d.startswith("cuda") or (d == "auto" and torch.cuda.is_available())
+print(1 if gpu else min(2, os.cpu_count() or 1))')
+fi
+MATRIX_THREADS="${MATRIX_THREADS:-$([ "$MATRIX_NPROC" -gt 1 ] && echo 1 || echo "$THREADS")}"
 echo "== the matrix: $(( ${#ROWS[@]} / 2 - $(grep -o -- --deploy <<< "${ROWS[*]}" | wc -l) )) models x attacks ($ATTACKS) x faults ($FAULTS) =="
 # shellcheck disable=SC2206
-STEP="matrix" run_py evaluate_defenses.py --dataset digits "${ROWS[@]}" \
+NPROC="$MATRIX_NPROC" STEP="matrix" run_py evaluate_defenses.py --dataset digits "${ROWS[@]}" \
   --attacks $ATTACKS --faults $FAULTS "${PAIR_FLAGS[@]}" --talbf-samples "$TALBF_ATTACKS" \
-  --bfa-batch 64 --bfa-iters 50 --device "$DEVICE" --threads "${MATRIX_THREADS:-$THREADS}" \
+  --bfa-batch 64 --bfa-iters 50 --device "$DEVICE" --threads "$MATRIX_THREADS" \
   --seed "$SEED" \
   --no-progress --out "$OUT/matrix"
 echo "total $(( $(date +%s) - start )) s"

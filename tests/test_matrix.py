@@ -225,22 +225,27 @@ def test_matrix_outputs(whole_matrix):
         assert record["fault_model"]["direction"] == "0to1" and record["fault_violations"] == 0
 
 
-def test_adaptive_tbfa_on_a_softmax_model_is_tbfa(digits_checkpoints, digits_test, one_thread):
-    """What lets the matrix show T-BFA's cell for it: run directly, the adaptive attack with
-    the cross-entropy loss on a softmax model makes T-BFA's flips and records."""
+@pytest.mark.parametrize("paper", ["tbfa", "bfa"])
+def test_adaptive_attack_on_a_softmax_model_is_the_papers(paper, digits_checkpoints,
+                                                          digits_test, one_thread):
+    """What lets the matrix show the paper attack's cell for it: run directly, the adaptive
+    attack with the cross-entropy loss on a softmax model makes the paper attack's flips and
+    records (the margin loss does not)."""
     from attacks.target import DataSpec, TargetSpec, build_target
 
-    protocol, records, same = Protocol(pairs=((3, 5),), iters=6), {}, {}
-    for spec in ("tbfa", "tbfa_adaptive", "tbfa_adaptive:loss=margin"):
+    protocol = Protocol(pairs=((3, 5),), iters=6, bfa_iters=3, bfa_batch=16)
+    records, same = {}, {}
+    for spec in (paper, f"{paper}_adaptive", f"{paper}_adaptive:loss=margin"):
         target = build_target(TargetSpec(checkpoint=digits_checkpoints["vanilla"],
                                          data=DataSpec(None)), "cpu")
         data = EvalSet(digits_test.images, digits_test.labels, target.mean, target.std, "cpu")
         attack = create_attack(spec, target, data, protocol)
         attack.reset()
         records[spec], same[spec] = attack.run_item(attack.plan(protocol)[0]), attack.same_as
-    assert same == {"tbfa": None, "tbfa_adaptive": "tbfa", "tbfa_adaptive:loss=margin": None}
-    assert records["tbfa_adaptive"] == records["tbfa"]
-    assert records["tbfa_adaptive:loss=margin"]["flips"] != records["tbfa"]["flips"]
+    assert same == {paper: None, f"{paper}_adaptive": paper,
+                    f"{paper}_adaptive:loss=margin": None}
+    assert records[f"{paper}_adaptive"] == records[paper]
+    assert records[f"{paper}_adaptive:loss=margin"] != records[paper]
 
 
 def test_matrix_killed_and_resumed_equals_an_uninterrupted_one(whole_matrix, digits_checkpoints,
