@@ -23,6 +23,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from attacks.base import Protocol, list_attacks
 from campaigns.matrix import SUCCESS_ASR, DefenseRow, MatrixRunner, MatrixSpec
 from cli.args import (ArgumentParser, add_checkpoint_safety_args, add_data_args,
@@ -65,7 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a.add_argument("--bfa-iters", type=int, default=100, help="BFA iteration cap (100)")
     a.add_argument("--break-acc", type=float, default=None,
                    help="BFA stops at this test accuracy (default: chance + 1 point)")
-    a.add_argument("--test_batch", type=int, default=500, help="evaluation batch (500)")
+    a.add_argument("--test_batch", type=int, default=None,
+                   help="evaluation batch (default: 500 on a GPU; 64 on the CPU, where small "
+                        "batches run faster, up to 1.7x on one thread)")
     add_data_args(p)
     add_checkpoint_safety_args(p.add_argument_group("checkpoints"))
     add_runtime_args(p)
@@ -140,7 +144,8 @@ def main(argv=None) -> int:
 
 
 def _main(args, spec: MatrixSpec, device) -> int:
-    runner = MatrixRunner(spec, args.out, device, args.progress, args.test_batch)
+    batch = args.test_batch or (500 if torch.device(device).type == "cuda" else 64)
+    runner = MatrixRunner(spec, args.out, device, args.progress, batch)
     runner.prepare()  # every checkpoint, defense, fault model and pair checked: nothing written
     return runner.run()
 

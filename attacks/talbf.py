@@ -49,6 +49,7 @@ reports the new integer codes (``result.codes``).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -275,7 +276,7 @@ class FinalLayer:
         (relaxed) bits held bit-plane first, ``[G, N * out * in]`` as the ADMM holds them;
         returns ``[G, out, in]``."""
         out_f, in_f, nb = self.shape
-        base = bitlib.bit_values(nb, dtype=b.dtype, device=b.device)
+        base = _bit_values(nb, b.dtype, b.device)
         w = torch.matmul(base, b.view(-1, nb, out_f * in_f)).view(-1, out_f, in_f)
         offset = bitlib.bit_offset(nb)
         if offset:
@@ -290,6 +291,14 @@ class FinalLayer:
         codes = self.codes if codes is None else codes
         z = F.linear(features, codes.to(features.dtype) * self.step, self.bias)
         return torch.tanh(z) if self.tanh else z
+
+
+@functools.lru_cache(maxsize=32)
+def _bit_values(n_bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`models.bits.bit_values`, made once per format (the ADMM asks every step; the
+    tensor is only read; a normal tensor even when first asked under inference mode)."""
+    with torch.inference_mode(False):
+        return bitlib.bit_values(n_bits, dtype=dtype, device=device)
 
 
 @torch.inference_mode()
@@ -856,7 +865,7 @@ class _Problem:
 
 def score_grad(zt: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, loss: str = "ce",
                codebook: torch.Tensor | None = None, tanh: bool = False,
-               kappa: float = 1.0) -> torch.Tensor:
+               kappa: float = 1.0, onehot: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dz of ``L = sum_b w_b l(s_b, y_b)`` for transposed logits ``zt`` ``[G, out, B]`` (the
     layout of :meth:`_Problem.grad_zt`), same layout (docs/algorithms.md section 8b).
 
@@ -864,19 +873,21 @@ def score_grad(zt: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, lo
     ``codebook`` ``[C, L]`` (None: ``s = g(z)``, the logits of a softmax model); ``labels``
     ``[B]`` the class of each column, ``weights`` ``[G, 1, B]``. ``loss``: ``ce``, ``l =
     -log softmax(s)[y]``; ``margin``, ``l = max(kappa - (s_y - max_{c != y} s_c), 0)`` (TA-LBF
-    Eq. 5 on the scores). Then ``dL/dz = (C^T dL/ds) * g'(z)``.
+    Eq. 5 on the scores). Then ``dL/dz = (C^T dL/ds) * g'(z)``. ``onehot``: the labels as
+    ``[C, B]`` one-hot columns, when the caller holds them (ADMM calls this every step).
     """
     a = torch.tanh(zt) if tanh else zt
     s = torch.matmul(codebook, a) if codebook is not None else a
-    G, C, B = s.shape
-    onehot = F.one_hot(labels, C).t().to(s.dtype)                            # [C, B]
+    if onehot is None:
+        onehot = F.one_hot(labels, s.shape[1]).t().to(s.dtype)                # [C, B]
     if loss == "ce":
         gs = torch.softmax(s, dim=1).sub_(onehot).mul_(weights)
     elif loss == "margin":
         s_y = (s * onehot).sum(dim=1, keepdim=True)                           # [G, 1, B]
         top, other = s.masked_fill(onehot.bool(), float("-inf")).max(dim=1, keepdim=True)
-        on = (kappa - (s_y - top) > 0).to(s.dtype) * weights                  # [G, 1, B]
-        gs = torch.zeros_like(s).scatter_(1, other, 1.0).sub_(onehot).mul_(on)
+        # active where the margin s_y - top is below kappa (x - y > 0 iff y < x in floats)
+        on = s_y.sub_(top).lt_(kappa).mul_(weights)                           # [G, 1, B]
+        gs = torch.zeros_like(s).scatter_(1, other, on).addcmul_(onehot, on, value=-1.0)
     else:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     gz = torch.matmul(codebook.t(), gs) if codebook is not None else gs
@@ -899,6 +910,8 @@ class _ScoreProblem(_Problem):
         self.codebook = attack.output.codebook.to(attack.device).float() if self.ocm else None
         self.loss, self.kappa = attack.loss, float(attack.kappa)
         self.tanh = self.ocm and attack.scores == "tanh"
+        classes = attack.output.num_classes if self.ocm else attack.layer.codes.shape[0]
+        self.onehot = F.one_hot(self.y, classes).t().to(self.x.dtype)          # [C, B]
 
     def row_weights(self, gammas: torch.Tensor):
         """``[G, 1, B]`` weights and (unused by :meth:`grad_zt`) zero targets ``[out, B]``."""
@@ -909,7 +922,8 @@ class _ScoreProblem(_Problem):
         return w.unsqueeze(1), torch.zeros(1, B, device=gammas.device)
 
     def grad_zt(self, zt: torch.Tensor, roww: torch.Tensor, ycodew: torch.Tensor) -> torch.Tensor:
-        return score_grad(zt, self.y, roww, self.loss, self.codebook, self.tanh, self.kappa)
+        return score_grad(zt, self.y, roww, self.loss, self.codebook, self.tanh, self.kappa,
+                          self.onehot)
 
 
 @register_attack

@@ -101,6 +101,11 @@ def draw_sets(labels: torch.Tensor, source: int, n_src: int, n_aux: int,
                     others[n_aux:])
 
 
+def _percent(hits: torch.Tensor) -> float:
+    """% of True in ``hits`` (NaN when empty, as :meth:`EvalSet.accuracy`)."""
+    return 100.0 * int(hits.sum()) / len(hits) if len(hits) else float("nan")
+
+
 def pa_acc_public(correct: torch.Tensor, block: int = 100) -> float:
     """PA-ACC as the public T-BFA code computes it: only whole blocks of ``block`` samples of
     D_pa (in its order) are scored, but the count is divided by all of D_pa, so up to
@@ -252,6 +257,7 @@ class TBFA(Attack):
         self.data = data
         self._clean = snapshot(model)
         self._clean_acc: float | None = None
+        self._clean_predictions: torch.Tensor | None = None
         # where ASR and accuracies are measured (e.g. the deployed torch.ao model the codes are
         # written back to, models.formats.DeployedModel); the attacked model by default
         self.eval_model = eval_model if eval_model is not None else model
@@ -263,9 +269,13 @@ class TBFA(Attack):
         self._search: ProgressiveBitSearch | None = None
 
     def run(self, data: EvalSet, sets: TBFASets, source: int, target: int,
-            on_flip: Callable[[int, dict], None] | None = None) -> TBFAResult:
+            on_flip: Callable[[int, dict], None] | None = None,
+            clean_predictions: torch.Tensor | None = None) -> TBFAResult:
         """Attack until a stop rule fires; the model keeps the flips (restore it yourself, e.g.
-        with :func:`models.bits.snapshot` / :func:`~models.bits.restore`)."""
+        with :func:`models.bits.snapshot` / :func:`~models.bits.restore`).
+        ``clean_predictions``: the model's predictions of every sample of ``data`` as it is
+        now, when the caller holds them (a campaign measures them once): the PA-ACC and ASR
+        before the attack are read from them."""
         cfg, model, output = self.config, self.model, self.output
         if source == target:
             raise ValueError("source and target class must differ")
@@ -302,8 +312,12 @@ class TBFA(Attack):
             return (100.0 * int(hits[:ns].sum()) / ns,
                     100.0 * int(hits[ns:].sum()) / (len(hits) - ns))
 
-        pa_clean = data.accuracy(judge, output, sets.pa)
-        asr_clean = data.accuracy(judge, output, sets.rest, t_src_rest[ns:])
+        if clean_predictions is not None:
+            pa_clean = _percent(clean_predictions[sets.pa] == data.labels[sets.pa])
+            asr_clean = _percent(clean_predictions[sets.rest] == target)
+        else:
+            pa_clean = data.accuracy(judge, output, sets.pa)
+            asr_clean = data.accuracy(judge, output, sets.rest, t_src_rest[ns:])
         flips, curve, recent = [], [], []
         if cfg.curve_every:
             curve.append({"iterations": 0, "asr": asr_clean, "pa_acc": pa_clean})
@@ -339,14 +353,15 @@ class TBFA(Attack):
                 stop = "oscillation"
                 break
         asr_src, asr_rest = asr_pair()
-        pa_hits = data.predict(judge, output, sets.pa) == data.labels[sets.pa]
-        pa_acc = 100.0 * int(pa_hits.sum()) / len(pa_hits) if len(pa_hits) else float("nan")
+        hits = data.predict(judge, output) == data.labels  # every sample, one pass
+        pa_hits = hits[sets.pa]
+        pa_acc = _percent(pa_hits)
         if cfg.curve_every and (not curve or curve[-1]["iterations"] != it):
             curve.append({"iterations": it, "asr": asr_rest, "asr_src": asr_src,
                           "pa_acc": pa_acc})
         return TBFAResult(source=source, target=target, asr=asr_rest, asr_src=asr_src,
                           pa_acc=pa_acc, pa_acc_public=pa_acc_public(pa_hits),
-                          test_acc=data.accuracy(judge, output), iterations=it,
+                          test_acc=_percent(hits), iterations=it,
                           bits_changed=changed_bits(model, clean), stop_reason=stop,
                           success_on=success_on,
                           pa_acc_clean=pa_clean, asr_clean=asr_clean, flips=flips, curve=curve,
@@ -383,17 +398,25 @@ class TBFA(Attack):
     def reset(self) -> None:
         restore(self.model, self._clean)
 
+    def clean_predictions(self) -> torch.Tensor:
+        """The clean model's predictions of every sample of ``data`` (measured once)."""
+        if self._clean_predictions is None:
+            self.reset()
+            self._clean_predictions = self.data.predict(self.eval_model, self.output)
+        return self._clean_predictions
+
     def clean_accuracy(self) -> float:
         """Test accuracy (%) of the clean model on ``data`` (measured once)."""
         if self._clean_acc is None:
-            self.reset()
-            self._clean_acc = self.data.accuracy(self.eval_model, self.output)
+            self._clean_acc = _percent(self.clean_predictions() == self.data.labels)
         return self._clean_acc
 
     def run_item(self, item: "Experiment") -> dict:
         """One experiment: its sets, the attack's metrics, the flip log and curve when asked."""
         clean_acc = self.clean_accuracy()
-        result = self.run(self.data, item.sets, item.source, item.target)
+        self.reset()
+        result = self.run(self.data, item.sets, item.source, item.target,
+                          clean_predictions=self.clean_predictions())
         record = {"source": item.source, "target": item.target, "rep": item.rep,
                   "sets_seed": item.seed, "clean_acc": clean_acc,
                   **{k: v for k, v in result.to_dict().items()

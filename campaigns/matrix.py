@@ -250,6 +250,8 @@ class MatrixRunner:
                 running[1].close()
         bar.update(len(cells) - bar.n)
         bar.close()
+        for row in self.spec.rows[dist.rank()::dist.world_size()]:
+            self.row_info(row)  # each process measures its share of the rows
         dist.barrier()  # every process's items are done
         if main_rank:
             for plan in plans:
@@ -469,8 +471,7 @@ def _fmt(mean, std=None, digits: int = 1) -> str:
 def format_matrix(cells: list[dict], rows: list[dict], spec: MatrixSpec) -> str:
     """The markdown of ``matrix.md``: the defenses with their cost and worst case, then the
     flips (with ASR) and the PA-ACC of every cell."""
-    columns = [f"{a} @ {f}" for a in spec.attacks for f in spec.faults]
-    by = {(c["model"], f"{c['attack']} @ {c['fault']}"): c for c in cells}
+    by = {(c["model"], c["attack"], c["fault"]): c for c in cells}
     lines = [f"Worst case per defense: the fewest flips among the attacks with ASR >= "
              f"{spec.success_asr:g} %, and the highest PA-ACC among them.", "",
              "| model | defenses | clean % | cost (points) | bits/weight | inference x | "
@@ -484,13 +485,15 @@ def format_matrix(cells: list[dict], rows: list[dict], spec: MatrixSpec) -> str:
                      f"{r['worst_pa_acc_cell'] or '—'} |")
     counts = sorted({f"{c['attack'].split(':')[0]}: {c['count']}" for c in cells
                      if c.get("count")})
-    for title, show in (("flips, mean ± std (ASR %)", _flips_cell),
-                        ("PA-ACC %, mean ± std", _pa_cell)):
-        lines += ["", f"**{title}**", "", "| model | " + " | ".join(columns) + " |",
-                  "|---|" + "---:|" * len(columns)]
-        for r in rows:
-            lines.append(f"| {r['model']} | " + " | ".join(
-                show(by.get((r["model"], col))) for col in columns) + " |")
+    for fault in spec.faults:  # one pair of tables per fault model, a column per attack
+        for title, show in (("flips, mean ± std (ASR %)", _flips_cell),
+                            ("PA-ACC %, mean ± std", _pa_cell)):
+            lines += ["", f"**{title}; fault model {fault}**", "",
+                      "| model | " + " | ".join(spec.attacks) + " |",
+                      "|---|" + "---:|" * len(spec.attacks)]
+            for r in rows:
+                lines.append(f"| {r['model']} | " + " | ".join(
+                    show(by.get((r["model"], a, fault))) for a in spec.attacks) + " |")
     lines += ["", "Flips count: " + "; ".join(counts) + " (iterations: one bit each; "
               "bits_changed: Hamming distance to the clean weights; bits_flipped: to chance "
               "accuracy, over the runs that reached it)."]

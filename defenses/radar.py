@@ -144,12 +144,17 @@ class Radar(DeploymentDefense):
                 continue
             groups, n_groups, golden = self._state[name]
             fmt = layer.bit_format
-            now = signatures(fmt.codes(layer.weight.detach()), groups, n_groups, fmt.n_bits)
-            bad = now != golden
+            codes = fmt.codes(layer.weight.detach()).reshape(-1)
+            now = signatures(codes, groups, n_groups, fmt.n_bits)
+            # A repaired (all-zero) group has the signature of zeros. The golden signatures
+            # never change, so that the clean codes put back (an attack's reset between
+            # items) are the clean, unflagged model again.
+            nonzero = torch.zeros(n_groups, dtype=torch.int64, device=codes.device)
+            nonzero.index_add_(0, groups, (codes != 0).to(torch.int64))
+            bad = now != torch.where(nonzero == 0, torch.zeros_like(golden), golden)
             n_bad = int(bad.sum())
             if n_bad:
                 layer.weight.data.view(-1)[bad[groups]] = 0
-                golden[bad] = 0  # the signature of a zeroed group
                 flagged += n_bad
         return flagged
 

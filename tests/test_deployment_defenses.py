@@ -132,6 +132,25 @@ def test_radar_detects_by_its_signature_and_zeroes_the_group(n_bits, key):
     assert bits == n_bits and stored == pytest.approx(n_bits + 2 / 16)
 
 
+@pytest.mark.parametrize("key", [None, 5])
+def test_radar_after_a_repair_the_clean_codes_are_clean_again(key):
+    """An attack resets the model to its clean codes between items: the defense must then see
+    a clean model (no memory of the groups it zeroed), or an item's numbers depend on the
+    items the process ran before it."""
+    model = layer_of_every_value(8, 1)
+    (_, layer), = bit_layers(model)
+    defense = create_defense("radar", group_size=16, key=key)
+    defense.protect(model)
+    clean = layer.weight.detach().clone()
+    for index in (0, 17, 40):
+        layer.flip_bit(index, 0)  # an MSB: always seen
+        assert defense.check_and_repair(model) == 1
+        assert defense.check_and_repair(model) == 0  # repaired, quiet
+        layer.weight.data.copy_(clean)
+        assert defense.check_and_repair(model) == 0
+        assert torch.equal(layer.weight, clean)
+
+
 def tiny_model(n_bits=8, seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), QuantLinear(3 * 8 * 8, 32, n_bits=n_bits), nn.ReLU(),

@@ -205,7 +205,7 @@ def test_matrix_outputs(whole_matrix):
     for name in ("matrix.png", "success_vs_flips.png", "defenses.csv", "matrix.md"):
         assert (whole / name).stat().st_size > 0
     md = (whole / "matrix.md").read_text()
-    assert "| vanilla |" in md and "tbfa @ 0to1" in md
+    assert "| vanilla |" in md and "fault model 0to1" in md
     csv = (whole / "matrix.csv").read_text().splitlines()
     assert csv[0].startswith("model,attack,fault,status,n,asr")
     assert len(csv) == 7 and all(",done," in line for line in csv[1:])
