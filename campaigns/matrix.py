@@ -210,8 +210,8 @@ class MatrixRunner:
         (every finished item is kept; the same command continues).
 
         First every process opens every cell's campaign (:meth:`open_cell`: its folder, what
-        is done); then the items still to run, of all cells in cell order, go one at a time
-        to whichever process is free (:class:`utils.distributed.WorkCounter`), so that no
+        is done); then the items still to run, of all cells (those with the fewest items
+        first), go one at a time to whichever process is free (:class:`utils.distributed.WorkCounter`), so that no
         process waits at a cell's end for another one; each process appends its records to
         the cells' rank files, and after the last item rank 0 merges them, in the campaign's
         order. A record does not depend on the process that ran it (each item's draws are
@@ -224,12 +224,20 @@ class MatrixRunner:
             _write_json(os.path.join(self.out_dir, "matrix.json"), self.describe())
         cells = self.spec.cells()
         plans = [self.open_cell(cell) for cell in cells]
-        todo = [(i, item) for i, plan in enumerate(plans) if plan for item in plan.todo]
+        # The cells with the fewest items first (theirs are the longest: a BFA run against a
+        # T-BFA experiment against a TA-LBF sample), so that the last items are short and no
+        # process finishes long before the others.
+        order = sorted((i for i, plan in enumerate(plans) if plan),
+                       key=lambda i: len(plans[i].items))
+        todo = [(i, item) for i in order for item in plans[i].todo]
         counter = dist.WorkCounter(f"matrix-{MatrixRunner._runs}")
         MatrixRunner._runs += 1
-        bar = tqdm(total=len(cells), desc="cells", dynamic_ncols=True,
+        busy = {i for i, _ in todo}
+        bar = tqdm(total=len(cells), initial=len(cells) - len(busy), desc="cells",
+                   dynamic_ncols=True,
                    disable=not (self.progress and main_rank))
         running: tuple[int, CampaignRunner] | None = None
+        started: set[int] = set()
         try:
             while (n := counter.next()) < len(todo):
                 i, item = todo[n]
@@ -237,7 +245,9 @@ class MatrixRunner:
                     if running is not None:
                         running[1].close()
                     running = (i, self.cell_runner(cells[i], plans[i]))
-                    bar.update(i - bar.n)
+                    if i not in started:  # cells started here (the others' show at the end)
+                        started.add(i)
+                        bar.update(1)
                     bar.set_postfix_str(f"{cells[i].row.name}: {cells[i].column}")
                 running[1].run_item(item)
         except KeyboardInterrupt:
