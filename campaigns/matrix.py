@@ -621,22 +621,29 @@ def success_figure(out_dir: str, spec: MatrixSpec, path: str) -> str | None:
     if plt is None:
         return None
     n = len(spec.rows)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False, sharey=True)
+    colour = {a: f"C{i % 10}" for i, a in enumerate(spec.attacks)}  # one per attack, every panel
+    drawn: dict[str, object] = {}
     for ax, row in zip(axes[0], spec.rows):
         for attack, ks, rate in success_curves(out_dir, spec, row):
-            ax.step(ks, rate, where="post", label=attack, linewidth=1.2)
+            drawn[attack], = ax.step(ks, rate, where="post", label=attack, linewidth=1.2,
+                                     color=colour[attack])
         ax.set_title(row.name, fontsize=9)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("bit-flips (each attack's count)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("succeeded within k flips (%)", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="lower right")
-    return _save_figure(plt, fig, path)
+    if drawn:
+        names = [a for a in spec.attacks if a in drawn]
+        fig.legend([drawn[a] for a in names], names, loc="lower center", ncol=len(names),
+                   fontsize=7, frameon=False)
+    return _save_figure(plt, fig, path, rect=(0, 0.08, 1, 1))
 
 
-def _save_figure(plt, fig, path: str) -> str:
-    """``fig`` as a PNG at ``path``, written atomically; returns the path."""
-    fig.tight_layout()
+def _save_figure(plt, fig, path: str, rect=(0, 0, 1, 1)) -> str:
+    """``fig`` as a PNG at ``path`` (its axes laid out within ``rect``), written atomically;
+    returns the path."""
+    fig.tight_layout(rect=rect)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=130)
     plt.close(fig)

@@ -339,3 +339,20 @@ def test_attack_specs_are_canonical_and_build_through_one_function(digits_checkp
     # the clean accuracy measured through the objective is the model's own
     model, output = attacked_model(digits_checkpoints["ocm16"])
     assert attack.clean_accuracy() == digits_test.accuracy(model, output)
+
+
+def test_readme_matrix_block_is_well_formed():
+    """The README prints the digits miniature as the script printed it (compared line for line
+    only on the machine of its stamp, by hand: the miniature is a script, not a test): the
+    quick start's five models and the two deployment-time rows, the machine named."""
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    text = open(readme, encoding="utf-8").read()
+    start = text.index("<!-- defenses-matrix")
+    header = text[start:text.index("-->", start)]
+    assert {"torch", "cpu"} <= set(dict(re.findall(r"(\w+)=(\S+)", header)))
+    rows = [line.split("|")[1].strip() for line in text[start:].splitlines()[2:12]
+            if line.startswith("| ") and not line.startswith("| model")]
+    assert rows[:7] == ["vanilla", "ocm16", "pc", "ocm16_pc", "binarized", "radar", "deepncode"]
