@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--talbf-iters", type=int, default=50,
                    help="TA-LBF outer ADMM iterations timed (default 50)")
+    p.add_argument("--searches", nargs="+", choices=("tbfa", "bfa", "talbf"),
+                   default=["tbfa", "bfa", "talbf"], help="which attacks to time (all)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="16 images, 2 iterations, 1 round")
     args = p.parse_args(argv)
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     model, head, *data = build(device, args.n)
     clean = snapshot(model)
     rows = []
-    for kind in ("tbfa", "bfa"):
+    for kind in [k for k in ("tbfa", "bfa") if k in args.searches]:
         times = {v: [] for v in VARIANTS}
         for _ in range(args.rounds):
             for v in VARIANTS:
@@ -165,12 +167,12 @@ def main(argv=None) -> int:
             rows.append({"search": "T-BFA" if kind == "tbfa" else "BFA", "loss": v,
                          "s / iteration": f"{t:.4f}", "cost vs paper": f"{t / base:.2f}x"})
     times = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds if "talbf" in args.searches else 0):
         for v in VARIANTS:
             restore(model, clean)
             times[v].append(time_talbf(v, model, head, data, args.talbf_iters, device))
-    base = statistics.median(times[VARIANTS[0]])
-    for v in VARIANTS:
+    base = statistics.median(times[VARIANTS[0]]) if times[VARIANTS[0]] else None
+    for v in VARIANTS if base else ():
         t = statistics.median(times[v])
         rows.append({"search": "TA-LBF", "loss": v if v != VARIANTS[0] else "paper (BCE)",
                      "s / iteration": f"{t:.4f}", "cost vs paper": f"{t / base:.2f}x"})
