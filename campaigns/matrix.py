@@ -211,11 +211,11 @@ class MatrixRunner:
 
         First every process opens every cell's campaign (:meth:`open_cell`: its folder, what
         is done); then the items still to run, of all cells (those with the fewest items
-        first), go one at a time to whichever process is free (:class:`utils.distributed.WorkCounter`), so that no
-        process waits at a cell's end for another one; each process appends its records to
-        the cells' rank files, and after the last item rank 0 merges them, in the campaign's
-        order. A record does not depend on the process that ran it (each item's draws are
-        seeded by its key)."""
+        first), go one at a time to whichever process is free
+        (:class:`utils.distributed.WorkCounter`), so that no process waits at a cell's end for
+        another one; each process appends its records to the cells' rank files, and after the
+        last item rank 0 merges them, in the campaign's order. A record does not depend on
+        the process that ran it (each item's draws are seeded by its key)."""
         from tqdm import tqdm
 
         main_rank = dist.is_main()

@@ -72,7 +72,8 @@ def start_campaign_folder(results_dir: str, campaign_file: str, campaign: dict,
 
 
 def log_to(results_dir: str) -> None:
-    """Log (also) to the campaign's ``attack.log`` (rank r > 0: ``attack.rank<r>.log``), appending."""
+    """Log (also) to the campaign's ``attack.log`` (rank r > 0: ``attack.rank<r>.log``),
+    appending."""
     from utils.logs import setup_logging
 
     os.makedirs(results_dir, exist_ok=True)
