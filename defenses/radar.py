@@ -151,7 +151,7 @@ class Radar(DeploymentDefense):
             # items) are the clean, unflagged model again.
             nonzero = torch.zeros(n_groups, dtype=torch.int64, device=codes.device)
             nonzero.index_add_(0, groups, (codes != 0).to(torch.int64))
-            bad = now != torch.where(nonzero == 0, torch.zeros_like(golden), golden)
+            bad = now != golden.masked_fill(nonzero == 0, 0)
             n_bad = int(bad.sum())
             if n_bad:
                 layer.weight.data.view(-1)[bad[groups]] = 0
